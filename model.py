@@ -1,0 +1,162 @@
+"""GEM-mini model: vision encoder, patch merger, Qwen3-style LLM and the GEM VLM wrapper.
+
+(The network itself is being written; this file already owns two helpers every script shares:
+typed `--key=value` config flags and atomic checkpoint directories.)
+
+Paper -> code map
+  (filled in with the model)
+Shared utilities (bottom of the file)
+  parse_config(cls, argv, presets)  dataclass config from --key=value flags and a named --preset
+  save_checkpoint / load_checkpoint  atomic checkpoint directories (DESIGN.md section 3)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import typing
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared utilities: typed flags and atomic checkpoints (used by data.py, the train scripts and eval.py)
+
+def _convert(name: str, typ, text: str):
+    """Turn the text of flag --name into `typ`, or exit with a one-line message naming the flag."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]: "none" means None, else X
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if origin in (tuple, list):  # comma separated: --seeds=0,1,2
+            (elem, *_) = typing.get_args(typ) or (str,)
+            vals = [_convert(name, elem, t) for t in text.split(",") if t != ""]
+            return tuple(vals) if origin is tuple else vals
+        return typ(text)
+    except (ValueError, TypeError):
+        tname = getattr(typ, "__name__", str(typ))
+        raise SystemExit(f"error: flag --{name} expects {tname}, got {text!r}")
+
+
+def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
+    """Build dataclass `cls` from `--key=value` (or `--key value`) flags.
+
+    `--preset=NAME` applies presets[NAME] first, then the other flags override it. Unknown flags and
+    mistyped values exit with a one-line error that names the flag. `--help` lists every field.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            cfg = cls()
+            lines = [f"  --{k}={getattr(cfg, k)!r}" for k in fields]
+            extra = f"  presets: {', '.join(presets)}\n" if presets else ""
+            raise SystemExit(f"flags of {cls.__name__} (defaults):\n" + "\n".join(lines) + "\n" + extra)
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}: flags look like --key=value")
+        if "=" in arg:
+            key, val = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, val = arg[2:], argv[i + 1]
+            i += 1
+        elif hints.get(arg[2:].replace("-", "_")) is bool:  # bare --flag means true
+            key, val = arg[2:], "true"
+        else:
+            raise SystemExit(f"error: flag {arg} needs a value (--key=value)")
+        pairs.append((key.replace("-", "_"), val))
+        i += 1
+    kwargs = {}
+    for key, val in pairs:
+        if key == "preset":
+            if presets is None or val not in presets:
+                raise SystemExit(f"error: unknown --preset={val!r}; valid: {', '.join(presets or {})}")
+            kwargs.update(presets[val])
+    if "preset" in fields:
+        kwargs.setdefault("preset", next((v for k, v in pairs if k == "preset"), fields["preset"].default))
+    for key, val in pairs:
+        if key == "preset":
+            continue
+        if key not in fields:
+            raise SystemExit(f"error: unknown flag --{key}; valid flags: " + ", ".join(f"--{k}" for k in fields))
+        kwargs[key] = _convert(key, hints[key], val)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, d: dict, source: str = "config.json"):
+    """Inverse of config_to_dict; a field this version does not know is an error naming the file."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    kw = {k: (tuple(v) if typing.get_origin(hints[k]) is tuple else v) for k, v in d.items()}
+    return cls(**kw)
+
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict,
+                    json_files: dict[str, dict] | None = None, copy_files: dict[str, str] | None = None,
+                    train_state: dict | None = None) -> None:
+    """Write a checkpoint directory atomically (DESIGN.md section 3).
+
+    Everything goes to `<path>.tmp-<pid>` first; only a complete directory is renamed into place, so a
+    run killed mid-write leaves the previous checkpoint intact. Layout: config.json, model.safetensors,
+    any extra JSON files (e.g. norm_stats.json), copied files (e.g. tokenizer.json), train_state.pt.
+    """
+    from safetensors.torch import save_file
+    path = os.path.normpath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    # safetensors refuses shared or non-contiguous storage: store plain contiguous copies
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
+              os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name, obj in (json_files or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    for name, src in (copy_files or {}).items():
+        shutil.copyfile(src, os.path.join(tmp, name))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)  # the old one is kept until the new one is in place
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, with_train_state: bool = False):
+    """Read a checkpoint directory -> (tensors, config dict, train_state or None). Errors name the file."""
+    from safetensors.torch import load_file
+    cfg_file, wfile = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    for f in (cfg_file, wfile):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: missing (is {path!r} a GEM-mini checkpoint directory?)")
+    try:
+        with open(cfg_file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    tensors = load_file(wfile)
+    state = None
+    sfile = os.path.join(path, "train_state.pt")
+    if with_train_state and os.path.isfile(sfile):
+        state = torch.load(sfile, map_location="cpu", weights_only=True)
+    return tensors, config, state

@@ -1,0 +1,48 @@
+"""Typed flag parsing and atomic checkpoints (model.parse_config / save_checkpoint)."""
+import dataclasses
+import os
+import typing
+
+import pytest
+import torch
+
+from model import load_checkpoint, parse_config, save_checkpoint
+
+
+@dataclasses.dataclass
+class Cfg:
+    preset: str = "tiny"
+    lr: float = 1e-3
+    steps: int = 10
+    compile: bool = False
+    seeds: tuple[int, ...] = (0,)
+    head_init: typing.Optional[str] = None
+
+
+PRESETS = {"tiny": {}, "big": {"steps": 100, "lr": 1e-4}}
+
+
+def test_flags_types_and_presets():
+    c = parse_config(Cfg, ["--preset=big", "--lr", "3e-4", "--compile=false", "--seeds=0,1,2", "--head_init=x"], PRESETS)
+    assert (c.preset, c.steps, c.lr, c.compile, c.seeds, c.head_init) == ("big", 100, 3e-4, False, (0, 1, 2), "x")
+    assert parse_config(Cfg, ["--compile=true"], PRESETS).compile is True
+
+
+@pytest.mark.parametrize("argv,needle", [(["--lr=abc"], "--lr"), (["--nope=1"], "--nope"),
+                                         (["--compile=maybe"], "--compile"), (["--preset=huge"], "huge"),
+                                         (["steps"], "steps")])
+def test_bad_flags_name_the_flag(argv, needle):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Cfg, argv, PRESETS)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_atomic_overwrite(tmp_path):
+    p = str(tmp_path / "ck")
+    save_checkpoint(p, {"w": torch.ones(3)}, {"v": 1}, train_state={"step": 1, "rng": torch.get_rng_state()})
+    save_checkpoint(p, {"w": torch.zeros(3)}, {"v": 2})
+    tensors, cfg, state = load_checkpoint(p, with_train_state=True)
+    assert cfg == {"v": 2} and torch.equal(tensors["w"], torch.zeros(3)) and state is None
+    assert os.listdir(tmp_path) == ["ck"]  # no temp or old directories left behind
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(str(tmp_path))
