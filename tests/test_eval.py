@@ -1,0 +1,114 @@
+"""eval.py: metrics against hand-computed cases, parsers on malformed text, the scripted-expert reference row."""
+import math
+
+import numpy as np
+import pytest
+
+import eval as ev
+
+
+# ---- metrics vs hand computation ------------------------------------------------------------------
+
+def test_box_iou_hand_cases():
+    assert ev.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert ev.box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
+    assert ev.box_iou([0, 0, 10, 10], [10, 10, 20, 20]) == 0.0  # touching corners
+    assert ev.box_iou([0, 0, 10, 10], [0, 0, 10, 5]) == pytest.approx(0.5)
+    assert ev.box_iou(None, [0, 0, 1, 1]) == 0.0
+    assert ev.box_iou([3, 3, 3, 3], [3, 3, 3, 3]) == 0.0  # degenerate: no area, no credit
+
+
+def test_point_in_mask_scaling_and_outside():
+    mask = np.zeros((4, 8), bool)
+    mask[1, 6] = True  # pixel x in [6,7), y in [1,2) -> 0..1000 units x in [750, 875), y in [250, 500)
+    assert ev.point_in_mask((800, 300), mask)
+    assert not ev.point_in_mask((740, 300), mask)
+    assert not ev.point_in_mask((800, 200), mask)
+    for pt in [(1000, 300), (-1, 300), (800, 1200), None]:  # outside the image or unreadable = miss
+        assert not ev.point_in_mask(pt, mask)
+
+
+def test_mean_relative_accuracy_hand_cases():
+    assert ev.mean_relative_accuracy(10.0, 10.0) == 1.0
+    # rel error 0.12 beats thresholds 0.50, 0.45, ..., 0.15 (8 of 10) but not 0.10 / 0.05
+    assert ev.mean_relative_accuracy(11.2, 10.0) == pytest.approx(0.8)
+    assert ev.mean_relative_accuracy(8.8, 10.0) == pytest.approx(0.8)
+    # rel error 0.32: thresholds 0.50, 0.45, 0.40, 0.35 -> 4 of 10
+    assert ev.mean_relative_accuracy(6.8, 10.0) == pytest.approx(0.4)
+    assert ev.mean_relative_accuracy(30.0, 10.0) == 0.0
+    assert ev.mean_relative_accuracy(None, 10.0) == 0.0
+    assert ev.mean_relative_accuracy(float("nan"), 10.0) == 0.0
+
+
+def test_wilson_hand_cases():
+    lo, hi = ev.wilson(8, 10)  # textbook value (0.490, 0.943)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = ev.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = ev.wilson(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    assert ev.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_plan_scores():
+    gt = ["pick up the red cube", "place it on the plate"]
+    assert ev.plan_scores(ev.parse_plan("1. Pick up the red cube.\n2. Place it on the plate."), gt) == (1.0, 1.0)
+    assert ev.plan_scores(ev.parse_plan("1. pick up the red cube 2. place it in the tray"), gt) == (0.5, 0.0)
+    assert ev.plan_scores(ev.parse_plan("place it on the plate; pick up the red cube"), gt) == (0.0, 0.0)
+    # an extra step keeps the per-step credit but the whole plan is wrong
+    assert ev.plan_scores(["pick up the red cube", "place it on the plate", "wave"], gt) == (1.0, 0.0)
+    assert ev.plan_scores([], gt) == (0.0, 0.0)
+
+
+def test_depth_metrics_known_scale_and_shift():
+    rng = np.random.default_rng(0)
+    gt_inv = rng.uniform(0.5, 2.0, (16, 16))
+    valid = np.ones((16, 16), bool)
+    valid[0, :4] = False
+    pred = (gt_inv - 0.3) / 2.5  # exactly affine: alignment must undo it
+    pred[0, :4] = 99.0  # garbage on invalid pixels must not matter
+    m = ev.depth_metrics(pred, gt_inv, valid)
+    assert m["absrel"] == pytest.approx(0.0, abs=1e-9) and m["delta1"] == 1.0 and m["ordinal"] == 1.0
+    # hand case: pred constant -> aligned to the mean of gt; gt = [1, 3] -> aligned 2 -> AbsRel (1/1 + 1/3)/2
+    g = np.array([[1.0, 3.0]])
+    m = ev.depth_metrics(np.zeros((1, 2)), g, np.ones((1, 2), bool))
+    assert m["absrel"] == pytest.approx((1 + 1 / 3) / 2)
+    assert m["delta1"] == 0.0  # 2/1 and 3/2 are both >= 1.25
+    # reversed order -> ordinal 0 (alignment with a negative scale would hide it; ordinal must not)
+    m = ev.depth_metrics(-gt_inv, gt_inv, valid)
+    assert m["ordinal"] == 0.0 and m["absrel"] < 1e-9
+
+
+def test_ordinal_accuracy_skips_ties():
+    gt = np.array([1.0, 1.0, 2.0])
+    pred = np.array([5.0, 0.0, 9.0])  # the tie pair (0, 1) is ordered arbitrarily and must not count
+    assert ev.ordinal_accuracy(pred, gt, np.random.default_rng(0), n_pairs=500) == 1.0
+    assert math.isnan(ev.ordinal_accuracy(pred, np.ones(3), n_pairs=50))
+
+
+# ---- parsers: well-formed and malformed model text ------------------------------------------------
+
+def test_parsers_well_formed():
+    assert ev.parse_box("[12, 40, 300, 512]") == [12, 40, 300, 512]
+    assert ev.parse_box("the box is [300, 512, 12, 40].") == [12, 40, 300, 512]  # corners sorted
+    assert ev.parse_point("(250, 700)") == (250, 700)
+    assert ev.parse_points("[(1, 2), (3, 4), (5,6)]") == [(1, 2), (3, 4), (5, 6)]
+    assert ev.parse_number("about 12.5 cm") == 12.5 and ev.parse_number("three") == 3
+    assert ev.parse_yesno("Yes.") == "yes" and ev.parse_yesno("no, it is not") == "no"
+    assert ev.parse_letter("B") == "B" and ev.parse_letter("(c) the ball") == "C"
+    assert ev.parse_letter("Answer: D", 4) == "D"
+
+
+@pytest.mark.parametrize("text", ["", None, "[[[", "<|im_end|>", "[1, 2, 3", "(,)", "yesterday nothing",
+                                  "\x00\xff garbage", "E", "1. 2. 3.", "nan", "-" * 500, "[1e999, 2, 3, 4]"])
+def test_parsers_malformed_do_not_crash_and_count_wrong(text):
+    box = ev.parse_box(text)
+    assert box is None or ev.box_iou(box, [100, 100, 200, 200]) < 0.5
+    pt = ev.parse_point(text)
+    mask = np.zeros((8, 8), bool)
+    mask[1, 1] = True
+    assert not ev.point_in_mask(pt, mask)
+    assert ev.mean_relative_accuracy(ev.parse_number(text), 42.0) == 0.0
+    assert ev.parse_yesno(text) in (None, "yes", "no")
+    assert ev.parse_letter(text, 4) is None
+    assert ev.plan_scores(ev.parse_plan(text), ["pick up the red cube"]) == (0.0, 0.0)
