@@ -1,23 +1,596 @@
 """GEM-mini model: vision encoder, patch merger, Qwen3-style LLM and the GEM VLM wrapper.
 
-(The network itself is being written; this file already owns two helpers every script shares:
-typed `--key=value` config flags and atomic checkpoint directories.)
+GEM = ViT -> 2x2 patch merger -> decoder LLM. The merged visual tokens replace the `<|image_pad|>`
+placeholders in the text; the LLM's final-normed last-layer hidden states at those positions
+(`out["image_hidden"]`) condition the generative depth head (depth_head.py).
 
-Paper -> code map
-  (filled in with the model)
+Use:
+    cfg = GEMConfig(**MODEL_PRESETS["tiny"], vocab_size=len(tok), image_pad_id=...)   # see data.special_ids
+    model = GEM(cfg)
+    out = model(input_ids, pixel_values, attention_mask, labels)   # dict(loss, logits, image_hidden, ...)
+    new_ids = model.generate(prompt_ids, pixel_values, max_new_tokens=32)
+    model.save_pretrained("runs/x/ckpt");  model = GEM.from_pretrained("runs/x/ckpt")
+    llm = load_hf_qwen3("path/Qwen3-0.6B");  vit = load_hf_siglip_vision("path/siglip-base-patch16-224")
+
+Paper -> code map (PAPER.md "Architecture")
+  Qwen3-VL vision tower (ViT, patch 16)     VisionEncoder   (pre-norm ViT, SigLIP-compatible weights)
+  2x2 merger MLP                             Merger          (LayerNorm -> concat 2x2 -> Linear-GELU-Linear)
+  Qwen3 LLM (RMSNorm, RoPE, GQA, q/k-norm)   LanguageModel, Block, Attention, SwiGLU, RMSNorm, rope()
+  visual tokens spliced at <|image_pad|>     GEM.embed
+  condition = last-layer hidden at image     GEM.forward -> out["image_hidden"] (B, n_image_tokens, dim)
+  tokens (for the depth head)
+  L_CE on assistant tokens                   GEM.forward (labels == -100 are ignored; shift by one)
+  hidden states of every layer (GEM-VLA:     GEM.forward(output_hidden_states=True) -> out["hidden_states"]
+  block i cross-attends to layer i)          (n_layers + 1 entries, Hugging Face convention: embeddings,
+                                              layer outputs, the last one final-normed)
+  inference                                  GEM.generate (KV cache, greedy or temperature)
+  real backbones (hf preset)                 load_hf_qwen3, load_hf_siglip_vision, GEM.from_hf
 Shared utilities (bottom of the file)
   parse_config(cls, argv, presets)  dataclass config from --key=value flags and a named --preset
   save_checkpoint / load_checkpoint  atomic checkpoint directories (DESIGN.md section 3)
+  load_tensors(module, tensors, source)  strict, shape-checked weight loading with one-line errors
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import math
 import os
 import shutil
 import typing
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class GEMConfig:
+    # vision encoder (ViT); image_size // patch_size patches per side
+    image_size: int = 64
+    patch_size: int = 8
+    vit_dim: int = 128
+    vit_layers: int = 4
+    vit_heads: int = 4
+    vit_mlp: int = 512
+    vit_eps: float = 1e-6
+    merge: int = 2  # merge x merge neighbouring patches -> one LLM token
+    # language model (Qwen3-style)
+    vocab_size: int = 2048
+    dim: int = 192
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 512
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    # special token ids (set from the tokenizer by the training script: data.special_ids)
+    pad_id: int = 0
+    vision_start_id: int = 3
+    vision_end_id: int = 4
+    image_pad_id: int = 5
+
+    @property
+    def grid(self) -> int:  # merged visual tokens per side
+        return self.image_size // self.patch_size // self.merge
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.grid ** 2
+
+    def vit_config(self) -> "ViTConfig":
+        return ViTConfig(self.image_size, self.patch_size, self.vit_dim, self.vit_layers, self.vit_heads,
+                         self.vit_mlp, self.vit_eps)
+
+    def llm_config(self) -> "LLMConfig":
+        return LLMConfig(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
+                         self.mlp_dim, self.rope_theta, self.norm_eps, self.tie_embeddings)
+
+
+# Model sizes per preset (vocab_size and token ids come from the tokenizer). tiny: ViT ~0.8M, LLM ~3M.
+MODEL_PRESETS = {
+    "micro": dict(image_size=32, patch_size=8, vit_dim=32, vit_layers=1, vit_heads=2, vit_mlp=64,
+                  dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64),
+    "tiny": dict(image_size=64, patch_size=8, vit_dim=128, vit_layers=4, vit_heads=4, vit_mlp=512,
+                 dim=192, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=32, mlp_dim=512),
+    "small": dict(image_size=128, patch_size=8, vit_dim=384, vit_layers=8, vit_heads=6, vit_mlp=1536,
+                  dim=512, n_layers=12, n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536),
+}
+
+
+@dataclasses.dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    mlp_dim: int = 3072
+    eps: float = 1e-6
+
+
+@dataclasses.dataclass
+class LLMConfig:
+    vocab_size: int = 2048
+    dim: int = 192
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 512
+    rope_theta: float = 1e6
+    eps: float = 1e-6
+    tie_embeddings: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention: one function for the ViT (full) and the LLM (causal, padded, cached)
+
+SDPA = True  # False: the plain softmax reference path below (tests compare the two)
+
+
+def attention(q, k, v, mask=None, is_causal=False):
+    """q (B, H, T, hd), k/v (B, KV, S, hd) with H % KV == 0 (GQA); mask (B, 1, T, S) bool, True = attend."""
+    if SDPA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v  # (B, H, T, hd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision encoder: SigLIP-style pre-norm ViT, then the Qwen-VL 2x2 merger
+
+class ViTBlock(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.n_heads = c.n_heads
+        self.norm1 = nn.LayerNorm(c.dim, eps=c.eps)
+        self.qkv = nn.Linear(c.dim, 3 * c.dim)  # fused q, k, v (SigLIP stores them separately: see loader)
+        self.proj = nn.Linear(c.dim, c.dim)
+        self.norm2 = nn.LayerNorm(c.dim, eps=c.eps)
+        self.fc1 = nn.Linear(c.dim, c.mlp_dim)
+        self.fc2 = nn.Linear(c.mlp_dim, c.dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        a = attention(q, k, v).transpose(1, 2).reshape(B, N, D)  # bidirectional: every patch sees every patch
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.cfg = c
+        self.side = c.image_size // c.patch_size
+        self.patch = nn.Conv2d(3, c.dim, c.patch_size, stride=c.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(self.side ** 2, c.dim) * 0.02)  # learned, one per patch
+        self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.n_layers))
+        self.post_norm = nn.LayerNorm(c.dim, eps=c.eps)
+
+    def features(self, pixel_values):
+        """pixel_values (B, 3, H, W) in [-1, 1] -> final post-layernorm patch features (B, N, D), row-major."""
+        if pixel_values.shape[-2:] != (self.cfg.image_size,) * 2:
+            raise ValueError(f"pixel_values: image size {tuple(pixel_values.shape[-2:])} but the model config "
+                             f"has image_size={self.cfg.image_size}")
+        x = self.patch(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.post_norm(x)
+
+    forward = features
+
+
+class Merger(nn.Module):
+    """Concatenate each m x m block of neighbouring patches and project to the LLM width (Qwen2-VL)."""
+
+    def __init__(self, vit_dim: int, llm_dim: int, merge: int = 2, eps: float = 1e-6):
+        super().__init__()
+        self.m = merge
+        self.norm = nn.LayerNorm(vit_dim, eps=eps)
+        self.fc1 = nn.Linear(vit_dim * merge ** 2, vit_dim * merge ** 2)
+        self.fc2 = nn.Linear(vit_dim * merge ** 2, llm_dim)
+
+    def forward(self, x):  # (B, N, Dv), N = side * side patches in row-major order
+        B, N, D = x.shape
+        s, m = math.isqrt(N), self.m
+        x = self.norm(x).view(B, s // m, m, s // m, m, D).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, m, m, Dv)
+        x = x.reshape(B, (s // m) ** 2, m * m * D)  # (B, g*g, m*m*Dv): tokens row-major over the merged grid
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, g*g, D_llm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Language model: Qwen3-style decoder
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding, 'rotate half' layout (Qwen/Llama). x (B, H, T, hd), cos/sin (B, 1, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers; `pos` = number of tokens already cached."""
+
+    def __init__(self, c: LLMConfig, batch: int, max_len: int, device, dtype):
+        shape = (c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k, v):  # k/v (B, KV, T, hd) -> all cached so far (B, KV, pos+T, hd)
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LLMConfig, layer: int):
+        super().__init__()
+        self.c, self.layer = c, layer
+        self.qkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)  # fused q, k, v
+        self.proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.eps)  # Qwen3: per-head RMSNorm on q and k, before RoPE
+        self.k_norm = RMSNorm(c.head_dim, c.eps)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        B, T, _ = x.shape
+        H, KV, hd = self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
+        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).split((H, KV, KV), dim=2)  # (B, T, heads, hd)
+        q = rope(self.q_norm(q).transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        k = rope(self.k_norm(k).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
+        y = attention(q, k, v, mask, is_causal)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # fused gate and up projections
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LLMConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.dim, c.eps)
+        self.attn = Attention(c, layer)
+        self.mlp_norm = RMSNorm(c.dim, c.eps)
+        self.mlp = SwiGLU(c.dim, c.mlp_dim)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.cfg = c
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.eps)
+        # tied: the output projection reuses embed.weight (no separate tensor, so no duplicate key on save)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def head(self, h):  # (B, T, D) final-normed -> (B, T, V) logits
+        return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+
+    def logits(self, input_ids, attention_mask=None):
+        return self.head(self(input_ids, attention_mask=attention_mask)[0])
+
+    def _mask(self, attention_mask, T, past, device):
+        """-> (mask (B, 1, T, S) bool or None, is_causal). Fast paths avoid building a mask at all."""
+        if attention_mask is not None and past == 0:
+            # right padding needs no mask: causal attention already hides pads that come after real tokens
+            if not (attention_mask[:, 1:] & ~attention_mask[:, :-1]).any():
+                attention_mask = None
+        elif attention_mask is not None and attention_mask.all():
+            attention_mask = None
+        if attention_mask is None:
+            if past == 0 or T == 1:  # prefill: plain causal; one new token: it may see everything cached
+                return None, past == 0 and T > 1
+        S = past + T
+        qpos = torch.arange(past, S, device=device)[:, None]
+        kpos = torch.arange(S, device=device)[None]
+        allowed = kpos <= qpos  # (T, S)
+        if attention_mask is not None:
+            # a pad query still sees itself, so no softmax row is empty (its output is never used)
+            allowed = (allowed & attention_mask[:, None, :S]) | (kpos == qpos)  # (B, T, S)
+        return allowed.expand(attention_mask.shape[0] if attention_mask is not None else 1, T, S)[:, None], False
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache: KVCache | None = None,
+                output_hidden_states=False):
+        """-> (final-normed hidden (B, T, D), list of n_layers+1 hidden states or None).
+
+        attention_mask (B, S) bool covers the cached tokens too (S = cache.pos + T); left or right padding.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        past = cache.pos if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            # positions count real tokens only, so a left-padded prompt starts at position 0
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
+        else:
+            pos = torch.arange(past, past + T, device=x.device)[None]  # (1, T)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask, is_causal = self._mask(attention_mask, T, past, x.device)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, is_causal, cache)
+            if output_hidden_states:
+                hidden.append(x)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x  # Hugging Face convention: the last entry is final-normed
+        return x, hidden
+
+
+def _init_weights(module):
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GEM: the VLM
+
+class GEM(nn.Module):
+    def __init__(self, cfg: GEMConfig):
+        super().__init__()
+        if (cfg.image_size // cfg.patch_size) % cfg.merge:
+            raise ValueError(f"GEMConfig: image_size/patch_size = {cfg.image_size // cfg.patch_size} patches per "
+                             f"side is not divisible by merge={cfg.merge}")
+        self.cfg = cfg
+        self.vit = VisionEncoder(cfg.vit_config())
+        self.merger = Merger(cfg.vit_dim, cfg.dim, cfg.merge, cfg.vit_eps)
+        self.llm = LanguageModel(cfg.llm_config())
+        _init_weights(self)
+
+    def embed(self, input_ids, pixel_values):
+        """Token embeddings with the merged visual tokens spliced in at the <|image_pad|> positions."""
+        x = self.llm.embed(input_ids)  # (B, T, D)
+        is_img = input_ids == self.cfg.image_pad_id  # (B, T)
+        if pixel_values is None:
+            if is_img.any():
+                raise ValueError("input_ids contain <|image_pad|> tokens but pixel_values is None")
+            return x, is_img
+        vis = self.merger(self.vit.features(pixel_values.to(x.dtype)))  # (B, n_image_tokens, D)
+        counts = is_img.sum(1)
+        if (counts != vis.shape[1]).any():
+            raise ValueError(f"input_ids: each sample needs exactly {vis.shape[1]} image_pad tokens "
+                             f"(id {self.cfg.image_pad_id}), got {counts.tolist()}")
+        # masked_scatter fills the True positions in row-major order: sample b gets vis[b] in patch order
+        return x.masked_scatter(is_img[..., None], vis), is_img
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, output_hidden_states=False):
+        x, is_img = self.embed(input_ids, pixel_values)
+        h, hidden = self.llm(inputs_embeds=x, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        logits = self.llm.head(h)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # token t predicts token t+1; -100 (prompt, image, padding) contributes nothing
+            tgt = labels[:, 1:].reshape(-1)
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt,
+                                 ignore_index=-100, reduction="sum")
+            loss = ce / (tgt != -100).sum().clamp(min=1)
+        B = input_ids.shape[0]
+        image_hidden = h[is_img].view(B, -1, h.shape[-1])  # (B, n_image_tokens, D), in patch order
+        return dict(loss=loss, logits=logits, image_hidden=image_hidden, hidden_states=hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
+                 eos_id=None, generator=None):
+        """Greedy (temperature 0) or sampled continuation with a KV cache -> (B, new_T) long.
+
+        Batches must be left-padded (prompts end at the last column). After eos a row emits pad_id;
+        generation stops early once every row has finished.
+        """
+        B, T = input_ids.shape
+        if attention_mask is not None and not attention_mask[:, -1].all():
+            raise ValueError("generate: batches must be left-padded (attention_mask[:, -1] all True)")
+        x, _ = self.embed(input_ids, pixel_values)
+        cache = KVCache(self.llm.cfg, B, T + max_new_tokens, x.device, x.dtype)
+        mask = attention_mask.bool() if attention_mask is not None else None
+        h, _ = self.llm(inputs_embeds=x, attention_mask=mask, cache=cache)
+        logits = self.llm.head(h[:, -1])  # (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        out = []
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = (logits.float() / temperature).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = nxt.masked_fill(done, self.cfg.pad_id)
+            out.append(nxt)
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+                if done.all():
+                    break
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=x.device)], 1)
+            h, _ = self.llm(nxt[:, None], attention_mask=mask, cache=cache)
+            logits = self.llm.head(h[:, -1])
+        return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+    # --- checkpoints: config.json + model.safetensors via the shared helpers below -----------------
+
+    def save_pretrained(self, path, extra_tensors=None, **kw):
+        """Write an atomic checkpoint dir. extra_tensors (e.g. {"head." + k: v}) are stored beside the
+        model's own; **kw go to save_checkpoint (json_files, copy_files, train_state)."""
+        tensors = {_clean(k): v for k, v in self.state_dict().items()}
+        tensors.update(extra_tensors or {})
+        save_checkpoint(path, tensors, config_to_dict(self.cfg), **kw)
+
+    @classmethod
+    def from_pretrained(cls, path, return_extra=False):
+        """-> GEM (and, if return_extra, a dict of the checkpoint's tensors that are not the GEM's)."""
+        tensors, config, _ = load_checkpoint(path)
+        model = cls(config_from_dict(GEMConfig, config, os.path.join(path, "config.json")))
+        extra = load_tensors(model, tensors, os.path.join(path, "model.safetensors"))
+        return (model, extra) if return_extra else model
+
+    @classmethod
+    def from_hf(cls, vit_path, llm_path, **overrides):
+        """A GEM whose ViT and LLM come from local SigLIP / Qwen3 directories; the merger starts fresh."""
+        vit, llm = load_hf_siglip_vision(vit_path), load_hf_qwen3(llm_path)
+        v, l = vit.cfg, llm.cfg
+        cfg = GEMConfig(image_size=v.image_size, patch_size=v.patch_size, vit_dim=v.dim, vit_layers=v.n_layers,
+                        vit_heads=v.n_heads, vit_mlp=v.mlp_dim, vit_eps=v.eps, vocab_size=l.vocab_size, dim=l.dim,
+                        n_layers=l.n_layers, n_heads=l.n_heads, n_kv_heads=l.n_kv_heads, head_dim=l.head_dim,
+                        mlp_dim=l.mlp_dim, rope_theta=l.rope_theta, norm_eps=l.eps, tie_embeddings=l.tie_embeddings)
+        model = cls(dataclasses.replace(cfg, **overrides))
+        model.vit.load_state_dict(vit.state_dict())
+        model.llm.load_state_dict(llm.state_dict())
+        return model
+
+
+def _clean(key: str) -> str:
+    """Strip wrappers' prefixes (torch.compile `_orig_mod.`, DDP `module.`) so keys are plain."""
+    return key.replace("_orig_mod.", "").replace("module.", "") if ("_orig_mod." in key or key.startswith("module.")) else key
+
+
+def load_tensors(module: nn.Module, tensors: dict, source: str) -> dict:
+    """Copy `tensors` into `module`, strictly: a missing tensor or a shape mismatch is a one-line error
+    naming the key and both shapes. Returns the tensors the module does not own (extras)."""
+    tensors = {_clean(k): v for k, v in tensors.items()}
+    own = module.state_dict()
+    for k, p in own.items():
+        if k not in tensors:
+            raise ValueError(f"{source}: missing tensor {k!r} (checkpoint of another config or model?)")
+        if tensors[k].shape != p.shape:
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)} but this config "
+                             f"expects {tuple(p.shape)} (checkpoint of another config?)")
+    module.load_state_dict({k: tensors[k] for k in own})
+    return {k: v for k, v in tensors.items() if k not in own}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face loaders (local files only): explicit key maps onto our module names
+
+def _read_hf_dir(path):
+    from safetensors.torch import load_file
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{cfg_file}: missing (expected a Hugging Face model directory)")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors are supported)")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return config, tensors
+
+
+def _take(tensors, key, path):
+    if key not in tensors:
+        raise KeyError(f"{path}: tensor {key!r} not found in the safetensors files")
+    return tensors[key].float()
+
+
+def load_hf_qwen3(path: str) -> LanguageModel:
+    """Hugging Face Qwen3ForCausalLM directory (config.json + *.safetensors) -> LanguageModel (fp32)."""
+    hf, t = _read_hf_dir(path)
+    if hf.get("attention_bias") or hf.get("use_sliding_window"):
+        raise ValueError(f"{path}/config.json: attention_bias / sliding window are not supported")
+    rope_params = hf.get("rope_parameters") or {}
+    theta = rope_params.get("rope_theta", hf.get("rope_theta", 1e6))
+    if rope_params.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise ValueError(f"{path}/config.json: only default RoPE is supported")
+    c = LLMConfig(hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
+                  hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"], hf["intermediate_size"],
+                  float(theta), hf.get("rms_norm_eps", 1e-6), bool(hf.get("tie_word_embeddings", False)))
+    g = lambda k: _take(t, k, path)  # noqa: E731
+    sd = {"embed.weight": g("model.embed_tokens.weight"), "norm.weight": g("model.norm.weight")}
+    if not c.tie_embeddings:
+        sd["lm_head.weight"] = g("lm_head.weight")
+    for i in range(c.n_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        sd[o + "attn_norm.weight"] = g(p + "input_layernorm.weight")
+        sd[o + "mlp_norm.weight"] = g(p + "post_attention_layernorm.weight")
+        sd[o + "attn.qkv.weight"] = torch.cat([g(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        sd[o + "attn.proj.weight"] = g(p + "self_attn.o_proj.weight")
+        sd[o + "attn.q_norm.weight"] = g(p + "self_attn.q_norm.weight")
+        sd[o + "attn.k_norm.weight"] = g(p + "self_attn.k_norm.weight")
+        sd[o + "mlp.gate_up.weight"] = torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")])
+        sd[o + "mlp.down.weight"] = g(p + "mlp.down_proj.weight")
+    model = LanguageModel(c)
+    load_tensors(model, sd, path)
+    return model
+
+
+def load_hf_siglip_vision(path: str) -> VisionEncoder:
+    """Hugging Face SiglipVisionModel (or full SiglipModel) directory -> VisionEncoder (fp32).
+    The attention-pooling head is not used (GEM feeds all patch features to the merger)."""
+    hf, t = _read_hf_dir(path)
+    hf = hf.get("vision_config", hf)
+    if hf.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"{path}/config.json: hidden_act {hf['hidden_act']!r} is not supported")
+    c = ViTConfig(hf.get("image_size", 224), hf.get("patch_size", 16), hf.get("hidden_size", 768),
+                  hf.get("num_hidden_layers", 12), hf.get("num_attention_heads", 12),
+                  hf.get("intermediate_size", 3072), hf.get("layer_norm_eps", 1e-6))
+    # SigLIP checkpoints on the Hub prefix keys with "vision_model."; transformers 5 saves them without
+    pre = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in t else ""
+    g = lambda k: _take(t, pre + k, path)  # noqa: E731
+    sd = {"patch.weight": g("embeddings.patch_embedding.weight"), "patch.bias": g("embeddings.patch_embedding.bias"),
+          "pos_embed": g("embeddings.position_embedding.weight"),
+          "post_norm.weight": g("post_layernorm.weight"), "post_norm.bias": g("post_layernorm.bias")}
+    for i in range(c.n_layers):
+        p, o = f"encoder.layers.{i}.", f"blocks.{i}."
+        for w in ("weight", "bias"):
+            sd[o + "norm1." + w] = g(p + "layer_norm1." + w)
+            sd[o + "norm2." + w] = g(p + "layer_norm2." + w)
+            sd[o + "qkv." + w] = torch.cat([g(p + f"self_attn.{n}_proj." + w) for n in "qkv"])
+            sd[o + "proj." + w] = g(p + "self_attn.out_proj." + w)
+            sd[o + "fc1." + w] = g(p + "mlp.fc1." + w)
+            sd[o + "fc2." + w] = g(p + "mlp.fc2." + w)
+    model = VisionEncoder(c)
+    load_tensors(model, sd, path)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
