@@ -1,0 +1,1091 @@
+"""GEM-mini data: a miniature GEM-4M rendered by our simulator, the tokenizer, the datasets, the demos.
+
+Run:
+    python data.py --out data/gem-mini --preset tiny          # VLM data (presets micro, tiny, small)
+    python data.py demos --suite all --per-task 20 --out data/demos   # expert demos for the VLA
+
+VLM data layout (= the released GEM-250K subset, so real data drops in; DESIGN.md section 3):
+    <root>/{train,val,test}.jsonl   {"id","image","depth"(optional),"task","conversations","meta"}
+    <root>/images/<id>.png (RGB)    <root>/depth/<id>.png (16-bit, millimetres, 0 = invalid)
+    <root>/tokenizer.json  <root>/stats.json (counts per family and type)  <root>/shards/ (restart points)
+Every answer is computed from the simulator state; "meta" holds the machine-readable answer and type
+so eval.py scores without parsing the question. Coordinates in text: integers in [0, 1000).
+
+Paper -> code map
+  GEM-4M families (grounding / spatial reasoning / planning + trajectory)  FAMILY_TYPES, make_sample
+  depth paired with every image (GT, not pseudo-depth here)               save_depth_png / load_depth_png
+  depth target: inverse depth, 2nd-98th percentile, 1 - x                depth_target
+  RGB-reconstruction ablation target                                      rgb_target
+  Qwen-VL chat template, loss on assistant tokens only                    encode_chat / encode_prompt
+  LLaVA-style JSONL + depth/ folder                                       read_jsonl / GemDataset / collate
+  GEM-VLA demos, action chunks, state/action normalisation               demos / DemoDataset / obs_to_inputs
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>"]
+IMAGE = "<image>"
+# Share of each family in training (GEM-4M: mostly grounding and spatial reasoning, ~50K planning).
+MIXTURE = {"grounding": 0.33, "reasoning": 0.30, "planning": 0.17, "trajectory": 0.10, "caption": 0.05,
+           "depth": 0.05}
+FAMILY_TYPES = {
+    "grounding": ["box", "point", "place", "grasp", "list"],
+    "reasoning": ["rel_yn", "rel_mc", "closer", "marked", "distance", "height", "count", "fit"],
+    "planning": ["decompose", "next_step", "done"],
+    "trajectory": ["trajectory"], "caption": ["caption"], "depth": ["depth"]}
+# type -> (training templates, templates held out for the test split). Few templates on purpose: the
+# tiny model must spend its capacity on binding words to image regions, not on paraphrases.
+TEMPLATES = {
+    "box": (["Give the box of the {a}.", "Where is the {a}? Answer with a box."],
+            ["Find the {a} and give its bounding box."]),
+    "point": (["Point to the {a}."], ["Show the {a} with a point."]),
+    "place": (["Give a point where the {a} can be placed {rel} the {b}."],
+              ["Where can the {a} go {rel} the {b}? Give a point."]),
+    "grasp": (["Where should the gripper grasp the {a}?"], ["Give a grasp point for the {a}."]),
+    "list": (["List the objects with their boxes."], ["Name every object and give its box."]),
+    "rel_yn": (["Is the {a} {rel} the {b}?"], ["Is it true that the {a} is {rel} the {b}?"]),
+    "rel_mc": (["Which object is {rel} the {b}? {choices}"], ["Pick the object {rel} the {b}. {choices}"]),
+    "closer": (["Is the {a} closer to the camera than the {b}?"], ["Is the {a} nearer to the camera than the {b}?"]),
+    "marked": (["Which marked point is closer to the camera? A (white) or B (black)"],
+               ["Of the marks A (white) and B (black), which is nearer to the camera?"]),
+    "distance": (["How far apart are the {a} and the {b} in cm?"], ["What is the distance between the {a} and the {b} in cm?"]),
+    "height": (["How tall is the {a} in cm?"], ["What is the height of the {a} in cm?"]),
+    "count": (["How many {what} are there?"], ["Count the {what}."]),
+    "fit": (["Does the {a} fit {prep} the {b}?"], ["Can the {a} fit {prep} the {b}?"]),
+    "decompose": (["List the steps to {instr}."], ["Break the task into steps: {instr}."]),
+    "next_step": (["Task: {instr}. What is the next step? {choices}"], ["Task: {instr}. Which step comes next? {choices}"]),
+    "done": (["Task: {instr}. Is it done?"], ["Task: {instr}. Is the goal achieved?"]),
+    "trajectory": (["Give {n} points of the gripper path to {instr}."], ["Trace the gripper path in {n} points to {instr}."]),
+    "caption": (["Describe the objects."], ["What objects do you see?"]),
+    "depth": ([""], [""]),
+}
+LETTERS = "ABCD"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and chat template (one owner for each, imported by the training scripts and eval.py)
+
+def train_tokenizer(texts, path: str, vocab_size: int = 512):
+    """Byte-level BPE on the generated text; digits are split one by one so coordinates are compositional."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # the chat template's role words are in every sample: make sure they become single tokens
+    tok.train_from_iterator(["user\n", "assistant\n", "\n"] * 1000 + list(texts), trainer)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: tokenizer file missing (generate data with data.py first)")
+    tok = Tokenizer.from_file(path)
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{path}: tokenizer lacks special tokens {missing}")
+    return tok
+
+
+def special_ids(tok) -> dict:
+    names = ["pad_id", "im_start_id", "im_end_id", "vision_start_id", "vision_end_id", "image_pad_id"]
+    return {n: tok.token_to_id(t) for n, t in zip(names, SPECIAL_TOKENS)}
+
+
+def _text_ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids if text else []
+
+
+def _user_ids(tok, question: str, n_image_tokens: int, image_first: bool) -> list[int]:
+    """`<|im_start|>user\\n<image>\\nQ<|im_end|>\\n` with <image> expanded (or after Q if not image_first)."""
+    s = special_ids(tok)
+    has_image = IMAGE in question
+    text = question.replace(IMAGE, "").strip("\n")
+    image = [s["vision_start_id"]] + [s["image_pad_id"]] * n_image_tokens + [s["vision_end_id"]] if has_image else []
+    if image and image_first:
+        body = image + _text_ids(tok, "\n" + text if text else "")
+    elif image:
+        body = _text_ids(tok, text + "\n" if text else "") + image
+    else:
+        body = _text_ids(tok, text)
+    return [s["im_start_id"]] + _text_ids(tok, "user\n") + body + [s["im_end_id"]] + _text_ids(tok, "\n")
+
+
+def _assistant_head(tok) -> list[int]:
+    return [special_ids(tok)["im_start_id"]] + _text_ids(tok, "assistant\n")
+
+
+def encode_chat(tok, conversations, n_image_tokens: int, image_first: bool = True):
+    """Conversations -> (ids, labels); labels are -100 except the assistant's tokens and its <|im_end|>."""
+    im_end = special_ids(tok)["im_end_id"]
+    ids, labels = [], []
+    for turn in conversations:
+        if turn["from"] == "human":
+            part = _user_ids(tok, turn["value"], n_image_tokens, image_first)
+            ids += part
+            labels += [-100] * len(part)
+        else:
+            head, body = _assistant_head(tok), _text_ids(tok, turn["value"]) + [im_end]
+            tail = _text_ids(tok, "\n")
+            ids += head + body + tail
+            labels += [-100] * len(head) + body + [-100] * len(tail)
+    return ids, labels
+
+
+def encode_prompt(tok, question: str, n_image_tokens: int, image_first: bool = True) -> list[int]:
+    """The user turn plus `<|im_start|>assistant\\n`: what generation (and the VLA) conditions on."""
+    return _user_ids(tok, question, n_image_tokens, image_first) + _assistant_head(tok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images, depth targets and coordinates
+
+def pixel_values_from_rgb(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 (H,W,3) -> float32 (3,H,W) in [-1,1]: THE image preprocessing (datasets and VLA Policy)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # (C,H,W) -> (C,size,size), area average
+    return x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x[None], (size, size), mode="area")[0]
+
+
+def depth_target(depth_m: np.ndarray, size: int) -> torch.Tensor:
+    """GEM target: inverse depth, normalised to its 2nd-98th percentile, clipped, then 1 - x (near = 0).
+
+    Invalid pixels (depth 0 or not finite) are left out of the percentiles and set to 1 (far)."""
+    d = np.asarray(depth_m, dtype=np.float64)
+    valid = np.isfinite(d) & (d > 0)
+    out = np.ones(d.shape, np.float32)
+    if valid.any():
+        inv = 1.0 / d[valid]
+        lo, hi = np.percentile(inv, [2, 98])
+        out[valid] = 1.0 - np.clip((inv - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    return _resize(torch.from_numpy(out)[None], size)  # (1,size,size)
+
+
+def rgb_target(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """The RGB-reconstruction ablation's target: (3,size,size) in [0,1]."""
+    return _resize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0, size)
+
+
+def save_depth_png(path: str, depth_m: np.ndarray) -> None:
+    """Metric depth -> 16-bit PNG in millimetres (0 = invalid; beyond 65.535 m clips)."""
+    d = np.asarray(depth_m, dtype=np.float64)
+    mm = np.where(np.isfinite(d) & (d > 0), np.round(d * 1000.0), 0).clip(0, 65535).astype(np.uint16)
+    Image.fromarray(mm).save(path)
+
+
+def load_depth_png(path: str) -> np.ndarray:
+    """16-bit PNG in millimetres -> float32 metres (0 stays 0 = invalid)."""
+    with Image.open(path) as im:
+        a = np.array(im)
+    if a.ndim != 2 or a.dtype not in (np.uint16, np.int32, np.uint8):
+        raise ValueError(f"{path}: not a single-channel 16-bit depth PNG (got {a.dtype} {a.shape})")
+    return a.astype(np.float32) / 1000.0
+
+
+def to_1000(v, size: int) -> int:
+    """Continuous pixel coordinate (pixel i covers [i, i+1)) -> integer in [0, 1000) (Qwen-VL style)."""
+    return int(min(999, max(0, round(float(v) * 1000.0 / size))))
+
+
+def from_1000(c, size: int) -> float:
+    return float(c) * size / 1000.0
+
+
+def fmt_point(p) -> str:
+    return f"({p[0]}, {p[1]})"
+
+
+def fmt_box(b) -> str:
+    return f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the JSONL layout (ours or GEM-250K-style) with one-line errors naming file and line
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records of a split file; each gets "_where" = "file:line" for later error messages."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: split file missing")
+    root, out = os.path.dirname(path), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON line ({e.msg})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{where}: record is not a JSON object")
+            for key in ("id", "image", "task", "conversations"):
+                if key not in r:
+                    raise ValueError(f"{where}: missing field {key!r}")
+            if r["task"] not in FAMILY_TYPES:
+                raise ValueError(f"{where}: unknown task family {r['task']!r} (valid: {', '.join(FAMILY_TYPES)})")
+            conv = r["conversations"]
+            if not isinstance(conv, list) or not conv or any(
+                    not isinstance(t, dict) or t.get("from") not in ("human", "gpt") or not isinstance(t.get("value"), str)
+                    for t in conv):
+                raise ValueError(f"{where}: field 'conversations' must be a list of {{from: human|gpt, value: str}}")
+            for key in ("image", "depth"):
+                if r.get(key) is not None and not os.path.isfile(os.path.join(root, r[key])):
+                    raise FileNotFoundError(f"{where}: {key} file {os.path.join(root, r[key])} missing")
+            r["_where"] = where
+            out.append(r)
+    return out
+
+
+def load_rgb(path: str, image_size: int | None, where: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB"))
+    except Exception as e:  # truncated, not an image, ...
+        raise ValueError(f"{path} ({where}): cannot read image ({type(e).__name__}: {e})") from None
+    if image_size is not None and rgb.shape[:2] != (image_size, image_size):
+        raise ValueError(f"{path} ({where}): image is {rgb.shape[1]}x{rgb.shape[0]}, expected "
+                         f"{image_size}x{image_size} (image_size)")
+    return rgb
+
+
+def load_depth(path: str, shape, where: str) -> np.ndarray:
+    try:
+        d = load_depth_png(path)
+    except Exception as e:
+        raise ValueError(f"{path} ({where}): cannot read depth PNG ({type(e).__name__}: {e})") from None
+    if d.shape != tuple(shape):
+        raise ValueError(f"{path} ({where}): depth is {d.shape[1]}x{d.shape[0]}, image is {shape[1]}x{shape[0]}")
+    return d
+
+
+class GemDataset(torch.utils.data.Dataset):
+    """One record -> model inputs: chat-templated ids/labels, image tensor, depth and RGB targets.
+
+    Records without "depth" (GEM-250K style) get depth_valid False and a zero target: the depth loss is
+    masked for them. `families` keeps only those task families; `sample_weights` gives the mixture."""
+
+    def __init__(self, root, split, tok, image_size, n_image_tokens, head_size, families=None,
+                 image_first=True, max_len=512):
+        self.root, self.tok, self.image_size, self.n_image_tokens = root, tok, image_size, n_image_tokens
+        self.head_size, self.image_first, self.max_len = head_size, image_first, max_len
+        recs = read_jsonl(os.path.join(root, f"{split}.jsonl"))
+        if families is not None:
+            bad = [f for f in families if f not in FAMILY_TYPES]
+            if bad:
+                raise ValueError(f"families: unknown task family {bad[0]!r} (valid: {', '.join(FAMILY_TYPES)})")
+            recs = [r for r in recs if r["task"] in families]
+        self.records = recs
+
+    def __len__(self):
+        return len(self.records)
+
+    def sample_weights(self, mixture: dict | None = None) -> torch.Tensor:
+        """Per-item weights so family f gets mixture[f] of the draws (for WeightedRandomSampler)."""
+        mixture = MIXTURE if mixture is None else mixture
+        counts = {}
+        for r in self.records:
+            counts[r["task"]] = counts.get(r["task"], 0) + 1
+        return torch.tensor([mixture.get(r["task"], 0.0) / counts[r["task"]] for r in self.records], dtype=torch.double)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        where = r["_where"]
+        rgb = load_rgb(os.path.join(self.root, r["image"]), self.image_size, where)
+        if r.get("depth"):
+            depth = load_depth(os.path.join(self.root, r["depth"]), rgb.shape[:2], where)
+            valid = bool((depth > 0).any())
+        else:
+            depth, valid = np.zeros(rgb.shape[:2], np.float32), False
+        ids, labels = encode_chat(self.tok, r["conversations"], self.n_image_tokens, self.image_first)
+        if len(ids) > self.max_len:
+            if ids.index(special_ids(self.tok)["vision_end_id"]) >= self.max_len:
+                raise ValueError(f"{where}: the image tokens do not fit in max_len={self.max_len}")
+            ids, labels = ids[:self.max_len], labels[:self.max_len]
+        conv = r["conversations"]
+        question = next((t["value"] for t in conv if t["from"] == "human"), "")
+        meta = r.get("meta") or {}
+        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                    pixel_values=pixel_values_from_rgb(rgb),
+                    depth_target=depth_target(depth, self.head_size) if valid else torch.zeros(1, self.head_size, self.head_size),
+                    rgb_target=rgb_target(rgb, self.head_size), depth_valid=valid,
+                    depth_m=torch.from_numpy(depth), id=r["id"], task=r["task"], type=meta.get("type", r["task"]),
+                    question=question.replace(IMAGE, "").strip(),
+                    answer=next((t["value"] for t in conv if t["from"] == "gpt"), ""), meta=meta)
+
+
+def collate(batch, pad_id: int) -> dict:
+    """Right-pad ids (pad_id) and labels (-100); stack tensors; keep strings and meta as lists."""
+    T = max(len(b["input_ids"]) for b in batch)
+    out = {"input_ids": torch.full((len(batch), T), pad_id, dtype=torch.long),
+           "labels": torch.full((len(batch), T), -100, dtype=torch.long),
+           "attention_mask": torch.zeros(len(batch), T, dtype=torch.bool)}
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        out["input_ids"][i, :n], out["attention_mask"][i, :n] = b["input_ids"], True
+        if "labels" in b:
+            out["labels"][i, :n] = b["labels"]
+    for k, v in batch[0].items():
+        if k in out or (k == "labels"):
+            continue
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.stack([b[k] for b in batch])
+        elif isinstance(v, bool):
+            out[k] = torch.tensor([b[k] for b in batch])
+        else:
+            out[k] = [b[k] for b in batch]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Question makers: one per type. Each reads a Scene (one rendered frame + simulator state) and returns
+# (question, answer, meta) or None when no unambiguous question of that type exists in this frame.
+
+RELATIONS = {"left_of": "left of", "right_of": "right of", "in_front_of": "in front of", "behind": "behind",
+             "on": "on", "inside": "in"}
+HELDOUT_COMBOS = {("white", "ball"), ("black", "block")}  # colour x shape seen only in the test split
+REL_MARGIN = 0.015  # metres: relations within this of their threshold are ambiguous and rejected
+MIN_VISIBLE = 0.002  # an object must cover this share of the image to be asked about (8 px at 64x64)
+
+
+def rle_encode(mask: np.ndarray) -> list[int]:
+    """Bool (H,W) mask -> [start, length, ...] over the row-major flattened image (compact, for meta)."""
+    m = np.concatenate([[0], mask.ravel().astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(m))
+    return [int(v) for s, e in zip(edges[::2], edges[1::2]) for v in (s, e - s)]
+
+
+def rle_decode(rle, shape) -> np.ndarray:
+    flat = np.zeros(int(np.prod(shape)), bool)
+    for s, n in zip(rle[::2], rle[1::2]):
+        flat[s:s + n] = True
+    return flat.reshape(shape)
+
+
+def plural(word: str) -> str:
+    return word + ("es" if word.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+class Scene:
+    """A rendered frame with the simulator's object list, camera and (for planning) the expert's future."""
+
+    def __init__(self, obs, info, split, rng, task=None, future=None, success=False, subgoal=0, instr=None):
+        self.rgb, self.depth, self.seg = obs["rgb"], obs["depth"], obs["seg"]
+        self.S = self.rgb.shape[0]
+        self.objs = info["objects"]
+        self.K, self.pose = np.asarray(info["K"], float), np.asarray(info["cam_pose"], float)
+        self.split, self.rng, self.task, self.future = split, rng, task, future
+        self.success, self.subgoal, self.instr = success, subgoal, instr
+        names = [o["name"] for o in self.objs]
+        min_px = MIN_VISIBLE * self.S * self.S
+        self.visible = [o for o in self.objs if o["visible_px"] >= min_px and o["box2d"] is not None]
+        self.all_visible = len(self.visible) == len(self.objs)
+        self.refs = [o for o in self.visible if names.count(o["name"]) == 1]  # unambiguous by name
+
+    def template(self, typ, **kw):
+        train, held = TEMPLATES[typ]
+        pool = held if self.split == "test" and self.rng.random() < 0.5 else train
+        return pool[self.rng.integers(len(pool))].format(**kw), pool is held
+
+    def pick(self, seq, k=1):
+        idx = self.rng.choice(len(seq), size=k, replace=False)
+        return [seq[i] for i in idx] if k > 1 else seq[idx[0]]
+
+    def mask(self, o) -> np.ndarray:
+        return self.seg == o["id"]
+
+    def point(self, px) -> list[int]:
+        return [to_1000(px[0], self.S), to_1000(px[1], self.S)]
+
+    def cam_z(self, p_world) -> float:
+        """Camera z-depth (metres) of a world point: the quantity "closer to the camera" compares."""
+        R, t = self.pose[:3, :3], self.pose[:3, 3]
+        return float((R.T @ (np.asarray(p_world, float) - t))[2])
+
+    def backproject(self) -> np.ndarray:
+        """World xyz (H,W,3) of every pixel centre from the metric depth map (pinhole, z-depth)."""
+        v, u = np.mgrid[0:self.S, 0:self.S] + 0.5
+        rays = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(self.K).T  # (H,W,3), z = 1
+        return (rays * self.depth[..., None]) @ self.pose[:3, :3].T + self.pose[:3, 3]
+
+
+def _margin(a, b, rel):
+    import sim_env
+    return float(sim_env.relation_margin(a, b, rel))
+
+
+def _holds(a, b, rel) -> bool:
+    import sim_env
+    return bool(getattr(sim_env, rel)(a, b))
+
+
+def q_box(sc):
+    if not sc.refs:
+        return None
+    o = sc.pick(sc.refs)
+    x1, y1, x2, y2 = o["box2d"]
+    box = [to_1000(x1, sc.S), to_1000(y1, sc.S), to_1000(x2, sc.S), to_1000(y2, sc.S)]
+    q, held = sc.template("box", a=o["name"])
+    return q, fmt_box(box), dict(answer=box, obj=o["id"], name=o["name"], heldout_template=held)
+
+
+def q_point(sc, typ="point"):
+    cands = [o for o in sc.refs if typ == "point" or o.get("graspable", o["shape"] not in ("plate", "tray"))]
+    if not cands:
+        return None
+    o = sc.pick(cands)
+    m = sc.mask(o)
+    if typ == "grasp":  # the top centre of the object, where a top-down grasp closes
+        import sim_env
+        top = np.asarray(o["pos"], float) + [0, 0, o["half_extents"][2]]
+        px = sim_env.project(sc.K, sc.pose, top[None])[0]
+        if not m[int(px[1]), int(px[0])] if 0 <= px[0] < sc.S and 0 <= px[1] < sc.S else True:
+            return None  # top hidden (e.g. under the gripper)
+    else:  # the mask pixel nearest the mask's centroid (always on the object, even for odd shapes)
+        ys, xs = np.nonzero(m)
+        k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
+        px = (xs[k] + 0.5, ys[k] + 0.5)
+    pt = sc.point(px)
+    q, held = sc.template(typ, a=o["name"])
+    return q, fmt_point(pt), dict(answer=pt, obj=o["id"], name=o["name"], mask_rle=rle_encode(m), heldout_template=held)
+
+
+def q_grasp(sc):
+    return q_point(sc, "grasp")
+
+
+def place_region(sc, a, b, rel) -> np.ndarray:
+    """Pixels where `a` could stand on the table: free of other objects and clearly `rel` of b."""
+    xyz = sc.backproject()
+    ra = max(a["half_extents"][:2]) + 0.01
+    ok = (np.abs(xyz[..., 2]) < 0.004) & np.isin(sc.seg, [0])  # table surface, nothing on it
+    for o in sc.objs:
+        if o["id"] != a["id"]:
+            hx, hy = o["half_extents"][:2]
+            ok &= (np.abs(xyz[..., 0] - o["pos"][0]) > hx + ra) | (np.abs(xyz[..., 1] - o["pos"][1]) > hy + ra)
+    ys, xs = np.nonzero(ok)
+    for y, x in zip(ys, xs):  # the side test is the simulator's own relation, on a moved copy of a
+        moved = dict(a, pos=[float(xyz[y, x, 0]), float(xyz[y, x, 1]), float(a["half_extents"][2])])
+        if _margin(moved, b, rel) < REL_MARGIN:
+            ok[y, x] = False
+    return ok
+
+
+def q_place(sc):
+    movable = [o for o in sc.refs if o["shape"] not in ("plate", "tray")]
+    if not movable or len(sc.refs) < 2:
+        return None
+    a = sc.pick(movable)
+    b = sc.pick([o for o in sc.refs if o is not a])
+    rel = sc.pick(["left_of", "right_of", "in_front_of", "behind"])
+    region = place_region(sc, a, b, rel)
+    ys, xs = np.nonzero(region)
+    if len(xs) < 3:
+        return None
+    import sim_env  # canonical answer: the free pixel nearest to b's projection (just beside b)
+    bx, by = sim_env.project(sc.K, sc.pose, np.asarray([b["pos"]], float))[0]
+    k = np.argmin((xs + 0.5 - bx) ** 2 + (ys + 0.5 - by) ** 2)
+    pt = sc.point((xs[k] + 0.5, ys[k] + 0.5))
+    q, held = sc.template("place", a=a["name"], b=b["name"], rel=RELATIONS[rel])
+    return q, fmt_point(pt), dict(answer=pt, obj=a["id"], ref=b["id"], rel=rel, mask_rle=rle_encode(region),
+                                  heldout_template=held)
+
+
+def q_list(sc):
+    if not sc.all_visible or len(sc.refs) != len(sc.objs):
+        return None
+    objs = sorted(sc.objs, key=lambda o: (o["box2d"][0] + o["box2d"][2]))  # left to right
+    items = [dict(name=o["name"], obj=o["id"], box=[to_1000(v, sc.S) for v in o["box2d"]]) for o in objs]
+    q, held = sc.template("list")
+    return q, "; ".join(f"{it['name']} {fmt_box(it['box'])}" for it in items), dict(answer=items, heldout_template=held)
+
+
+def q_rel_yn(sc):
+    want = bool(sc.rng.random() < 0.5)  # choose the answer first: yes/no stay balanced
+    for rel in sc.rng.permutation(list(RELATIONS)):
+        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b
+                 and abs(_margin(a, b, rel)) >= REL_MARGIN and _holds(a, b, rel) == want
+                 and (_margin(a, b, rel) > 0) == want]
+        if pairs:
+            a, b = pairs[sc.rng.integers(len(pairs))]
+            q, held = sc.template("rel_yn", a=a["name"], b=b["name"], rel=RELATIONS[rel])
+            ans = "yes" if want else "no"
+            return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], rel=rel, heldout_template=held)
+    return None
+
+
+def _choices(sc, correct, others):
+    """Options = correct + up to 3 others in random order; the correct letter is uniform over positions."""
+    others = list(others)
+    opts = [others[i] for i in sc.rng.permutation(len(others))[:len(LETTERS) - 1]]
+    k = int(sc.rng.integers(len(opts) + 1))
+    opts.insert(k, correct)
+    return opts, LETTERS[k]
+
+
+def q_rel_mc(sc):
+    for rel in sc.rng.permutation(list(RELATIONS)):
+        for b in sc.rng.permutation(len(sc.refs)):
+            b = sc.refs[b]
+            others = [o for o in sc.refs if o is not b]
+            pos = [o for o in others if _holds(o, b, rel) and _margin(o, b, rel) >= REL_MARGIN]
+            neg = [o for o in others if not _holds(o, b, rel) and _margin(o, b, rel) <= -REL_MARGIN]
+            if len(pos) >= 1 and neg:
+                a = sc.pick(pos)
+                opts, letter = _choices(sc, a, neg)
+                names = [o["name"] for o in opts]
+                q, held = sc.template("rel_mc", b=b["name"], rel=RELATIONS[rel],
+                                      choices=" ".join(f"{L}. {n}" for L, n in zip(LETTERS, names)))
+                return q, letter, dict(answer=letter, choices=names, obj=a["id"], ref=b["id"], rel=rel,
+                                       heldout_template=held)
+    return None
+
+
+def q_closer(sc):
+    want = bool(sc.rng.random() < 0.5)
+    pairs = []
+    for a in sc.refs:
+        for b in sc.refs:
+            za, zb = sc.cam_z(a["pos"]), sc.cam_z(b["pos"])
+            # the centres' depths must differ clearly AND agree with what the visible pixels show
+            ma, mb = np.median(sc.depth[sc.mask(a)]), np.median(sc.depth[sc.mask(b)])
+            if a is not b and zb - za >= 0.03 and mb - ma >= 0.01:
+                pairs.append((a, b) if want else (b, a))
+    if not pairs:
+        return None
+    a, b = pairs[sc.rng.integers(len(pairs))]
+    q, held = sc.template("closer", a=a["name"], b=b["name"])
+    ans = "yes" if want else "no"
+    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], heldout_template=held)
+
+
+def marker_size(S: int) -> int:
+    return max(2, S // 21)  # 3 px at 64x64: visible, yet hides little
+
+
+def draw_markers(rgb, pts_px) -> np.ndarray:
+    """Filled squares: A white, B black (colours no object has)."""
+    out, r = rgb.copy(), marker_size(rgb.shape[0]) // 2
+    for (x, y), col in zip(pts_px, ([255, 255, 255], [0, 0, 0])):
+        out[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1] = col
+    return out
+
+
+def q_marked(sc):
+    """Two marked pixels; which is closer (metric z-depth at the pixel). Draws the markers (sc.marked)."""
+    r = marker_size(sc.S) // 2 + 1
+    for _ in range(20):
+        (xa, ya), (xb, yb) = sc.rng.integers(r, sc.S - r, size=(2, 2))
+        da, db = float(sc.depth[ya, xa]), float(sc.depth[yb, xb])
+        if min(da, db) > 0 and abs(da - db) >= max(0.05, 0.1 * min(da, db)) and np.hypot(xa - xb, ya - yb) >= sc.S / 6:
+            break
+    else:
+        return None
+    sc.marked = draw_markers(sc.rgb, [(xa, ya), (xb, yb)])
+    ans = "A" if da < db else "B"
+    q, held = sc.template("marked")
+    return q, ans, dict(answer=ans, points_px=[[int(xa), int(ya)], [int(xb), int(yb)]], depths=[da, db],
+                        points=[sc.point((xa + 0.5, ya + 0.5)), sc.point((xb + 0.5, yb + 0.5))], heldout_template=held)
+
+
+def q_distance(sc):
+    if len(sc.refs) < 2:
+        return None
+    a, b = sc.pick(sc.refs, 2)
+    cm = int(round(100 * math.hypot(a["pos"][0] - b["pos"][0], a["pos"][1] - b["pos"][1])))
+    q, held = sc.template("distance", a=a["name"], b=b["name"])
+    return q, str(cm), dict(answer=cm, obj=a["id"], ref=b["id"], heldout_template=held)
+
+
+def q_height(sc):
+    if not sc.refs:
+        return None
+    o = sc.pick(sc.refs)
+    cm = int(round(200 * o["half_extents"][2]))
+    if cm < 1:
+        return None
+    q, held = sc.template("height", a=o["name"])
+    return q, str(cm), dict(answer=cm, obj=o["id"], heldout_template=held)
+
+
+def q_count(sc):
+    if not sc.all_visible:  # a hidden object would make the count unanswerable from the image
+        return None
+    kinds = [("objects", lambda o: True)]
+    kinds += [(f"{c} objects", lambda o, c=c: o["colour"] == c) for c in sorted({o["colour"] for o in sc.objs})]
+    kinds += [(plural(s), lambda o, s=s: o["shape"] == s) for s in sorted({o["shape"] for o in sc.objs})]
+    what, f = kinds[sc.rng.integers(len(kinds))]
+    n = sum(map(f, sc.objs))
+    q, held = sc.template("count", what=what)
+    return q, str(n), dict(answer=n, what=what, heldout_template=held)
+
+
+def fits(a, b):
+    """True / False when a's footprint clearly fits within b's (any orientation) or clearly cannot; else None."""
+    amax, amin = 2 * max(a["half_extents"][:2]), 2 * min(a["half_extents"][:2])
+    bmax, bmin = 2 * max(b["half_extents"][:2]), 2 * min(b["half_extents"][:2])
+    if amax + 0.005 <= bmin:
+        return True
+    if amin >= bmax + 0.005:
+        return False
+    return None
+
+
+def q_fit(sc):
+    want = bool(sc.rng.random() < 0.5)
+    pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and fits(a, b) is want]
+    if not pairs:
+        return None
+    a, b = pairs[sc.rng.integers(len(pairs))]
+    q, held = sc.template("fit", a=a["name"], b=b["name"], prep="in" if b["shape"] == "tray" else "on")
+    ans = "yes" if want else "no"
+    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], heldout_template=held)
+
+
+def q_decompose(sc):
+    steps = list(sc.task.subgoals)
+    q, held = sc.template("decompose", instr=sc.instr)
+    return q, "; ".join(steps), dict(answer=steps, heldout_template=held)
+
+
+def q_next_step(sc):
+    steps = list(sc.task.subgoals)
+    if sc.success or len(steps) < 2:
+        return None
+    correct = steps[sc.subgoal]
+    opts, letter = _choices(sc, correct, [s for s in steps if s != correct])
+    q, held = sc.template("next_step", instr=sc.instr, choices=" ".join(f"{L}. {s}" for L, s in zip(LETTERS, opts)))
+    return q, letter, dict(answer=letter, choices=opts, subgoal=int(sc.subgoal), heldout_template=held)
+
+
+def q_done(sc):
+    q, held = sc.template("done", instr=sc.instr)
+    ans = "yes" if sc.success else "no"
+    return q, ans, dict(answer=ans, heldout_template=held)
+
+
+def q_trajectory(sc):
+    if sc.future is None or len(sc.future) < 5:
+        return None
+    import sim_env
+    n = int(sc.rng.integers(5, 9))
+    idx = np.round(np.linspace(0, len(sc.future) - 1, n)).astype(int)
+    px = sim_env.project(sc.K, sc.pose, np.asarray(sc.future, float)[idx])
+    pts = [sc.point(np.clip(p, 0, sc.S - 1e-3)) for p in px]
+    q, held = sc.template("trajectory", n=n, instr=sc.instr)
+    return q, "[" + ", ".join(map(fmt_point, pts)) + "]", dict(answer=pts, n=n, heldout_template=held)
+
+
+def caption_order(o):
+    import sim_env  # by colour, then shape: a canonical order that carries no spatial information
+    cols = list(sim_env.COLOURS)
+    return (cols.index(o["colour"]) if o["colour"] in cols else len(cols), o["shape"], o["name"])
+
+
+def q_caption(sc):
+    if not sc.visible:
+        return None
+    names = [o["name"] for o in sorted(sc.visible, key=caption_order)]
+    q, held = sc.template("caption")
+    return q, ", ".join(names), dict(answer=names, heldout_template=held)
+
+
+MAKERS = {"box": q_box, "point": q_point, "place": q_place, "grasp": q_grasp, "list": q_list, "rel_yn": q_rel_yn,
+          "rel_mc": q_rel_mc, "closer": q_closer, "marked": q_marked, "distance": q_distance, "height": q_height,
+          "count": q_count, "fit": q_fit, "decompose": q_decompose, "next_step": q_next_step, "done": q_done,
+          "trajectory": q_trajectory, "caption": q_caption}
+TYPE_FAMILY = {t: f for f, ts in FAMILY_TYPES.items() for t in ts}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generator: expert rollouts of random (suite, task) from training seeds, a few frames of each,
+# a caption + a few questions per frame. Shards are written atomically and skipped when present.
+
+@dataclasses.dataclass
+class GenConfig:
+    out: str = "data/gem-mini"
+    preset: str = "tiny"
+    seed: int = 0
+    image_size: int = 64
+    train_rollouts: int = 240  # expert episodes per split; each gives `frames` images
+    val_rollouts: int = 16
+    test_rollouts: int = 40
+    frames: int = 4  # images per rollout (the last is the success frame, for "is it done?")
+    questions: int = 3  # questions per image, families drawn from MIXTURE (+ one caption per image)
+    round_robin: bool = False  # cycle through every type instead of drawing (micro: covers all types)
+    shard: int = 8  # rollouts per shard: the unit of restart
+    workers: int = 2
+    vocab_size: int = 512
+
+
+GEN_PRESETS = {
+    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=3,
+                  round_robin=True, shard=2, workers=1, vocab_size=384),
+    "tiny": dict(image_size=64),
+    "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
+}
+SPLITS = ("train", "val", "test")
+# simulator seeds: all below sim_env.TRAIN_SEEDS (eval start states live above it), disjoint per split
+SEED_BASE = {"train": 0, "val": 300_000, "test": 600_000}
+
+
+def rollout(env, seed: int):
+    """Run the expert from reset(seed) to success -> per-step (obs, info, state, subgoal) lists."""
+    obs, info = env.reset(seed=seed)
+    steps = [(obs, info, env.get_state(), env.expert_subgoal)]
+    for _ in range(info["max_steps"]):
+        obs, _, term, trunc, info = env.step(env.expert_action())
+        steps.append((obs, info, env.get_state(), env.expert_subgoal))
+        if info["success"] or term or trunc:
+            break
+    return steps, bool(info["success"])
+
+
+def _envs(cache, suite, task_id, image_size):
+    import sim_env
+    key = (suite, task_id)
+    if key not in cache:
+        cache[key] = sim_env.TabletopEnv(suite, task_id, image_size=image_size)
+    return cache[key]
+
+
+def gen_shard(job):
+    """Write one shard: its images, depth maps, simulator states and finally (atomically) its JSONL."""
+    cfg, split, k = job
+    import sim_env
+    out = cfg["out"]
+    rng = np.random.default_rng([cfg["seed"], SPLITS.index(split), k])
+    pairs = [(s, t) for s in sim_env.SUITES for t in range(len(sim_env.SUITES[s]))]
+    n_roll = cfg[f"{split}_rollouts"]
+    types = [t for t in MAKERS]
+    records, cache, rr = [], {}, k * 7
+    for r in range(k * cfg["shard"], min(n_roll, (k + 1) * cfg["shard"])):
+        for attempt in range(20):
+            suite, task_id = pairs[rng.integers(len(pairs))]
+            env = _envs(cache, suite, task_id, cfg["image_size"])
+            steps, ok = rollout(env, SEED_BASE[split] + 20 * r + attempt)
+            combos = {(o["colour"], o["shape"]) for o in steps[0][1]["objects"]}
+            if ok and (split == "test" or not combos & HELDOUT_COMBOS):
+                break
+        T = len(steps) - 1
+        ts = sorted(rng.choice(T, size=min(cfg["frames"] - 1, T), replace=False).tolist()) + [T]
+        no_frame = ts[int(rng.integers(len(ts) - 1))] if len(ts) > 1 else None
+        grip = [s[2]["gripper_pos"] if "gripper_pos" in s[2] else s[0]["state"][:3].tolist() for s in steps]
+        for t in ts:
+            obs, info, state, subgoal = steps[t]
+            fid = f"{split}-{r:05d}-{t:03d}"
+            instr = env.task.instruction(rng, heldout=split == "test" and bool(rng.random() < 0.5))
+            sc = Scene(obs, info, split, rng, task=env.task, future=grip[t:], success=t == T and ok,
+                       subgoal=subgoal, instr=instr)
+            Image.fromarray(obs["rgb"]).save(os.path.join(out, "images", fid + ".png"))
+            save_depth_png(os.path.join(out, "depth", fid + ".png"), obs["depth"])
+            with open(os.path.join(out, "states", fid + ".json"), "w") as f:
+                json.dump(dict(suite=suite, task_id=int(task_id), t=t, state=state), f)
+            # the success frame and one earlier frame each get "is it done?": exactly balanced yes/no
+            wanted = ["caption"] + (["done"] if t in (T, no_frame) else [])
+            for _ in range(cfg["questions"]):
+                if cfg["round_robin"]:
+                    wanted.append(types[rr % len(types)])
+                    rr += 1
+                else:
+                    fams = [f for f in MIXTURE if f not in ("caption",)]
+                    p = np.array([MIXTURE[f] for f in fams])
+                    fam = fams[rng.choice(len(fams), p=p / p.sum())]
+                    wanted.append("depth" if fam == "depth" else FAMILY_TYPES[fam][rng.integers(len(FAMILY_TYPES[fam]))])
+            for j, typ in enumerate(wanted):
+                sid = f"{fid}-{j}"
+                rec = dict(id=sid, image=f"images/{fid}.png", depth=f"depth/{fid}.png", task=TYPE_FAMILY.get(typ, typ))
+                if typ == "depth":
+                    rec.update(conversations=[dict({"from": "human", "value": IMAGE})], meta=dict(type="depth"))
+                else:
+                    sc.marked = None
+                    out_q = None
+                    for alt in [typ] + [t2 for t2 in rng.permutation(FAMILY_TYPES[TYPE_FAMILY[typ]]).tolist() if t2 != typ]:
+                        out_q = MAKERS[alt](sc) if alt != "done" or t in (T, no_frame) else None
+                        if out_q:
+                            typ = alt
+                            break
+                    if out_q is None:
+                        continue
+                    q, a, meta = out_q
+                    if sc.marked is not None:
+                        rec["image"] = f"images/{sid}.png"
+                        Image.fromarray(sc.marked).save(os.path.join(out, "images", sid + ".png"))
+                    meta = dict(type=typ, frame=fid, suite=suite, task_id=int(task_id), **meta)
+                    rec.update(task=TYPE_FAMILY[typ], conversations=[{"from": "human", "value": f"{IMAGE}\n{q}"},
+                                                                      {"from": "gpt", "value": a}], meta=meta)
+                records.append(rec)
+    path = os.path.join(out, "shards", f"{split}-{k:04d}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)  # the shard exists only once it is complete
+    return split, k, len(records)
+
+
+def generate(cfg: GenConfig) -> dict:
+    """Generate (or finish generating) a dataset; returns the stats dict also written to stats.json."""
+    from multiprocessing import get_context
+    from tqdm import tqdm
+    for d in ("images", "depth", "states", "shards"):
+        os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
+    c = dataclasses.asdict(cfg)
+    jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(c[f"{s}_rollouts"] / cfg.shard))]
+    todo = [j for j in jobs if not os.path.isfile(os.path.join(cfg.out, "shards", f"{j[1]}-{j[2]:04d}.jsonl"))]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="shards", disable=cfg.preset == "micro")
+    if cfg.workers > 1 and len(todo) > 1:
+        with get_context("fork").Pool(cfg.workers) as pool:
+            for _ in pool.imap_unordered(gen_shard, todo):
+                bar.update()
+    else:
+        for j in todo:
+            gen_shard(j)
+            bar.update()
+    bar.close()
+    stats = {"config": c, "splits": {}}
+    for s in SPLITS:
+        recs = []
+        for _, _, k in [j for j in jobs if j[1] == s]:
+            with open(os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")) as f:
+                recs += [json.loads(line) for line in f]
+        with open(os.path.join(cfg.out, f"{s}.jsonl.tmp"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        os.replace(os.path.join(cfg.out, f"{s}.jsonl.tmp"), os.path.join(cfg.out, f"{s}.jsonl"))
+        fam, typ = {}, {}
+        for r in recs:
+            fam[r["task"]] = fam.get(r["task"], 0) + 1
+            t = r["meta"]["type"]
+            typ[t] = typ.get(t, 0) + 1
+        stats["splits"][s] = dict(samples=len(recs), images=len({r["image"] for r in recs}), families=fam, types=typ)
+        if s == "train":
+            texts = [t["value"].replace(IMAGE, "") for r in recs for t in r["conversations"]]
+    import sim_env  # the VLA's instructions must tokenize well too
+    texts += [task.instruction(np.random.default_rng(i)) for ts in sim_env.SUITES.values() for task in ts for i in range(3)]
+    train_tokenizer(texts, os.path.join(cfg.out, "tokenizer.json"), cfg.vocab_size)
+    with open(os.path.join(cfg.out, "stats.json.tmp"), "w") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(os.path.join(cfg.out, "stats.json.tmp"), os.path.join(cfg.out, "stats.json"))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# VLA demonstrations, normalisation, and THE observation preprocessing shared with the Policy
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: str = "data/demos"
+    suite: str = "all"  # or one suite name
+    tasks: str = "all"  # or comma-separated task ids
+    per_task: int = 20
+    seed: int = 0
+    image_size: int = 64
+    workers: int = 2
+
+
+DEMO_SEED_BASE = 900_000  # demo start states: training seeds, disjoint from the VLM data and the eval states
+
+
+def is_noop(a, prev_grip) -> bool:
+    """OpenVLA/LIBERO convention: no motion and an unchanged gripper command."""
+    return bool(np.abs(a[:6]).max() < 1e-4 and (a[6] > 0) == (prev_grip > 0))
+
+
+def demo_task(job):
+    """Expert episodes for one task until `per_task` succeed; one .npz per kept episode."""
+    c, suite, task_id = job
+    import sim_env
+    env = sim_env.TabletopEnv(suite, task_id, image_size=c["image_size"], render_depth=False, render_seg=False)
+    kept, tries = 0, 0
+    while kept < c["per_task"] and tries < 3 * c["per_task"] + 5:
+        path = os.path.join(c["out"], f"{suite}_{task_id:02d}_{kept:03d}.npz")
+        seed = DEMO_SEED_BASE + 10_000 * c["seed"] + 1000 * task_id + tries
+        tries += 1
+        if os.path.isfile(path):  # finished earlier: never rewritten
+            kept += 1
+            continue
+        obs, info = env.reset(seed=seed)
+        acts, states, sims, grip = [], [], [], -1.0
+        for _ in range(info["max_steps"]):
+            a = np.asarray(env.expert_action(), np.float32)
+            if not is_noop(a, grip):  # state *before* the action is what the policy sees
+                acts.append(a), states.append(np.asarray(obs["state"], np.float32)), sims.append(env.get_state())
+                grip = a[6]
+            obs, _, term, trunc, info = env.step(a)
+            if info["success"] or term or trunc:
+                break
+        if not info["success"]:
+            continue
+        tmp = path[:-4] + ".tmp.npz"
+        np.savez(tmp, actions=np.stack(acts), states=np.stack(states), sim_states=json.dumps(sims),
+                 instruction=obs["instruction"], suite=suite, task_id=task_id, seed=seed)
+        os.replace(tmp, path)
+        kept += 1
+    return suite, task_id, kept
+
+
+def generate_demos(cfg: DemoConfig) -> dict:
+    import sim_env
+    from multiprocessing import get_context
+    from tqdm import tqdm
+    suites = list(sim_env.SUITES) if cfg.suite == "all" else [cfg.suite]
+    for s in suites:
+        if s not in sim_env.SUITES:
+            raise SystemExit(f"error: --suite={s!r} unknown; valid: all, {', '.join(sim_env.SUITES)}")
+    os.makedirs(cfg.out, exist_ok=True)
+    c = dataclasses.asdict(cfg)
+    jobs = [(c, s, t) for s in suites for t in range(len(sim_env.SUITES[s]))
+            if cfg.tasks == "all" or str(t) in cfg.tasks.split(",")]
+    bar = tqdm(total=len(jobs), desc="demo tasks", disable=len(jobs) < 4)
+    if cfg.workers > 1 and len(jobs) > 1:
+        with get_context("fork").Pool(cfg.workers) as pool:
+            for _ in pool.imap_unordered(demo_task, jobs):
+                bar.update()
+    else:
+        for j in jobs:
+            demo_task(j)
+            bar.update()
+    bar.close()
+    return compute_norm_stats(cfg.out)
+
+
+def load_episode(path: str) -> dict:
+    try:
+        z = np.load(path, allow_pickle=False)
+        ep = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read demo episode ({type(e).__name__}: {e})") from None
+    for k in ("actions", "states", "sim_states", "instruction", "suite", "task_id"):
+        if k not in ep:
+            raise ValueError(f"{path}: demo episode lacks field {k!r}")
+    ep["sim_states"] = json.loads(str(ep["sim_states"]))
+    ep["instruction"], ep["suite"], ep["task_id"] = str(ep["instruction"]), str(ep["suite"]), int(ep["task_id"])
+    return ep
+
+
+def episode_files(root: str) -> list[str]:
+    files = sorted(f for f in os.listdir(root) if f.endswith(".npz") and ".tmp" not in f) if os.path.isdir(root) else []
+    if not files:
+        raise FileNotFoundError(f"{root}: no demo episodes (*.npz); run `python data.py demos --out {root}`")
+    return [os.path.join(root, f) for f in files]
+
+
+def compute_norm_stats(root: str) -> dict:
+    """Mean/std of states and actions over all demo steps -> <root>/norm_stats.json."""
+    eps = [load_episode(p) for p in episode_files(root)]
+    stats = {}
+    for key, name in (("state", "states"), ("action", "actions")):
+        x = np.concatenate([e[name] for e in eps]).astype(np.float64)
+        # constant dimensions (e.g. roll/pitch never used) get std 1 so they pass through unchanged
+        std = x.std(0)
+        stats[key] = dict(mean=x.mean(0).tolist(), std=np.where(std < 1e-6, 1.0, std).tolist(),
+                          min=x.min(0).tolist(), max=x.max(0).tolist())
+    stats["episodes"], stats["steps"] = len(eps), int(sum(len(e["actions"]) for e in eps))
+    tmp = os.path.join(root, "norm_stats.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(tmp, os.path.join(root, "norm_stats.json"))
+    return stats
+
+
+def normalize(x, stats: dict, key: str):
+    m, s = (torch.as_tensor(stats[key][k], dtype=torch.float32) for k in ("mean", "std"))
+    return (torch.as_tensor(x, dtype=torch.float32) - m) / s
+
+
+def unnormalize(x, stats: dict, key: str):
+    m, s = (torch.as_tensor(stats[key][k], dtype=torch.float32) for k in ("mean", "std"))
+    return torch.as_tensor(x, dtype=torch.float32) * s + m
+
+
+VLA_PROMPT = "What action should the robot take to {instr}?"
+
+
+def obs_to_inputs(obs: dict, tok, cfg, stats: dict) -> dict:
+    """THE observation -> model-input function, used by DemoDataset and by the VLA Policy alike.
+
+    cfg needs image_size and n_image_tokens (and optionally image_first). Returns input_ids (T,) long,
+    pixel_values (3,H,W) in [-1,1], state (8,) normalised."""
+    rgb = np.asarray(obs["rgb"])
+    if rgb.shape[:2] != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"obs['rgb'] is {rgb.shape[1]}x{rgb.shape[0]}, expected {cfg.image_size}x{cfg.image_size} (image_size)")
+    prompt = f"{IMAGE}\n" + VLA_PROMPT.format(instr=obs["instruction"])
+    ids = encode_prompt(tok, prompt, cfg.n_image_tokens, getattr(cfg, "image_first", True))
+    return dict(input_ids=torch.tensor(ids), pixel_values=pixel_values_from_rgb(rgb),
+                state=normalize(np.asarray(obs["state"], np.float32), stats, "state"))
+
+
+class DemoDataset(torch.utils.data.Dataset):
+    """(frame, instruction, state) -> normalised action chunk of length `horizon` with a padding mask.
+
+    Frames are re-rendered from the stored simulator state (exact) and cached in memory per step."""
+
+    def __init__(self, root, tok, image_size, horizon, head_size, n_image_tokens, image_first=True, stats=None,
+                 cache=True):
+        self.files = episode_files(root)
+        self.eps = [load_episode(p) for p in self.files]
+        path = os.path.join(root, "norm_stats.json")
+        self.stats = stats if stats is not None else (json.load(open(path)) if os.path.isfile(path) else compute_norm_stats(root))
+        self.cfg = dataclasses.make_dataclass("C", ["image_size", "n_image_tokens", "image_first"])(
+            image_size, n_image_tokens, image_first)
+        self.tok, self.horizon, self.head_size, self.cache = tok, horizon, head_size, ({} if cache else None)
+        self.index = [(e, t) for e, ep in enumerate(self.eps) for t in range(len(ep["actions"]))]
+        self._envs = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def render(self, e: int, t: int) -> dict:
+        if self.cache is not None and (e, t) in self.cache:
+            return self.cache[(e, t)]
+        ep = self.eps[e]
+        env = _envs(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
+        env.set_state(ep["sim_states"][t])
+        obs = dict(env.render(), instruction=ep["instruction"])
+        obs = dict(rgb=obs["rgb"], depth=obs["depth"], state=ep["states"][t], instruction=ep["instruction"])
+        if self.cache is not None:
+            self.cache[(e, t)] = obs
+        return obs
+
+    def __getitem__(self, i):
+        e, t = self.index[i]
+        ep, H = self.eps[e], self.horizon
+        obs = self.render(e, t)
+        item = obs_to_inputs(obs, self.tok, self.cfg, self.stats)
+        chunk = ep["actions"][t:t + H]
+        actions = torch.zeros(H, 7)
+        actions[:len(chunk)] = normalize(chunk, self.stats, "action")
+        mask = torch.arange(H) < len(chunk)
+        valid = bool((obs["depth"] > 0).any())
+        item.update(labels=torch.full_like(item["input_ids"], -100), actions=actions, action_mask=mask,
+                    depth_target=depth_target(obs["depth"], self.head_size), depth_valid=valid,
+                    instruction=ep["instruction"], suite=ep["suite"], task_id=ep["task_id"])
+        return item
+
+
+if __name__ == "__main__":
+    from model import parse_config
+    if sys.argv[1:2] == ["demos"]:
+        st = generate_demos(parse_config(DemoConfig, sys.argv[2:]))
+        print(f"demos: {st['episodes']} episodes, {st['steps']} steps")
+    else:
+        gcfg = parse_config(GenConfig, sys.argv[1:], GEN_PRESETS)
+        st = generate(gcfg)
+        for s, v in st["splits"].items():
+            print(f"{s}: {v['samples']} samples, {v['images']} images, families {v['families']}")
