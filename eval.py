@@ -26,6 +26,7 @@ import re
 import sys
 
 import numpy as np
+import torch
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -182,6 +183,291 @@ def ordinal_accuracy(pred: np.ndarray, gt: np.ndarray, rng=None, n_pairs: int = 
     if not keep.any():
         return float("nan")
     return float(np.mean(np.sign(pred[i] - pred[j])[keep] == np.sign(gt[i] - gt[j])[keep]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# VLM benchmark: one scorer per answer kind; the reference is parsed from the dataset's own answer text
+# with the same parsers (so a model answering in exactly the dataset's format scores 1.0)
+
+KIND = {"box": "box", "point": "point", "place": "point", "grasp": "point", "list": "list",
+        "rel_yn": "yesno", "closer": "yesno", "fit": "yesno", "done": "yesno",
+        "rel_mc": "letter", "marked": "letter", "next_step": "letter",
+        "distance": "number", "height": "number", "count": "number",
+        "decompose": "plan", "trajectory": "trajectory", "caption": "exact"}
+METRIC = {"box": "Acc@IoU0.5", "point": "point-in-region", "list": "object F1@IoU0.5", "yesno": "exact",
+          "letter": "exact", "number": "MRA", "plan": "per-step", "trajectory": "points within 0.1 image",
+          "exact": "exact"}
+
+
+def _region_hit(pt, meta: dict, gt_text: str, shape) -> bool:
+    """Point types: inside the region data.py stores (meta["mask_rle"]: the object's pixels, or the free
+    placement area), else within 50 units (5% of the image) of the reference point."""
+    if meta.get("mask_rle") is not None and shape is not None:
+        from data import rle_decode
+        return point_in_mask(pt, rle_decode(meta["mask_rle"], shape))
+    ref = parse_point(gt_text)
+    return pt is not None and ref is not None and math.dist(pt, ref) <= 50
+
+
+def _named_boxes(text: str) -> list[tuple[str, list]]:
+    return [(_norm(n), [float(v) for v in b]) for n, *b in
+            re.findall(r"([A-Za-z][A-Za-z ]*?)\s*:?\s*\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM
+                       + r")\s*,\s*(" + _NUM + r")\s*\]", text or "")]
+
+
+def score_answer(kind: str, pred: str, gt: str, meta: dict, shape=None) -> tuple[float, dict]:
+    """(score in [0, 1], extra metrics) of a free-text prediction against the reference answer."""
+    if kind == "box":
+        iou = box_iou(parse_box(pred), parse_box(gt))
+        return float(iou >= 0.5), {"iou": iou}
+    if kind == "point":
+        return float(_region_hit(parse_point(pred), meta, gt, shape)), {}
+    if kind == "list":  # F1 over objects: a predicted object counts if its name matches and IoU >= 0.5
+        p, g = _named_boxes(pred), _named_boxes(gt)
+        used, tp = set(), 0
+        for name, box in g:
+            j = next((j for j, (n, b) in enumerate(p) if j not in used and n == name and box_iou(b, box) >= 0.5), None)
+            if j is not None:
+                used.add(j)
+                tp += 1
+        return (2 * tp / (len(p) + len(g)) if p or g else 1.0), {}
+    if kind == "yesno":
+        return float(parse_yesno(pred) is not None and parse_yesno(pred) == parse_yesno(gt)), {}
+    if kind == "letter":
+        n = len(meta.get("choices") or ("AB" if meta.get("type") == "marked" else "ABCD"))
+        return float(parse_letter(pred, n) is not None and parse_letter(pred, n) == parse_letter(gt, n)), {}
+    if kind == "number":
+        ref = parse_number(gt)
+        return (mean_relative_accuracy(parse_number(pred), ref) if ref is not None else 0.0), {}
+    if kind == "plan":
+        step, whole = plan_scores(parse_plan(pred), parse_plan(gt))
+        return step, {"whole_plan": whole}
+    if kind == "trajectory":  # points paired by index; a missing point is a miss
+        p, g = parse_points(pred), parse_points(gt)
+        hits = [i < len(p) and math.dist(p[i], q) <= 100 for i, q in enumerate(g)]
+        return (float(np.mean(hits)) if g else 0.0), {}
+    return float(_norm(pred) == _norm(gt)), {}
+
+
+def constant_answer(kind: str, answers: list[str]) -> str:
+    """Chance level = the best constant guess from the train split: the median number / box / point /
+    path, else the most frequent answer text (balanced yes/no and letters give 1/n)."""
+    def med(rows):
+        rows = [r for r in rows if r is not None]
+        return [int(round(v)) for v in np.median(np.array(rows, float), 0)] if rows else None
+    if kind == "number":
+        v = med([[parse_number(a)] for a in answers if parse_number(a) is not None])
+        return str(v[0]) if v else ""
+    if kind == "box":
+        v = med([parse_box(a) for a in answers])
+        return f"[{v[0]}, {v[1]}, {v[2]}, {v[3]}]" if v else ""
+    if kind == "point":
+        v = med([parse_point(a) for a in answers])
+        return f"({v[0]}, {v[1]})" if v else ""
+    if kind == "trajectory":
+        n = int(np.median([len(parse_points(a)) for a in answers])) if answers else 0
+        pts = [med([parse_points(a)[i] for a in answers if len(parse_points(a)) > i]) for i in range(n)]
+        return "[" + ", ".join(f"({p[0]}, {p[1]})" for p in pts if p) + "]"
+    vals, counts = np.unique(answers, return_counts=True) if answers else ([""], [1])
+    return str(vals[int(np.argmax(counts))])
+
+
+def score_table(rows: list[dict]) -> dict:
+    """rows of {type, family, score, chance, extra} -> per type, per family and macro (mean over types)."""
+    per_type = {}
+    for t in sorted({r["type"] for r in rows}):
+        rs = [r for r in rows if r["type"] == t]
+        n, s = len(rs), float(np.mean([r["score"] for r in rs]))
+        lo, hi = wilson(s * n, n)
+        extra = {k: float(np.mean([r["extra"][k] for r in rs])) for k in rs[0]["extra"]}
+        per_type[t] = {"family": rs[0]["family"], "metric": METRIC[KIND.get(t, "exact")], "n": n, "score": s,
+                       "lo": lo, "hi": hi, "chance": float(np.mean([r["chance"] for r in rs])), **extra}
+
+    def agg(types):
+        n = sum(per_type[t]["n"] for t in types)
+        s = float(np.mean([per_type[t]["score"] for t in types]))
+        lo, hi = wilson(s * n, n)  # approximate: the macro mean treated as one rate over all n questions
+        return {"n": n, "score": s, "chance": float(np.mean([per_type[t]["chance"] for t in types])), "lo": lo, "hi": hi,
+                "types": list(types)}
+    bench = [t for t in per_type if per_type[t]["family"] not in ("caption", "depth")]
+    fams = {f: agg([t for t in bench if per_type[t]["family"] == f]) for f in sorted({per_type[t]["family"] for t in bench})}
+    return {"per_type": per_type, "per_family": fams, "macro": agg(bench) if bench else None}
+
+
+@torch.no_grad()
+def greedy_answers(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Left-padded batched greedy decoding of each item's question (the data.py chat template)."""
+    from data import encode_prompt, special_ids
+    sid = special_ids(tok)
+    out = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        prompts = [encode_prompt(tok, "<image>\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in chunk]
+        T = max(map(len, prompts))
+        ids = torch.tensor([[sid["pad_id"]] * (T - len(p)) + p for p in prompts])  # (B, T) left padded
+        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+        gen = gem.generate(ids, torch.stack([it["pixel_values"] for it in chunk]), attention_mask=mask,
+                           max_new_tokens=max_new_tokens, eos_id=sid["im_end_id"])
+        for g in gen.tolist():
+            g = g[:g.index(sid["im_end_id"])] if sid["im_end_id"] in g else g
+            out.append(tok.decode(g, skip_special_tokens=True).strip())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depth probe (paper Fig. 5: what do the features know about geometry?)
+
+@torch.no_grad()
+def image_features(gem, ds, idx: list[int], pad_id: int, bs: int = 32):
+    """Frozen last-layer image-token states (N, n_img, D), depth targets (N, 1, S, S), metric depth (N, H, W)."""
+    from data import collate
+    gem.eval()
+    hid, tgt, dm = [], [], []
+    for s in range(0, len(idx), bs):
+        b = collate([ds[i] for i in idx[s:s + bs]], pad_id)
+        hid.append(gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"].float())
+        tgt.append(b["depth_target"]), dm.append(b["depth_m"])
+    return torch.cat(hid), torch.cat(tgt), torch.cat(dm)
+
+
+def fit_probe(head, feats, targets, steps: int, lr: float = 2e-3, bs: int = 32, seed: int = 0):
+    """Train a fresh head on frozen features for a fixed budget (same for every checkpoint)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    head.train()
+    for _ in range(steps):
+        i = torch.randint(0, len(feats), (min(bs, len(feats)),), generator=g)
+        loss = head.loss(feats[i], targets[i], torch.ones(len(i), dtype=torch.bool))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+def depth_probe(gem, head, tc, tok, cfg) -> dict:
+    """Depth sampled from the checkpoint's own depth head (if it has one) and from a probe head fitted on
+    frozen features with a fixed budget (every checkpoint, so recipes compare on equal terms)."""
+    import torch.nn.functional as F
+    from data import GemDataset, special_ids
+    from train_pretrain import build_head, depth_grid
+    pad = special_ids(tok)["pad_id"]
+    kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
+              head_size=tc.head_size, image_first=tc.image_first, max_len=tc.max_len)
+
+    def frames(split, n):  # one item per distinct image with depth
+        ds = GemDataset(tc.data, split, **kw)
+        seen, idx = set(), []
+        for i, r in enumerate(ds.records):
+            if r.get("depth") and r["image"] not in seen and len(idx) < n:
+                seen.add(r["image"]), idx.append(i)
+        return ds, idx
+    test_ds, test_idx = frames(cfg.split, cfg.depth_frames)
+    train_ds, train_idx = frames("train", max(4 * cfg.depth_frames, 128))
+    if not test_idx or not train_idx:
+        return {}
+    h_te, t_te, d_te = image_features(gem, test_ds, test_idx, pad)
+    S = t_te.shape[-1]
+    d = d_te[:, None].float()  # (N, 1, H, W) metres
+    inv = torch.where(d > 0, 1.0 / d.clamp_min(1e-6), torch.zeros_like(d))
+    frac = F.interpolate((d > 0).float(), (S, S), mode="area")  # share of valid source pixels per cell
+    gt_inv = (F.interpolate(inv, (S, S), mode="area") / frac.clamp_min(1e-6))[:, 0].numpy()  # (N, S, S)
+    heads = {}
+    if head is not None and head.cfg.target == "depth":
+        heads["own head"] = head.eval()
+    torch.manual_seed(cfg.seed)
+    probe = build_head(tc, gem, "gem")
+    h_tr, t_tr, _ = image_features(gem, train_ds, train_idx, pad)
+    heads["probe"] = fit_probe(probe, h_tr, t_tr, cfg.probe_steps, seed=cfg.seed)
+    res, rng = {}, np.random.default_rng(cfg.seed)
+    for name, hd in heads.items():
+        with torch.no_grad():
+            gen = hd.sample(h_te, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                            generator=torch.Generator().manual_seed(cfg.seed))[:, 0].numpy()  # (N, S, S)
+        ms = [depth_metrics(1.0 - gen[i], gt_inv[i], frac[i, 0].numpy() > 0.999, rng) for i in range(len(gen))]
+        res[name] = {"frames": len(gen)}
+        for k in ms[0]:  # mean over frames and its standard error (for the 95% interval of table cells)
+            v = np.array([m[k] for m in ms], float)
+            res[name] |= {k: float(np.nanmean(v)), k + "_se": float(np.nanstd(v) / math.sqrt(max(1, np.isfinite(v).sum())))}
+        tc_viz = type(tc)(**{**vars(tc), "sample_steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale})
+        sub = torch.utils.data.Subset(test_ds, test_idx[:4])
+        depth_grid(gem, hd, sub, tc_viz, pad, "depth", "cpu", os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
+    res["note"] = f"probe: fresh {tc.head_size}x{tc.head_size} head fitted {cfg.probe_steps} steps on {len(train_idx)} frozen train frames"
+    return res
+
+
+def eval_vlm(cfg) -> dict:
+    from data import GemDataset
+    from train_pretrain import load_pretrained
+    from tqdm import tqdm
+    torch.set_num_threads(max(1, cfg.workers))
+    gem, head, tok, tc = load_pretrained(cfg.ckpt)
+    tc.data = cfg.data or tc.data
+    gem.eval()
+    kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
+              head_size=tc.head_size, image_first=tc.image_first, max_len=tc.max_len)
+    test = GemDataset(tc.data, cfg.split, **kw)
+    train_recs = GemDataset(tc.data, "train", **kw).records
+    items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth",)]
+    if cfg.max_questions:
+        items = items[::max(1, len(items) // cfg.max_questions)][:cfg.max_questions]  # spread over types
+    answers_by_type = {}
+    for r in train_recs:
+        t = (r.get("meta") or {}).get("type", r["task"])
+        answers_by_type.setdefault(t, []).append(next((c["value"] for c in r["conversations"] if c["from"] == "gpt"), ""))
+    const = {t: constant_answer(KIND.get(t, "exact"), a) for t, a in answers_by_type.items()}
+    preds = []
+    for s in tqdm(range(0, len(items), cfg.batch_size), desc="answering"):
+        preds += greedy_answers(gem, tok, items[s:s + cfg.batch_size], tc.image_first, cfg.batch_size, cfg.max_new_tokens)
+    rows = []
+    for it, p in zip(items, preds):
+        kind = KIND.get(it["type"], "exact")
+        shape = tuple(it["pixel_values"].shape[-2:])
+        sc, extra = score_answer(kind, p, it["answer"], it["meta"], shape)
+        ch, _ = score_answer(kind, const.get(it["type"], ""), it["answer"], it["meta"], shape)
+        rows.append({"id": it["id"], "type": it["type"], "family": it["task"], "score": sc, "chance": ch,
+                     "extra": extra, "pred": p, "answer": it["answer"], "tags": heldout_tags(it)})
+    res = {"kind": "vlm", "ckpt": cfg.ckpt, "split": cfg.split, "config": vars(cfg), "all": score_table(rows)}
+    for tag in ("seen", "heldout_template", "heldout_combo"):
+        sub = [r for r in rows if tag in r["tags"]]
+        res[tag] = score_table(sub) if sub else None
+    res["depth"] = depth_probe(gem, head, tc, tok, cfg) if cfg.depth_frames else {}
+    res["answers"] = rows
+    return write_results(cfg.out, res, vlm_markdown(res))
+
+
+def heldout_tags(item: dict) -> list[str]:
+    """Test-split parts: a held-out question template (meta flag), a held-out colour x shape combination
+    (data.HELDOUT_COMBOS named in the question or answer), or neither ("seen")."""
+    from data import HELDOUT_COMBOS
+    text = (item["question"] + " " + item["answer"]).lower()
+    tags = ["heldout_template"] if item["meta"].get("heldout_template") else []
+    tags += ["heldout_combo"] if any(f"{c} {s}" in text for c, s in HELDOUT_COMBOS) else []
+    return tags or ["seen"]
+
+
+def vlm_markdown(res: dict) -> str:
+    cols = [k for k in ("all", "seen", "heldout_template", "heldout_combo") if res.get(k)]
+    md = [f"# VLM benchmark: {res['ckpt']} ({res['split']} split)\n",
+          "score % [95% Wilson] (chance = best constant answer from the train split)\n",
+          "| type | family | metric | " + " | ".join(cols) + " | chance |", "|---" * (len(cols) + 4) + "|"]
+    rows = [(t, v["family"], v["metric"]) for t, v in res["all"]["per_type"].items()]
+    rows += [(f"**{f}**", "family", "mean of types") for f in res["all"]["per_family"]] + [("**macro**", "all", "mean of types")]
+    for name, fam, metric in rows:
+        def get(part):
+            if name == "**macro**":
+                return part["macro"]
+            return part["per_family"].get(name.strip("*")) if fam == "family" else part["per_type"].get(name)
+        cells = [get(res[c]) for c in cols]
+        md.append(f"| {name} | {fam} | {metric} | " + " | ".join(
+            "-" if c is None else f"{_pct(c['score'])} [{_pct(c['lo'])}, {_pct(c['hi'])}] (n={c['n']})" for c in cells)
+            + f" | {_pct(get(res['all'])['chance'])} |")
+    for name, m in (res.get("depth") or {}).items():
+        if isinstance(m, dict):
+            md.append(f"\nDepth ({name}, {m['frames']} frames): AbsRel {m['absrel']:.3f}, delta<1.25 {100 * m['delta1']:.1f}%, "
+                      f"ordinal {100 * m['ordinal']:.1f}% (inverse depth, scale-and-shift aligned)")
+    if res.get("depth", {}).get("note"):
+        md.append(f"\n{res['depth']['note']}; figures depth_*.png: RGB | true depth | generated depth")
+    return "\n".join(md) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
