@@ -491,7 +491,7 @@ def run_episode(job: tuple) -> dict:
     from sim_env import TabletopEnv
     suite, task_id, start_id, keep_frames = job
     kind, policy = _WORKER["ckpt"], _WORKER.get("policy")
-    env = TabletopEnv(suite, task_id)
+    env = TabletopEnv(suite, task_id, image_size=policy.gcfg.image_size if policy is not None else 64)
     obs, info = env.reset(options={"start_id": start_id})
     rng = np.random.default_rng([task_id, start_id, sum(suite.encode())])  # stable across processes
     if policy is not None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from model import parse_config
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = ["sft", "gem", "rgb", "direct", "regress"]
 VLAS = {"vla_sft": ("sft", 0.0), "vla_gem": ("gem", 0.1)}  # name -> (VLM recipe, depth loss weight)
 
@@ -103,7 +104,7 @@ def run_steps(c: ReproConfig) -> list[dict]:
             argv = argv + ["--resume"]  # an interrupted training continues from its last checkpoint
         print(f"{head}: {' '.join(argv[1:])}", flush=True)
         t = time.time()
-        rc = subprocess.call(argv)
+        rc = subprocess.call(argv, cwd=HERE)
         if rc != 0:
             raise SystemExit(f"error: step '{name}' failed (exit {rc}): {' '.join(argv)}")
         rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": argv[1:]}
@@ -275,7 +276,8 @@ def write_readme(c: ReproConfig, log: list[dict]) -> str:
 
 def main(argv: list[str]) -> str:
     c = parse_config(ReproConfig, argv, PRESETS)
-    c.data, c.runs, c.results = c.data or f"data/{c.preset}", c.runs or f"runs/{c.preset}", c.results or f"results/{c.preset}"
+    c.data, c.runs, c.results = (os.path.abspath(x) for x in (c.data or f"data/{c.preset}", c.runs or f"runs/{c.preset}",
+                                                              c.results or f"results/{c.preset}"))
     t = time.time()
     log = run_steps(c)
     text = write_readme(c, log)

@@ -112,3 +112,65 @@ def test_parsers_malformed_do_not_crash_and_count_wrong(text):
     assert ev.parse_yesno(text) in (None, "yes", "no")
     assert ev.parse_letter(text, 4) is None
     assert ev.plan_scores(ev.parse_plan(text), ["pick up the red cube"]) == (0.0, 0.0)
+
+
+# ---- scoring free text against the dataset's answer formats ----------------------------------------
+
+def test_score_answer_per_kind():
+    from data import rle_encode
+    m = np.zeros((64, 64), bool)
+    m[10:20, 30:40] = True  # 0..1000 units: x in [469, 625), y in [156, 312)
+    meta = {"mask_rle": rle_encode(m)}
+    assert ev.score_answer("point", "(500, 200)", "(520, 250)", meta, (64, 64))[0] == 1.0
+    assert ev.score_answer("point", "(700, 200)", "(520, 250)", meta, (64, 64))[0] == 0.0
+    s, extra = ev.score_answer("box", "[0, 0, 10, 10]", "[5, 5, 15, 15]", {})
+    assert s == 0.0 and extra["iou"] == pytest.approx(1 / 7)
+    assert ev.score_answer("box", "[5, 5, 15, 14]", "[5, 5, 15, 15]", {})[0] == 1.0
+    gt = "red cube [0, 0, 100, 100]; blue ball [500, 500, 600, 600]"
+    assert ev.score_answer("list", gt, gt, {})[0] == 1.0
+    # one of two right, one extra wrong object: F1 = 2 * 1 / (2 + 2)
+    assert ev.score_answer("list", "red cube [0, 0, 100, 100]; green can [1, 1, 2, 2]", gt, {})[0] == pytest.approx(0.5)
+    assert ev.score_answer("yesno", "yes", "yes", {})[0] == 1.0 and ev.score_answer("yesno", "", "yes", {})[0] == 0.0
+    assert ev.score_answer("letter", "C", "C", {"choices": ["a", "b", "c"]})[0] == 1.0
+    assert ev.score_answer("letter", "D", "D", {"choices": ["a", "b", "c"]})[0] == 0.0  # beyond the options
+    assert ev.score_answer("letter", "B", "B", {"type": "marked"})[0] == 1.0
+    assert ev.score_answer("number", "11.2", "10", {})[0] == pytest.approx(0.8)
+    s, extra = ev.score_answer("plan", "pick up the cube; place it on the plate", "pick up the cube; place it in the tray", {})
+    assert s == 0.5 and extra["whole_plan"] == 0.0
+    # trajectory: points paired by index, hit within 100 units; a missing point is a miss
+    assert ev.score_answer("trajectory", "[(0, 0), (500, 500)]", "[(50, 50), (500, 700), (9, 9)]", {})[0] == pytest.approx(1 / 3)
+
+
+def test_constant_answer_is_the_prior():
+    assert ev.constant_answer("number", ["1", "3", "10"]) == "3"
+    assert ev.constant_answer("box", ["[0, 0, 10, 10]", "[2, 2, 20, 20]", "[4, 4, 30, 30]"]) == "[2, 2, 20, 20]"
+    assert ev.constant_answer("yesno", ["yes", "no", "no"]) == "no"
+    assert ev.constant_answer("trajectory", ["[(0, 0), (10, 10)]", "[(2, 2), (20, 20)]", "[(4, 4), (30, 30)]"]) == "[(2, 2), (20, 20)]"
+    assert ev.constant_answer("number", []) == ""
+
+
+def test_score_table_macro_and_chance():
+    rows = [dict(type="rel_yn", family="reasoning", score=s, chance=0.5, extra={}) for s in (1, 1, 0, 1)]
+    rows += [dict(type="box", family="grounding", score=s, chance=0.0, extra={"iou": s}) for s in (0, 1)]
+    t = ev.score_table(rows)
+    assert t["per_type"]["rel_yn"]["score"] == 0.75 and t["per_type"]["box"]["iou"] == 0.5
+    assert t["macro"]["score"] == pytest.approx((0.75 + 0.5) / 2) and t["macro"]["chance"] == pytest.approx(0.25)
+    assert t["per_family"]["reasoning"]["n"] == 4
+
+
+def test_summarise_vla_rates():
+    rows = [dict(suite=s, task_id=0, task="t", success=ok, steps=10, subgoals_done=1, n_subgoals=2)
+            for s, ok in [("spatial", True), ("spatial", False), ("long", True), ("long", True)]]
+    sm = ev.summarise_vla(rows)
+    assert sm["per_suite"]["spatial"]["rate"] == 0.5 and sm["per_suite"]["long"]["rate"] == 1.0
+    assert sm["average"]["rate"] == 0.75 and sm["average"]["n"] == 4
+    assert sm["per_suite"]["long"]["subgoals"] == 1.0
+    assert ev.vla_markdown({"p": sm}).count("|") > 10
+
+
+def test_expert_reference_row_smoke():
+    """The scripted expert solves >= 98% of a smoke subset of the fixed eval start states (all 4 suites)."""
+    rows = ev.rollouts("expert", ["spatial", "object", "goal", "long"], episodes=2, task_ids=[0, 7], workers=2)
+    sm = ev.summarise_vla(rows)
+    assert len(rows) == 16 and sm["average"]["rate"] >= 0.98, [r for r in rows if not r["success"]]
+    assert sm["per_suite"]["long"]["subgoals"] == sm["per_suite"]["long"]["n_subgoals"]

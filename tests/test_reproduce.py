@@ -1,0 +1,64 @@
+"""reproduce.py: the significance rule, the step plan, and an end-to-end `micro` reproduction that fills
+every cell of the three tables (and skips every step when rerun)."""
+import os
+import re
+
+import pytest
+
+import reproduce as rp
+
+
+def test_combine_and_significance_rule():
+    one = rp.combine([{"x": (0.60, 0.05, 0.5)}])["x"]
+    other = rp.combine([{"x": (0.50, 0.05, 0.5)}])["x"]
+    assert one["mean"] == 0.60 and one["n"] == 1 and one["chance"] == 0.5
+    assert rp.significant(one, other)  # 0.10 > hypot(0.05, 0.05) = 0.0707
+    close = rp.combine([{"x": (0.55, 0.05, 0.5)}])["x"]
+    assert not rp.significant(close, other)  # 0.05 < 0.0707
+    # several seeds: the spread over seeds decides, not the per-seed intervals
+    a = rp.combine([{"x": (v, 0.0, None)} for v in (0.60, 0.62, 0.64)])["x"]
+    b = rp.combine([{"x": (v, 0.0, None)} for v in (0.50, 0.56, 0.62)])["x"]
+    assert a["sd"] == pytest.approx(0.02) and b["sd"] == pytest.approx(0.06)
+    assert not rp.significant(a, b)  # diff 0.06 <= 0.02 + 0.06
+    c = rp.combine([{"x": (v, 0.0, None)} for v in (0.40, 0.41, 0.42)])["x"]
+    assert rp.significant(a, c)  # diff 0.20 > 0.03
+
+
+def test_plan_has_every_step_once():
+    c = rp.ReproConfig(preset="micro", seeds=(0, 1), data="/d", runs="/r", results="/o")
+    names = [n for n, _, _ in rp.plan(c)]
+    assert len(names) == len(set(names))
+    assert names[:3] == ["data", "demos", "stage 0 (base VLM)"]  # stage 0 once, before every recipe
+    for s in (0, 1):
+        for r in rp.RECIPES:
+            assert f"seed {s}: recipe {r}" in names and f"seed {s}: eval {r}" in names
+        for v in rp.VLAS:
+            assert names.index(f"seed {s}: {v}") > names.index(f"seed {s}: recipe {rp.VLAS[v][0]}")
+    vla_gem = next(a for n, _, a in rp.plan(c) if n == "seed 0: vla_gem")
+    assert "--depth_weight=0.1" in vla_gem and "--init=/r/seed0/gem" in vla_gem
+
+
+def _table_rows(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| step")]
+
+
+def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
+    args = ["--preset=micro", "--seeds=0", f"--data={tmp_path}/data", f"--runs={tmp_path}/runs",
+            f"--results={tmp_path}/results"]
+    text = rp.main(args)
+    with open(tmp_path / "results" / "README.md") as f:
+        assert f.read() == text
+    rows = _table_rows(text)
+    assert len(rows) >= 3 + 1 + 6 + 3 + 5 + 1  # headers, chance rows, model rows and difference rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert "n/a" not in cells and "nan" not in row, row
+    for needle in ("| gem − sft |", "| vla_gem − vla_sft |", "| expert |", "| random |", "60.0 / 28.9 / 72.7"):
+        assert needle in text
+    assert re.search(r"\| expert \| 100\.0", text)  # the scripted expert solves its episodes
+    # rerun: every step is skipped, the README is the same
+    capsys.readouterr()
+    again = rp.main(args)
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == len(rp.plan(rp.ReproConfig(preset="micro")))
+    assert _table_rows(again) == rows
