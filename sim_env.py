@@ -1,0 +1,994 @@
+"""GEM-mini tabletop simulator: pure numpy, analytic ray casting, kinematic physics, LIBERO-style suites.
+
+What it is: a table with a back wall and a floor, movable objects (cube, block, can, ball in 8 colours),
+receptacles (plate, tray) and a floating parallel-jaw gripper, seen by one fixed "agentview" pinhole camera.
+Every step returns RGB, exact metric z-depth and an instance mask rendered in one ray-casting pass.
+
+Run:  python sim_env.py --suite goal --task 3 --gif out.gif     (expert rollout, RGB | colourised depth)
+Use:  env = TabletopEnv("goal", 3); obs, info = env.reset(options={"start_id": 0})
+      obs, r, term, trunc, info = env.step(env.expert_action())
+
+Conventions
+  world frame: +x right, +y away from the camera, +z up, table top z = 0, metres / radians.
+  camera: OpenCV frame (x right, y down, z forward); pixel (row i, col j) covers [j, j+1) x [i, i+1), its
+    centre is (j + .5, i + .5); `project` returns (u, v) in that continuous frame. depth = camera z (not ray length).
+  action (7,) in [-1, 1]: [dx, dy, dz, droll, dpitch, dyaw, grip], 1.0 = 2 cm / 0.25 rad, grip > 0 closes
+    (roll and pitch are accepted and ignored).  state (8,): see STATE_NAMES.  seg: 0 = table/wall/floor,
+    k = object id (1..n, info["objects"]), GRIPPER_ID = the gripper.
+  info["n_subgoals"] / ["subgoals_done"] count the task's goal predicates (task.goal_texts); task.subgoals is
+    the finer pick / place / push step list and env.expert_subgoal indexes it.
+  seeds: a scene is drawn from default_rng([suite index, task id, seed]). Training uses seeds in
+    [0, TRAIN_SEEDS); the 50 evaluation start states use seeds EVAL_SEED_BASE + k (kept only where the
+    expert succeeds; the kept seeds are cached in sim_eval_starts.json, regenerated if missing).
+
+Paper -> code map (GEM uses LIBERO in MuJoCo; we mirror it at toy scale)
+  LIBERO suites spatial/object/goal/long         SUITES (10 tasks each), Task
+  50 fixed initial states per task               eval_start_states
+  RGB + depth observations (depth = GEM target)  TabletopEnv._render (ray casting, z-buffer, Lambert shading)
+  success predicates (on / in / relations)       on, inside, left_of, ..., relation_margin, lifted
+  scripted demonstrations for VLA training       TabletopEnv.expert_action (waypoint state machine)
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- world constants
+STEP_M, STEP_RAD = 0.02, 0.25            # action 1.0 = 2 cm / 0.25 rad
+WORK = (-0.28, 0.28, -0.20, 0.19)        # x0, x1, y0, y1 where object centres may be spawned
+TABLE_HALF = (0.45, 0.40)                # table top: x in [-.45,.45], y in [-.35,.45] (back edge at the wall)
+TABLE_CY, WALL_Y, FLOOR_Z = 0.05, 0.45, -0.75
+CAM_POS, CAM_LOOK, FOV_DEG = (0.0, -0.58, 0.52), (0.0, 0.03, 0.0), 46.0   # ~40 deg down
+LIGHT = np.array([-0.35, -0.5, 1.0]) / np.linalg.norm([-0.35, -0.5, 1.0])
+AMBIENT, DIFFUSE = 0.40, 0.60
+GRIP_OPEN, FT, FW, FL, PALM_H = 0.10, 0.007, 0.012, 0.025, 0.01   # jaw opening, finger half sizes, palm half h
+GRIP_LO = (-0.35, -0.28, FL + 0.002)     # the fingertips never go through the table
+GRIP_HI = (0.35, 0.35, 0.30)
+CLOSE_RATE, TRAVEL_Z, LIFT_Z, PUSH_DIST = 0.05, 0.13, 0.08, 0.08
+GAP = 0.04                               # min free space between spawned objects (room for open fingers)
+ON_TOL_Z, REL_GAP, TRAY_WALL = 0.012, 0.03, 0.008
+GRIPPER_ID = 100
+TRAIN_SEEDS, EVAL_SEED_BASE, N_EVAL = 1_000_000, 1_000_000, 50
+STATE_NAMES = ("x", "y", "z", "yaw", "opening", "grasped", "sin_yaw", "cos_yaw")
+COLOURS = {"red": (200, 40, 40), "green": (45, 165, 60), "blue": (40, 80, 215), "yellow": (235, 205, 40),
+           "orange": (245, 135, 30), "purple": (140, 60, 185), "white": (240, 240, 240), "black": (30, 30, 30)}
+SHAPES = ("cube", "block", "can", "ball")            # movable; receptacles: plate, tray
+HALF = {"cube": (0.025, 0.025, 0.025), "block": (0.045, 0.02, 0.02), "can": (0.024, 0.024, 0.035),
+        "ball": (0.026, 0.026, 0.026), "plate": (0.065, 0.065, 0.006), "tray": (0.11, 0.085, 0.025)}
+RECEPTACLE_RGB = {"plate": (205, 205, 215), "tray": (95, 62, 40)}
+BG_RGB = {"table": (196, 170, 130), "wall": (150, 168, 190), "floor": (85, 85, 90)}
+GRIP_RGB = (70, 70, 78)
+ROUND = ("can", "ball", "plate")          # footprint is a disc
+SUITE_NAMES = ("spatial", "object", "goal", "long")
+RELATIONS = ("on", "inside", "left_of", "right_of", "in_front_of", "behind")
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+def _rot(yaw):
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def camera(image_size, pos=CAM_POS, look=CAM_LOOK, fov_deg=FOV_DEG):
+    """Pinhole intrinsics K (3,3) and world_from_camera pose (4,4), OpenCV axes."""
+    pos, look = np.asarray(pos, float), np.asarray(look, float)
+    f = (look - pos) / np.linalg.norm(look - pos)
+    r = np.cross(f, [0.0, 0.0, 1.0]); r /= np.linalg.norm(r)
+    d = np.cross(f, r)                                        # image "down"
+    pose = np.eye(4); pose[:3, :3] = np.stack([r, d, f], 1); pose[:3, 3] = pos
+    fl = (image_size / 2) / math.tan(math.radians(fov_deg) / 2)
+    K = np.array([[fl, 0, image_size / 2], [0, fl, image_size / 2], [0, 0, 1.0]])
+    return K, pose
+
+
+def project(K, cam_pose, points_world):
+    """(N,3) world points -> (N,2) continuous pixel coords (u = column, v = row); pixel centres at +.5."""
+    K, pose = np.asarray(K, float), np.asarray(cam_pose, float)
+    pc = (np.asarray(points_world, float) - pose[:3, 3]) @ pose[:3, :3]        # (N,3) camera frame
+    z = np.maximum(pc[:, 2:3], 1e-6)
+    return np.concatenate([K[0, 0] * pc[:, :1] / z + K[0, 2], K[1, 1] * pc[:, 1:2] / z + K[1, 2]], 1)
+
+
+def _ray_dirs(K, pose, n):
+    """Per-pixel world ray directions scaled so the camera-z component is 1: hit distance t == z-depth."""
+    c = (np.arange(n) + 0.5)
+    x = (c[None, :] - K[0, 2]) / K[0, 0]
+    y = (c[:, None] - K[1, 2]) / K[1, 1]
+    dc = np.stack(np.broadcast_arrays(x, y, np.ones((n, n))), -1)              # (H,W,3) camera frame
+    return dc @ pose[:3, :3].T                                                  # (H,W,3) world frame
+
+
+def _hit_box(o, D, c, yaw, h):
+    """Ray/oriented-box slab test. o (3,), D (h,w,3). Returns t (h,w) (inf = miss), normals fn."""
+    cs, sn = math.cos(yaw), math.sin(yaw)
+    rel = o - c
+    ol = (cs * rel[0] + sn * rel[1], -sn * rel[0] + cs * rel[1], rel[2])
+    dl = (cs * D[..., 0] + sn * D[..., 1], -sn * D[..., 0] + cs * D[..., 1], D[..., 2])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        near = []
+        tn, tf = None, None
+        for k in range(3):
+            inv = 1.0 / dl[k]
+            t1, t2 = (-h[k] - ol[k]) * inv, (h[k] - ol[k]) * inv
+            lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+            near.append(lo)
+            tn = lo if tn is None else np.maximum(tn, lo)
+            tf = hi if tf is None else np.minimum(tf, hi)
+    t = np.where((tn <= tf) & (tn > 0), tn, np.inf)
+
+    def normals(m):
+        ax = np.argmax(np.stack([near[0][m], near[1][m], near[2][m]], 1), 1)       # entry face axis
+        nl = np.zeros((ax.size, 3)); nl[np.arange(ax.size), ax] = 1.0
+        nl *= -np.sign(np.stack([dl[0][m], dl[1][m], dl[2][m]], 1))
+        return nl @ _rot(yaw).T
+    return t, normals
+
+
+def _hit_cyl(o, D, c, r, hz):
+    """Vertical cylinder (side + top cap; the camera is always above the objects)."""
+    ox, oy, oz = o - c
+    dx, dy, dz = D[..., 0], D[..., 1], D[..., 2]
+    a = dx * dx + dy * dy
+    b = ox * dx + oy * dy
+    disc = b * b - a * (ox * ox + oy * oy - r * r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ts = (-b - np.sqrt(np.maximum(disc, 0))) / a
+        tt = (hz - oz) / dz
+    zs = oz + ts * dz
+    side = (disc > 0) & (zs >= -hz) & (zs <= hz) & (ts > 0)
+    px, py = ox + tt * dx, oy + tt * dy
+    top = (px * px + py * py <= r * r) & (tt > 0)
+    t = np.where(top, tt, np.where(side, ts, np.inf))
+
+    def normals(m):
+        tm = t[m]
+        n = np.stack([ox + tm * dx[m], oy + tm * dy[m], np.zeros_like(tm)], 1) / r
+        n[top[m]] = (0.0, 0.0, 1.0)
+        return n
+    return t, normals
+
+
+def _hit_sphere(o, D, c, r):
+    rel = o - c
+    a = np.einsum("...k,...k->...", D, D)
+    b = D @ rel
+    disc = b * b - a * (rel @ rel - r * r)
+    t = np.where(disc > 0, (-b - np.sqrt(np.maximum(disc, 0))) / a, np.inf)
+    return t, lambda m: (rel + t[m][:, None] * D[m]) / r
+
+
+# ----------------------------------------------------------------------------- predicates (one place each)
+def _get(o, k):
+    return np.asarray(o["half_extents"] if k == "half" and "half_extents" in o else o[k], float)
+
+
+def _footprint_margin(xy, b, inset=0.0):
+    """Signed distance of point xy inside b's footprint (positive = inside), footprint shrunk by inset."""
+    h, p = _get(b, "half"), _get(b, "pos")
+    if b["shape"] in ROUND:
+        return h[0] - inset - math.hypot(xy[0] - p[0], xy[1] - p[1])
+    cs, sn = math.cos(b["yaw"]), math.sin(b["yaw"])
+    dx, dy = xy[0] - p[0], xy[1] - p[1]
+    return min(h[0] - inset - abs(cs * dx + sn * dy), h[1] - inset - abs(-sn * dx + cs * dy))
+
+
+def _top(o):
+    return float(_get(o, "pos")[2] + _get(o, "half")[2])
+
+
+def _bottom(o):
+    return float(_get(o, "pos")[2] - _get(o, "half")[2])
+
+
+def relation_margin(a, b, rel):
+    """Signed margin (metres) of `a rel b` for object dicts (info["objects"] items): > 0 means true.
+    on: a's centre over b's footprint and a's bottom within ON_TOL_Z of b's top; inside: a's centre over the
+    tray's inner floor and a's bottom below its rim; left_of/right_of/in_front_of/behind: centre offsets along
+    x / y (front = towards the camera = -y) beyond REL_GAP."""
+    pa, pb = _get(a, "pos"), _get(b, "pos")
+    if rel == "on":
+        return min(_footprint_margin(pa, b), ON_TOL_Z - abs(_bottom(a) - _top(b)))
+    if rel == "inside":
+        inset = TRAY_WALL if b["shape"] == "tray" else 0.0
+        return min(_footprint_margin(pa, b, inset), _top(b) - _bottom(a) - 0.005)
+    d = {"left_of": pb[0] - pa[0], "right_of": pa[0] - pb[0], "in_front_of": pb[1] - pa[1], "behind": pa[1] - pb[1]}
+    if rel not in d:
+        raise ValueError(f"sim_env.relation_margin: unknown relation {rel!r}; valid: {', '.join(RELATIONS)}")
+    return float(d[rel] - REL_GAP)
+
+
+def on(a, b): return relation_margin(a, b, "on") > 0
+def inside(a, b): return relation_margin(a, b, "inside") > 0
+def left_of(a, b): return relation_margin(a, b, "left_of") > 0
+def right_of(a, b): return relation_margin(a, b, "right_of") > 0
+def in_front_of(a, b): return relation_margin(a, b, "in_front_of") > 0
+def behind(a, b): return relation_margin(a, b, "behind") > 0
+def lifted(a): return _bottom(a) > LIFT_Z
+
+
+def pushed(a, start_pos, direction):
+    """a moved at least PUSH_DIST along the unit xy `direction` from start_pos."""
+    p = _get(a, "pos")
+    return (p[0] - start_pos[0]) * direction[0] + (p[1] - start_pos[1]) * direction[1] >= PUSH_DIST
+
+
+def _dist(a, b):
+    pa, pb = _get(a, "pos"), _get(b, "pos")
+    return math.hypot(pa[0] - pb[0], pa[1] - pb[1])
+
+
+# ----------------------------------------------------------------------------- tasks and suites
+PHRASES = {  # per goal kind: training templates (first 3) and the held-out paraphrase (last)
+    "on": ["put {a} on {b}", "place {a} on {b}", "move {a} onto {b}", "set {a} down on top of {b}"],
+    "in": ["put {a} in {b}", "place {a} into {b}", "drop {a} in {b}", "load {a} into {b}"],
+    "lift": ["pick up {a}", "lift {a}", "raise {a} off the table", "grab {a} and hold it up"],
+    "push": ["push {a} to the {b}", "slide {a} to the {b}", "shove {a} towards the {b}", "nudge {a} over to the {b}"],
+}
+JOIN = [", then ", " and then ", ", after that ", " and afterwards "]
+DIRS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "back": (0.0, 1.0), "front": (0.0, -1.0)}
+
+
+class Task:
+    """One task: which objects to spawn (role, shape, colour, spawn region), goal list, language.
+    goals: ("on", a, b) | ("in", a, "tray") | ("lift", a) | ("push", a, "left"|"right"|"back"|"front")."""
+
+    def __init__(self, suite, name, objects, goals, desc=None, valid=None):
+        self.suite, self.name, self.objects, self.goals, self.valid = suite, name, objects, goals, valid
+        self.desc = {r: f"the {c + ' ' if c else ''}{s}" for r, s, c, _ in objects}
+        self.desc.update(desc or {})
+        texts = [self._text(k) for k in range(4)]
+        self.templates, self.heldout_templates = texts[:3], texts[3:]
+        self.goal_texts = [PHRASES[g[0]][0].format(a=self.desc[g[1]], b=self._b(g)) for g in goals]
+        self.subgoals, self.subgoal_base = [], []
+        for g in goals:
+            self.subgoal_base.append(len(self.subgoals))
+            a = self.desc[g[1]]
+            if g[0] == "push":
+                self.subgoals.append(f"push {a} to the {g[2]}")
+            else:
+                self.subgoals.append(f"pick up {a}")
+                self.subgoals.append("lift it up" if g[0] == "lift" else f"place it {g[0]} {self._b(g)}")
+
+    def _b(self, g):
+        return g[2] if g[0] == "push" else (self.desc[g[2]] if len(g) > 2 else "")
+
+    def _text(self, k):
+        parts = [PHRASES[g[0]][k].format(a=self.desc[g[1]], b=self._b(g)) for g in self.goals]
+        return JOIN[k].join(parts)
+
+    def instruction(self, rng, heldout=False):
+        pool = self.heldout_templates if heldout else self.templates
+        return pool[int(rng.integers(len(pool)))]
+
+
+def _spatial_tasks():
+    lm = [("t", "cube", "red", None), ("d", "cube", "red", None), ("can", "can", "blue", None),
+          ("ball", "ball", "green", None), ("plate", "plate", "", (-0.05, 0.05, 0.08, 0.12))]
+    def rel(r, ref):  # target satisfies r w.r.t. ref by a margin, the distractor clearly does not
+        return lambda o: relation_margin(o["t"], o[ref], r) > 0.02 and relation_margin(o["d"], o[ref], r) < -0.05
+    def closer(ref, far=False):
+        s = -1 if far else 1
+        return lambda o: s * (_dist(o["d"], o[ref]) - _dist(o["t"], o[ref])) > 0.08
+    def between(o):
+        a, b = _get(o["can"], "pos")[:2], _get(o["ball"], "pos")[:2]
+        def inb(p):
+            u = b - a; s = float((p - a) @ u / (u @ u)); perp = abs(float(np.cross(u, p - a))) / np.linalg.norm(u)
+            return 0.25 < s < 0.75 and perp < 0.04, (s < -0.1 or s > 1.1 or perp > 0.1)
+        return inb(_get(o["t"], "pos")[:2])[0] and inb(_get(o["d"], "pos")[:2])[1]
+    spec = [("left of the blue can", rel("left_of", "can")), ("right of the blue can", rel("right_of", "can")),
+            ("behind the green ball", rel("behind", "ball")), ("in front of the green ball", rel("in_front_of", "ball")),
+            ("closest to the plate", closer("plate")), ("farthest from the plate", closer("plate", True)),
+            ("next to the blue can", closer("can")),
+            ("on the left", lambda o: relation_margin(o["t"], o["d"], "left_of") > 0.08),
+            ("nearest the front", lambda o: relation_margin(o["t"], o["d"], "in_front_of") > 0.06),
+            ("between the blue can and the green ball", between)]
+    return [Task("spatial", f"red cube {w} -> plate", lm, [("on", "t", "plate")],
+                 desc={"t": f"the red cube {w}"}, valid=v) for w, v in spec]
+
+
+CATALOGUE = [("cube", "red"), ("can", "blue"), ("ball", "green"), ("block", "yellow"), ("can", "orange"),
+             ("cube", "purple"), ("ball", "white"), ("block", "black"), ("cube", "blue"), ("ball", "orange")]
+TRAY = ("tray", "tray", "", (0.12, 0.16, 0.06, 0.10))
+PLATE = ("plate", "plate", "", (-0.17, -0.13, 0.06, 0.10))
+
+
+def _object_tasks():
+    tasks = []
+    for k, (s, c) in enumerate(CATALOGUE):
+        objs = [("t", s, c, None), ("d0", None, None, None), ("d1", None, None, None), ("d2", None, None, None), TRAY]
+        tasks.append(Task("object", f"{c} {s} -> tray", objs, [("in", "t", "tray")]))
+        tasks[-1].distractors = [x for x in CATALOGUE if x != (s, c)]
+    return tasks
+
+
+def _goal_tasks():
+    j = lambda x, y: (x - 0.015, x + 0.015, y - 0.015, y + 0.015)   # one fixed scene, +-1.5 cm jitter
+    objs = [("cube", "cube", "red", j(-0.18, -0.07)), ("can", "can", "blue", j(0.0, -0.06)),
+            ("ball", "ball", "green", j(-0.02, 0.12)), ("block", "block", "yellow", j(0.17, -0.07)),
+            ("plate", "plate", "", j(-0.15, 0.09)), ("tray", "tray", "", j(0.15, 0.09))]
+    goals = [[("on", "cube", "plate")], [("in", "can", "tray")], [("on", "ball", "plate")], [("in", "block", "tray")],
+             [("push", "can", "left")], [("on", "cube", "block")], [("lift", "ball")], [("push", "cube", "front")],
+             [("in", "cube", "tray")], [("on", "can", "plate")]]
+    tasks = [Task("goal", "", objs, g) for g in goals]
+    for t in tasks:
+        t.name = t.goal_texts[0]
+    return tasks
+
+
+def _long_tasks():
+    base = [("cube", "cube", "red", None), ("can", "can", "blue", None), ("ball", "ball", "green", None),
+            ("block", "block", "yellow", None), PLATE, TRAY]
+    two = [("cube", "cube", "red", None), ("can", "can", "blue", None), ("ball", "ball", "green", None),
+           ("lplate", "plate", "", (-0.18, -0.14, 0.07, 0.11)), ("rplate", "plate", "", (0.14, 0.18, 0.07, 0.11))]
+    G = [[("on", "cube", "plate"), ("in", "can", "tray")], [("in", "ball", "tray"), ("in", "block", "tray")],
+         [("in", "cube", "tray"), ("on", "ball", "plate")], [("on", "cube", "block"), ("on", "can", "plate")],
+         [("push", "can", "left"), ("on", "cube", "plate")],
+         [("on", "can", "plate"), ("in", "ball", "tray"), ("in", "cube", "tray")],
+         [("on", "block", "plate"), ("on", "cube", "block")], [("on", "cube", "lplate"), ("on", "can", "rplate")],
+         [("in", "cube", "tray"), ("in", "block", "tray"), ("in", "ball", "tray")],
+         [("push", "block", "back"), ("on", "ball", "plate")]]
+    out = []
+    for g in G:
+        used = {r for goal in g for r in goal[1:]}
+        spare = [o for o in base if o[0] not in used][:1]         # one distractor besides the used objects
+        objs = two if g[0][2] == "lplate" else [o for o in base if o[0] in used] + spare
+        t = Task("long", "", objs, g, desc={"lplate": "the left plate", "rplate": "the right plate"})
+        t.name = t.goal_texts[0] + "; " + "; ".join(t.goal_texts[1:])
+        out.append(t)
+    return out
+
+
+SUITES = {"spatial": _spatial_tasks(), "object": _object_tasks(), "goal": _goal_tasks(), "long": _long_tasks()}
+MAX_STEPS = {"spatial": 60, "object": 60, "goal": 60, "long": 160}
+
+
+def _check_task(suite, task_id):
+    if suite not in SUITES:
+        raise ValueError(f"sim_env: unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    if not isinstance(task_id, (int, np.integer)) or not 0 <= task_id < len(SUITES[suite]):
+        raise ValueError(f"sim_env: unknown task {task_id!r} for suite {suite!r}; valid task ids: 0..{len(SUITES[suite]) - 1}")
+
+
+def _ext(shape, h, yaw):
+    """Axis-aligned half extents (x, y, z) of an object's footprint in the world."""
+    if shape in ROUND:
+        return np.array([h[0], h[1], h[2]])
+    c, s = abs(math.cos(yaw)), abs(math.sin(yaw))
+    return np.array([c * h[0] + s * h[1], s * h[0] + c * h[1], h[2]])
+
+
+def sample_scene(suite, task_id, seed):
+    """Deterministic object list (dicts) for (suite, task, seed) by rejection sampling of a layout."""
+    _check_task(suite, task_id)
+    task = SUITES[suite][task_id]
+    rng = np.random.default_rng([SUITE_NAMES.index(suite), task_id, int(seed)])
+    for _ in range(2000):
+        extra = [task.distractors[k] for k in rng.permutation(len(task.distractors))] if hasattr(task, "distractors") else []
+        objs, boxes = [], []
+        for role, shape, colour, region in task.objects:
+            if shape is None:
+                shape, colour = extra.pop()
+            h = HALF[shape]
+            yaw = 0.0 if shape in ROUND + ("tray",) else float(rng.uniform(-math.pi / 2, math.pi / 2) if shape == "block" else rng.uniform(-math.pi / 4, math.pi / 4))
+            e = _ext(shape, h, yaw)
+            x0, x1, y0, y1 = region or (WORK[0] + e[0], WORK[1] - e[0], WORK[2] + e[1], WORK[3] - e[1])
+            for _ in range(100):
+                x, y = float(rng.uniform(x0, x1)), float(rng.uniform(y0, y1))
+                if all(abs(x - bx) >= e[0] + ex + GAP or abs(y - by) >= e[1] + ey + GAP for bx, by, ex, ey in boxes):
+                    break
+            else:
+                break
+            boxes.append((x, y, e[0], e[1]))
+            objs.append({"id": len(objs) + 1, "role": role, "name": task.desc[role][4:] if shape in ("plate", "tray") else f"{colour} {shape}",
+                         "shape": shape, "colour": colour or ("grey" if shape == "plate" else "brown"), "size": "medium",
+                         "pos": [x, y, h[2]], "yaw": yaw, "half_extents": list(h)})
+        if len(objs) < len(task.objects):
+            continue
+        by_role = {o["role"]: o for o in objs}
+        if task.valid is not None and not task.valid(by_role):
+            continue
+        if all(_push_clear(by_role, g) for g in task.goals if g[0] == "push"):
+            return objs, rng
+    raise RuntimeError(f"sim_env: could not sample a scene for {suite}/{task_id} seed {seed}")
+
+
+def _push_clear(by_role, g):
+    """The pushed object's path (plus room behind it for the gripper) is free of other objects."""
+    a = by_role[g[1]]; d = np.array(DIRS[g[2]]); p = _get(a, "pos")[:2]
+    ea = _ext(a["shape"], a["half_extents"], a["yaw"])[:2]
+    for o in by_role.values():
+        if o is a or o["shape"] == "plate":
+            continue
+        q, e = _get(o, "pos")[:2], _ext(o["shape"], o["half_extents"], o["yaw"])[:2]
+        for s in np.linspace(-0.05, PUSH_DIST + 0.03, 12):
+            c = p + s * d
+            if np.all(np.abs(c - q) < ea + e + 0.01):
+                return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the environment
+class TabletopEnv:
+    """Gymnasium-style tabletop env (no gymnasium dependency). See the module docstring for conventions."""
+
+    def __init__(self, suite, task_id, image_size=64, augment=False, render_depth=True, render_seg=True,
+                 render_images=True):
+        _check_task(suite, task_id)
+        self.suite, self.task_id, self.task = suite, int(task_id), SUITES[suite][task_id]
+        self.image_size, self.augment, self.render_images = int(image_size), bool(augment), render_images
+        self.render_depth, self.render_seg = render_depth, render_seg
+        self.max_steps = MAX_STEPS[suite]
+        self._seed_rng = np.random.default_rng()
+        self._cam_key, self._static_key = None, None
+
+    # ---- state
+    def reset(self, seed=None, options=None):
+        options = options or {}
+        if "state" in options:
+            self.set_state(options["state"])
+            return self.render(), self._info()
+        if "start_id" in options:
+            k = int(options["start_id"])
+            if not 0 <= k < N_EVAL:
+                raise ValueError(f"sim_env.reset: start_id {k} out of range 0..{N_EVAL - 1}")
+            seed = eval_seeds(self.suite, self.task_id)[k]
+        if seed is None:
+            seed = int(self._seed_rng.integers(TRAIN_SEEDS))
+        objs, rng = sample_scene(self.suite, self.task_id, seed)
+        g = [float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.08, -0.04)), float(rng.uniform(0.13, 0.17)), 0.0, GRIP_OPEN]
+        text = self.task.instruction(rng, heldout=bool(options.get("heldout", False)))
+        aug = None
+        if self.augment:  # a separate stream, so augmentation never changes the scene
+            ar = np.random.default_rng([int(seed), 7])
+            aug = {"gain": ar.uniform(0.85, 1.15, (len(objs) + 4, 3)).tolist(),
+                   "cam": (np.array(CAM_POS) + ar.uniform(-0.01, 0.01, 3)).tolist(),
+                   "look": (np.array(CAM_LOOK) + ar.uniform(-0.01, 0.01, 3)).tolist(),
+                   "light": (LIGHT + ar.uniform(-0.25, 0.25, 3)).tolist(), "ambient": float(ar.uniform(0.3, 0.5))}
+        self.set_state({"suite": self.suite, "task_id": self.task_id, "seed": int(seed), "t": 0, "grip": g,
+                        "closed": False, "held": -1, "held_off": [0.0, 0.0, 0.0, 0.0], "objects": objs,
+                        "start": [o["pos"] for o in objs], "instruction": text, "aug": aug, "goals_done": 0})
+        return self.render(), self._info()
+
+    def get_state(self):
+        objs = [dict(m, pos=self.P[i].tolist(), yaw=float(self.Yaw[i]), half_extents=self.Hf[i].tolist())
+                for i, m in enumerate(self.meta)]
+        return {"suite": self.suite, "task_id": self.task_id, "seed": self.seed, "t": self.t,
+                "grip": self.g.tolist(), "closed": self.closed, "held": self.held, "held_off": self.held_off.tolist(),
+                "objects": objs, "start": self.start.tolist(), "instruction": self.instruction,
+                "aug": self.aug, "goals_done": self.goals_done}
+
+    def set_state(self, d):
+        if d.get("suite", self.suite) != self.suite or d.get("task_id", self.task_id) != self.task_id:
+            raise ValueError(f"sim_env.set_state: state is for {d.get('suite')}/{d.get('task_id')}, env is {self.suite}/{self.task_id}")
+        self.seed, self.t, self.closed, self.held = int(d["seed"]), int(d["t"]), bool(d["closed"]), int(d["held"])
+        self.g, self.held_off = np.array(d["grip"], float), np.array(d["held_off"], float)
+        self.meta = [{k: v for k, v in o.items() if k not in ("pos", "yaw", "half_extents")} for o in d["objects"]]
+        self.P = np.array([o["pos"] for o in d["objects"]], float)
+        self.Yaw = np.array([o["yaw"] for o in d["objects"]], float)
+        self.Hf = np.array([o["half_extents"] for o in d["objects"]], float)
+        self.start, self.instruction, self.aug = np.array(d["start"], float), d["instruction"], d["aug"]
+        self.goals_done = int(d.get("goals_done", 0))
+        self.role = {m["role"]: i for i, m in enumerate(self.meta)}
+        self._movable = [i for i, m in enumerate(self.meta) if m["shape"] in SHAPES]
+        self._static_key = None
+        self._setup_camera()
+
+    def objects(self):
+        """Current object dicts (the format the predicates take)."""
+        return [dict(m, pos=self.P[i], yaw=float(self.Yaw[i]), half_extents=self.Hf[i]) for i, m in enumerate(self.meta)]
+
+    # ---- goals
+    def _goal_ok(self, g, objs):
+        a = objs[self.role[g[1]]]
+        if g[0] == "on":
+            return on(a, objs[self.role[g[2]]])
+        if g[0] == "in":
+            return inside(a, objs[self.role[g[2]]])
+        if g[0] == "lift":
+            return lifted(a)
+        return pushed(a, self.start[self.role[g[1]]], DIRS[g[2]])
+
+    def _goals(self):
+        objs = self.objects()
+        return [self._goal_ok(g, objs) for g in self.task.goals]
+
+    # ---- physics
+    def step(self, action):
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (7,):
+            raise ValueError(f"sim_env.step: action must have shape (7,) [dx,dy,dz,droll,dpitch,dyaw,grip], got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"sim_env.step: action contains NaN/inf: {a.tolist()}")
+        a = np.clip(a, -1.0, 1.0)
+        g = self.g
+        lo = np.array(GRIP_LO)
+        if self.held >= 0:   # a held object may not go through the table either
+            lo[2] = max(lo[2], self.Hf[self.held, 2] - self.held_off[2])
+        g[:3] = np.clip(g[:3] + a[:3] * STEP_M, lo, GRIP_HI)
+        g[3] = float(np.clip(g[3] + a[5] * STEP_RAD, -math.pi / 2, math.pi / 2))
+        changed = False
+        self.closed = bool(a[6] > 0)
+        if self.closed and self.held < 0:
+            cand, w = self._between_jaws()
+            new = g[4] - CLOSE_RATE
+            if cand >= 0 and new <= w:
+                g[4], self.held = w, cand
+                rel = _rot(-g[3]) @ (self.P[cand] - g[:3])
+                self.held_off = np.array([rel[0], rel[1], rel[2], self.Yaw[cand] - g[3]])
+                changed = True
+            else:
+                g[4] = max(new, 0.0)
+        elif not self.closed:
+            if self.held >= 0:
+                self.held, changed = -1, True
+            g[4] = min(g[4] + CLOSE_RATE, GRIP_OPEN)
+        if self.held >= 0:
+            self.P[self.held] = g[:3] + _rot(g[3]) @ self.held_off[:3]
+            self.Yaw[self.held] = g[3] + self.held_off[3]
+        changed |= self._push()
+        if changed:
+            self._settle()
+        self.t += 1
+        ok = self._goals()
+        while self.goals_done < len(ok) and ok[self.goals_done]:
+            self.goals_done += 1
+        success = all(ok)
+        obs = self.render() if self.render_images else self._state_obs()
+        info = self._info(ok)
+        return obs, float(success), success, (not success) and self.t >= self.max_steps, info
+
+    def _between_jaws(self):
+        """Object whose centre lies between the open jaws (and its width along the jaw axis), else (-1, 0)."""
+        best, w_best, d_best = -1, 0.0, 1e9
+        for i in self._movable:
+            rel = _rot(-self.g[3]) @ (self.P[i] - self.g[:3])
+            h = self.Hf[i]
+            if self.meta[i]["shape"] in ROUND:
+                w = 2 * h[0]
+            else:
+                dy = self.Yaw[i] - self.g[3]
+                w = 2 * (abs(math.cos(dy)) * h[0] + abs(math.sin(dy)) * h[1])
+            if (abs(rel[1]) <= 0.015 and abs(rel[0]) + w / 2 <= self.g[4] / 2 + 0.004 and abs(rel[2]) <= h[2] + 0.006
+                    and w < GRIP_OPEN - 0.004 and abs(rel[0]) < d_best):
+                best, w_best, d_best = i, w, abs(rel[0])
+        return best, w_best
+
+    def _fingers(self):
+        off = _rot(self.g[3])[:, 0] * (self.g[4] / 2 + FT)
+        return self.g[:3] + off, self.g[:3] - off
+
+    def _push(self):
+        """Fingers (discs of radius FT, height 2 FL) push objects out along the contact normal."""
+        moved = False
+        z0, z1 = self.g[2] - FL, self.g[2] + FL
+        for i in self._movable:
+            if i == self.held or self.P[i, 2] - self.Hf[i, 2] > z1 or self.P[i, 2] + self.Hf[i, 2] < z0:
+                continue
+            for f in self._fingers():
+                h, c = self.Hf[i], self.P[i]
+                if self.meta[i]["shape"] in ROUND:
+                    v = f[:2] - c[:2]; dist = math.hypot(*v)
+                    if dist >= h[0] + FT:
+                        continue
+                    n = v / dist if dist > 1e-9 else np.array([1.0, 0.0])
+                    c[:2] -= n * (h[0] + FT - dist)
+                else:
+                    R = _rot(self.Yaw[i])[:2, :2]
+                    loc = R.T @ (f[:2] - c[:2]); q = np.clip(loc, -h[:2], h[:2]); v = loc - q; dist = math.hypot(*v)
+                    if dist >= FT:
+                        continue
+                    if dist > 1e-9:
+                        shift = -v / dist * (FT - dist)
+                    else:  # finger centre inside the box: leave along the shallowest axis
+                        pen = h[:2] - np.abs(loc); k = int(np.argmin(pen))
+                        shift = np.zeros(2); shift[k] = -np.sign(loc[k] or 1.0) * (pen[k] + FT)
+                    c[:2] += R @ shift
+                c[0] = np.clip(c[0], -TABLE_HALF[0] + 0.03, TABLE_HALF[0] - 0.03)
+                c[1] = np.clip(c[1], TABLE_CY - TABLE_HALF[1] + 0.03, WALL_Y - 0.03)
+                moved = True
+        return moved
+
+    def _support(self, i):
+        """Height of the highest surface under object i's centre (table, plate, tray floor/rim, objects)."""
+        xy, top = self.P[i], 0.0
+        for j, m in enumerate(self.meta):
+            if j == i or j == self.held:
+                continue
+            o = {"shape": m["shape"], "pos": self.P[j], "yaw": self.Yaw[j], "half_extents": self.Hf[j]}
+            if _footprint_margin(xy, o) <= 0:
+                continue
+            if m["shape"] == "tray":
+                t = 0.01 if _footprint_margin(xy, o, TRAY_WALL) > 0 else 2 * self.Hf[j, 2]
+            else:
+                t = self.P[j, 2] + self.Hf[j, 2]
+                if t > self.P[i, 2]:   # j is above i (i is under it), not a support
+                    continue
+            top = max(top, t)
+        return top
+
+    def _settle(self):
+        """Everything not held drops onto its support (lowest objects first, so stacks settle in order)."""
+        for i in sorted(self._movable, key=lambda k: self.P[k, 2]):
+            if i != self.held:
+                self.P[i, 2] = self._support(i) + self.Hf[i, 2]
+
+    # ---- rendering
+    def _setup_camera(self):
+        aug = self.aug or {}
+        key = (self.image_size, str(aug.get("cam")), str(aug.get("look")))
+        if key != self._cam_key:
+            self.K, self.pose = camera(self.image_size, aug.get("cam", CAM_POS), aug.get("look", CAM_LOOK))
+            self._dirs = _ray_dirs(self.K, self.pose, self.image_size)
+            self._cam_key, self._bg = key, None
+        light = np.array(aug.get("light", LIGHT))
+        self._light, self._amb = light / np.linalg.norm(light), aug.get("ambient", AMBIENT)
+        gains = np.array(aug["gain"]) if aug else np.ones((len(self.meta) + 4, 3))
+        self._rgb = [np.array(COLOURS.get(m["colour"]) or RECEPTACLE_RGB[m["shape"]], float) * gains[i]
+                     for i, m in enumerate(self.meta)]
+        self._bg_rgb = {k: np.array(v, float) * gains[-1 - n] for n, (k, v) in enumerate(BG_RGB.items())}
+        self._bg = None
+
+    def _background(self):
+        """Table (a box down to the floor), back wall and floor: rendered once per camera (it never moves)."""
+        n = self.image_size
+        depth = np.full((n, n), np.inf); rgb = np.zeros((n, n, 3), np.uint8)
+        o, D = self.pose[:3, 3], self._dirs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for name, t, nrm in [("wall", (WALL_Y - o[1]) / D[..., 1], (0.0, -1.0, 0.0)),
+                                 ("floor", (FLOOR_Z - o[2]) / D[..., 2], (0.0, 0.0, 1.0))]:
+                t = np.where(t > 0, t, np.inf)
+                self._paint(depth, rgb, None, t, lambda m, nrm=nrm: np.tile(nrm, (int(m.sum()), 1)), self._bg_rgb[name], 0)
+        tb, nb = _hit_box(o, D, np.array([0.0, TABLE_CY, (FLOOR_Z) / 2]), 0.0,
+                          np.array([TABLE_HALF[0], TABLE_HALF[1], -FLOOR_Z / 2]))
+        self._paint(depth, rgb, None, tb, nb, self._bg_rgb["table"], 0)
+        self._bg = (depth, rgb, np.zeros((n, n), np.int16))
+
+    def _paint(self, depth, rgb, seg, t, normals, col, sid, win=None):
+        """z-buffer write of one primitive's hits into the (windowed) image buffers."""
+        if win is not None:
+            i0, i1, j0, j1 = win
+            depth, rgb = depth[i0:i1, j0:j1], rgb[i0:i1, j0:j1]
+            seg = None if seg is None else seg[i0:i1, j0:j1]
+        m = t < depth
+        if not m.any():
+            return
+        depth[m] = t[m]
+        shade = self._amb + (1 - self._amb) * np.clip(normals(m) @ self._light, 0.0, None)
+        rgb[m] = np.clip(col[None, :] * shade[:, None], 0, 255).astype(np.uint8)
+        if seg is not None:
+            seg[m] = sid
+
+    def _window(self, centre, ext):
+        """Pixel window [i0,i1) x [j0,j1) covering the projection of an axis-aligned box (ray culling)."""
+        corners = centre + ext * np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+        pc = (corners - self.pose[:3, 3]) @ self.pose[:3, :3]
+        n = self.image_size
+        if pc[:, 2].min() < 0.02:
+            return 0, n, 0, n
+        u = self.K[0, 0] * pc[:, 0] / pc[:, 2] + self.K[0, 2]
+        v = self.K[1, 1] * pc[:, 1] / pc[:, 2] + self.K[1, 2]
+        return (max(0, int(v.min())), min(n, int(v.max()) + 2), max(0, int(u.min())), min(n, int(u.max()) + 2))
+
+    def _object_prims(self, i):
+        """[(kind, centre, yaw, half)] for object i: box | cyl | sph; the tray is a floor and 4 walls."""
+        s, c, y, h = self.meta[i]["shape"], self.P[i], float(self.Yaw[i]), self.Hf[i]
+        if s in ("cube", "block"):
+            return [("box", c, y, h)]
+        if s in ("can", "plate"):
+            return [("cyl", c, y, h)]
+        if s == "ball":
+            return [("sph", c, y, h)]
+        R, w = _rot(y), TRAY_WALL
+        parts = [((0, 0, 0.005 - h[2]), (h[0], h[1], 0.005)), ((h[0] - w, 0, 0), (w, h[1], h[2])),
+                 ((w - h[0], 0, 0), (w, h[1], h[2])), ((0, h[1] - w, 0), (h[0], w, h[2])), ((0, w - h[1], 0), (h[0], w, h[2]))]
+        return [("box", c + R @ np.array(off), y, np.array(hh)) for off, hh in parts]
+
+    def _gripper_prims(self):
+        g, R = self.g, _rot(self.g[3])
+        f1, f2 = self._fingers()
+        palm_c = g[:3] + np.array([0, 0, FL + PALM_H])
+        wrist_c = g[:3] + np.array([0, 0, FL + 2 * PALM_H + 0.04])
+        return [("box", f1, g[3], np.array([FT, FW, FL])), ("box", f2, g[3], np.array([FT, FW, FL])),
+                ("box", palm_c, g[3], np.array([GRIP_OPEN / 2 + 2 * FT, FW + 0.004, PALM_H])),
+                ("box", wrist_c, g[3], np.array([0.012, 0.012, 0.04]))]
+
+    def _draw(self, prims, col, sid, buf, win=None):
+        o = self.pose[:3, 3]
+        for kind, c, yaw, h in prims:
+            w = win or self._window(c, _ext("cube", h, yaw) if kind == "box" else h)
+            D = self._dirs[w[0]:w[1], w[2]:w[3]]
+            if D.size == 0:
+                continue
+            if kind == "box":
+                t, nf = _hit_box(o, D, c, yaw, h)
+            elif kind == "cyl":
+                t, nf = _hit_cyl(o, D, c, h[0], h[2])
+            else:
+                t, nf = _hit_sphere(o, D, c, h[0])
+            self._paint(*buf, t, nf, col, sid, w)
+
+    def render(self):
+        """Observation of the current state. Static objects are cached over the background; only what moved
+        since the last render (normally the gripper and what it holds) is ray cast again."""
+        if not self.render_images:
+            return self._state_obs()
+        if self._bg is None:
+            self._background()
+        key = (self.held, self.P.tobytes(), self.Yaw.tobytes()) if self.held < 0 else \
+            (self.held, np.delete(self.P, self.held, 0).tobytes(), np.delete(self.Yaw, self.held).tobytes())
+        if key != self._static_key:
+            buf = tuple(a.copy() for a in self._bg)
+            self._boxes = {}
+            for i in range(len(self.meta)):
+                if i != self.held:
+                    self._boxes[i] = self._window(self.P[i], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i]))
+                    self._draw(self._object_prims(i), self._rgb[i], i + 1, buf)
+            self._static, self._static_key = buf, key
+        depth, rgb, seg = (a.copy() for a in self._static)
+        if self.held >= 0:
+            i = self.held
+            self._boxes[i] = self._window(self.P[i], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i]))
+            self._draw(self._object_prims(i), self._rgb[i], i + 1, (depth, rgb, seg))
+        self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, (depth, rgb, seg))
+        self._seg = seg
+        obs = self._state_obs()
+        obs["rgb"] = rgb
+        if self.render_depth:
+            obs["depth"] = depth.astype(np.float32)
+        if self.render_seg:
+            obs["seg"] = seg
+        return obs
+
+    def _state_obs(self):
+        x, y, z, yaw, op = self.g
+        st = np.array([x, y, z, yaw, op, float(self.held >= 0), math.sin(yaw), math.cos(yaw)], np.float32)
+        return {"state": st, "instruction": self.instruction}
+
+    def _info(self, ok=None):
+        ok = self._goals() if ok is None else ok
+        objs = []
+        for i, m in enumerate(self.meta):
+            box, vis = None, 0
+            if self.render_images and self.render_seg and hasattr(self, "_seg") and i in getattr(self, "_boxes", {}):
+                i0, i1, j0, j1 = self._boxes[i]
+                mk = self._seg[i0:i1, j0:j1] == i + 1
+                vis = int(mk.sum())
+                if vis:
+                    rows, cols = np.nonzero(mk.any(1))[0], np.nonzero(mk.any(0))[0]
+                    box = [j0 + int(cols[0]), i0 + int(rows[0]), j0 + int(cols[-1]) + 1, i0 + int(rows[-1]) + 1]
+            objs.append(dict(m, pos=self.P[i].tolist(), yaw=float(self.Yaw[i]), half_extents=self.Hf[i].tolist(),
+                             box2d=box, visible_px=vis))
+        return {"success": bool(all(ok)), "subgoals_done": self.goals_done, "n_subgoals": len(ok), "objects": objs,
+                "K": self.K.tolist(), "cam_pose": self.pose.tolist(), "max_steps": self.max_steps, "t": self.t}
+
+    # ---- scripted expert: a stateless waypoint machine, so it works from any state it (or a policy) reaches
+    @property
+    def expert_subgoal(self):
+        ok = self._goals()
+        gi = ok.index(False) if False in ok else len(ok) - 1
+        g = self.task.goals[gi]
+        held = g[0] != "push" and self.held == self.role[g[1]]
+        return self.task.subgoal_base[gi] + int(held)
+
+    def _travel(self, xy, z_low, tol=0.006):
+        """Waypoint: rise to TRAVEL_Z, fly over, line up, then descend to z_low. Returns (target xyz, xy error)."""
+        p = self.g[:3]
+        d = math.hypot(xy[0] - p[0], xy[1] - p[1])
+        if d > 0.03:
+            if p[2] < TRAVEL_Z - 0.025:
+                return np.array([p[0], p[1], TRAVEL_Z]), d
+            return np.array([xy[0], xy[1], TRAVEL_Z]), d
+        return np.array([xy[0], xy[1], p[2] if d > tol else z_low]), d
+
+    def _support_at(self, xy, skip):
+        keep = self.P[skip].copy()
+        self.P[skip, :2], self.P[skip, 2] = xy, 10.0
+        top = self._support(skip)
+        self.P[skip] = keep
+        return top
+
+    def _tray_slot(self, tray, a):
+        slots = [(-0.05, -0.03), (0.05, -0.03), (0.0, 0.035), (-0.055, 0.04), (0.055, 0.04)]
+        for s in slots:
+            xy = self.P[tray, :2] + _rot(self.Yaw[tray])[:2, :2] @ np.array(s)
+            if all(math.hypot(*(self.P[j, :2] - xy)) > 0.045 for j in self._movable if j != a):
+                return xy
+        return self.P[tray, :2]
+
+    def expert_action(self):
+        """Action (7,) of the scripted expert for the first goal not yet achieved."""
+        ok = self._goals()
+        act = np.zeros(7)
+        if all(ok):
+            act[6] = 1.0 if self.held >= 0 else -1.0
+            return act
+        gi = ok.index(False)
+        kind, a = self.task.goals[gi][0], self.role[self.task.goals[gi][1]]
+        er = np.random.default_rng([self.seed, gi, 99])        # small per-episode offsets and speed
+        speed, noise = er.uniform(0.75, 1.0), er.uniform(-1, 1, 4)
+        p, c, grip, yaw_t = self.g[:3], self.P[a], -1.0, self.g[3]
+        if self.held >= 0 and (kind == "push" or self.held != a):
+            target = np.array([p[0], p[1], TRAVEL_Z])                   # drop what we hold, back off
+        elif kind == "push":
+            d = np.array(DIRS[self.task.goals[gi][2]])
+            ea = float(np.abs(d) @ _ext(self.meta[a]["shape"], self.Hf[a], self.Yaw[a])[:2])
+            rel = p[:2] - c[:2]; along = rel @ d; lat = rel - along * d
+            z_push, grip = GRIP_LO[2] + 0.004, 1.0
+            if -(ea + 0.05) < along < -ea + 0.002 and math.hypot(*lat) < 0.012 and p[2] < z_push + 0.012:
+                target = np.concatenate([p[:2] + d * STEP_M / speed - 0.8 * lat, [z_push]])
+            else:
+                target, _ = self._travel(c[:2] - d * (ea + FT + 0.014), z_push)
+        elif self.held == a:
+            grip = 1.0
+            if kind == "lift":
+                target = np.array([p[0], p[1], 0.17])
+            else:
+                b = self.role[self.task.goals[gi][2]]
+                if kind == "in":
+                    xy = self._tray_slot(b, a) + 0.004 * noise[:2]
+                else:
+                    xy = self.P[b, :2] + (0.008 if self.meta[b]["shape"] == "plate" else 0.003) * noise[:2]
+                z_rel = self._support_at(xy, a) + 0.008 - (c[2] - self.Hf[a, 2] - p[2])
+                target, d = self._travel(xy, z_rel)
+                if d <= 0.006 and abs(p[2] - z_rel) < 0.005:
+                    grip = -1.0
+        else:
+            s = self.meta[a]["shape"]
+            if s in ("cube", "block"):   # jaws across the cube's faces / the block's short side
+                per = math.pi / 2 if s == "cube" else math.pi
+                base = self.Yaw[a] + (math.pi / 2 if s == "block" else 0.0)
+                yaw_t = base + per * round((self.g[3] - base) / per)
+                if abs(yaw_t) > math.pi / 2:
+                    yaw_t -= per * np.sign(yaw_t)
+            gz = max(c[2], GRIP_LO[2] + 0.002)
+            xy = c[:2] + 0.003 * noise[:2]
+            target, d = self._travel(xy, gz)
+            aligned = abs(yaw_t - self.g[3]) < 0.03
+            at_grasp = d <= 0.006 and abs(p[2] - gz) < 0.005 and aligned
+            if at_grasp and (not self.closed or self.g[4] > 2 * self.Hf[a, :2].min() - 0.01):
+                grip = 1.0
+            elif d <= 0.006 and (self.g[4] < GRIP_OPEN - 0.01 or not aligned):
+                target[2] = max(p[2], target[2]) if p[2] > gz + 0.01 else p[2]   # open / turn before descending
+        act[:3] = np.clip((target - p) / STEP_M * speed, -1, 1)
+        act[5] = np.clip((yaw_t - self.g[3]) / STEP_RAD, -1, 1)
+        act[6] = grip
+        return act
+
+
+# ----------------------------------------------------------------------------- fixed evaluation start states
+EVAL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim_eval_starts.json")
+_EVAL_CACHE = {}
+
+
+def _expert_solves(suite, task_id, seed, max_steps=None):
+    env = TabletopEnv(suite, task_id, render_images=False)
+    env.reset(seed=seed)
+    for _ in range(max_steps or env.max_steps):
+        _, _, term, trunc, _ = env.step(env.expert_action())
+        if term or trunc:
+            return term
+    return False
+
+
+def _generate_eval_seeds(suite, task_id):
+    seeds, k = [], EVAL_SEED_BASE
+    while len(seeds) < N_EVAL:
+        if _expert_solves(suite, task_id, k):
+            seeds.append(k)
+        k += 1
+    return seeds
+
+
+def eval_seeds(suite, task_id):
+    """The N_EVAL scene seeds of the fixed evaluation start states (EVAL_SEED_BASE + k, kept where the expert
+    succeeds), read from sim_eval_starts.json or regenerated deterministically when the file is missing."""
+    _check_task(suite, task_id)
+    if not _EVAL_CACHE and os.path.exists(EVAL_FILE):
+        with open(EVAL_FILE) as f:
+            _EVAL_CACHE.update(json.load(f))
+    key = f"{suite}/{task_id}"
+    if key not in _EVAL_CACHE:
+        _EVAL_CACHE[key] = _generate_eval_seeds(suite, task_id)
+    return list(_EVAL_CACHE[key])
+
+
+def eval_start_states(suite, task_id):
+    """50 fixed evaluation start states (get_state dicts) for one task; reset(options={"start_id": k}) uses them."""
+    env = TabletopEnv(suite, task_id, render_images=False)
+    out = []
+    for k in range(N_EVAL):
+        env.reset(options={"start_id": k})
+        out.append(env.get_state())
+    return out
+
+
+def random_scene_env(rng, image_size=64, augment=False):
+    """A reset env on a random (suite, task) with a random training seed (for data generation)."""
+    suite = SUITE_NAMES[int(rng.integers(len(SUITE_NAMES)))]
+    env = TabletopEnv(suite, int(rng.integers(len(SUITES[suite]))), image_size, augment=augment)
+    env.reset(seed=int(rng.integers(TRAIN_SEEDS)))
+    return env
+
+
+# ----------------------------------------------------------------------------- gymnasium wrapper (lazy import)
+def gym_env(suite, task_id, **kw):
+    """A real gymnasium.Env around TabletopEnv (gymnasium is a dev/test dependency only)."""
+    import gymnasium as gym
+    import string
+
+    class GymTabletop(gym.Env):
+        metadata = {"render_modes": ["rgb_array"]}
+
+        def __init__(self):
+            self.sim = TabletopEnv(suite, task_id, **kw)
+            n = self.sim.image_size
+            self.action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)
+            self.observation_space = gym.spaces.Dict({
+                "rgb": gym.spaces.Box(0, 255, (n, n, 3), np.uint8),
+                "depth": gym.spaces.Box(0.0, 100.0, (n, n), np.float32),
+                "seg": gym.spaces.Box(0, GRIPPER_ID, (n, n), np.int16),
+                "state": gym.spaces.Box(-10.0, 10.0, (8,), np.float32),
+                "instruction": gym.spaces.Text(200, charset=string.ascii_letters + string.digits + " ,.'-")})
+            self.render_mode = "rgb_array"
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            if seed is None:
+                seed = int(self.np_random.integers(TRAIN_SEEDS))
+            return self.sim.reset(seed=seed, options=options)
+
+        def step(self, action):
+            return self.sim.step(action)
+
+        def render(self):
+            return self.sim.render()["rgb"]
+
+    return GymTabletop()
+
+
+# ----------------------------------------------------------------------------- CLI: expert rollout -> GIF
+def colourise_depth(depth, lo=None, hi=None):
+    """(H,W) metres -> (H,W,3) uint8, near = bright yellow, far = dark purple (a small viridis-like ramp)."""
+    lo = np.percentile(depth, 2) if lo is None else lo
+    hi = np.percentile(depth, 98) if hi is None else hi
+    x = 1.0 - np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    f = x * (len(stops) - 1); i = np.minimum(f.astype(int), len(stops) - 2); w = (f - i)[..., None]
+    return ((1 - w) * stops[i] + w * stops[i + 1]).astype(np.uint8)
+
+
+def main(argv):
+    import dataclasses
+    from PIL import Image
+    from model import parse_config
+
+    @dataclasses.dataclass
+    class CLI:
+        suite: str = "goal"
+        task: int = 3
+        start_id: int = 0
+        image_size: int = 128
+        gif: str = "out.gif"
+        png: str = ""          # also save the first frame (RGB | depth) as a PNG
+        scale: int = 2         # nearest-neighbour upscaling of the saved frames
+    cfg = parse_config(CLI, argv)
+    env = TabletopEnv(cfg.suite, cfg.task, cfg.image_size)
+    obs, info = env.reset(options={"start_id": cfg.start_id})
+    lo, hi = np.percentile(obs["depth"], 2), np.percentile(obs["depth"], 98)
+    frames, term, trunc = [], False, False
+    while True:
+        frame = np.concatenate([obs["rgb"], colourise_depth(obs["depth"], lo, hi)], 1)
+        frames.append(Image.fromarray(frame).resize((frame.shape[1] * cfg.scale, frame.shape[0] * cfg.scale), Image.NEAREST))
+        if term or trunc:
+            break
+        obs, _, term, trunc, info = env.step(env.expert_action())
+    if cfg.png:
+        frames[0].save(cfg.png)
+    frames[0].save(cfg.gif, save_all=True, append_images=frames[1:], duration=80, loop=0)
+    print(f"{cfg.suite}/{cfg.task} \"{obs['instruction']}\": success={info['success']} in {env.t} steps -> {cfg.gif}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
