@@ -1,0 +1,607 @@
+"""GEM-mini pretraining: stage 0 (the base VLM) and GEM's progressive stages 1-3, with the paper's ablations.
+
+Run (the run directory --out gets run.json, log.jsonl, stage<k>/ checkpoints and depth_*.png):
+    python train_pretrain.py --preset=tiny --recipe=base --data=data/gem-mini --out=runs/tiny/base
+    python train_pretrain.py --preset=tiny --recipe=gem --init=runs/tiny/base --out=runs/tiny/gem
+    torchrun --nproc_per_node=2 train_pretrain.py ...        # DDP (gloo on CPU, nccl on GPU)
+    python train_pretrain.py ... --resume                      # continue --out exactly where it stopped
+    python train_pretrain.py --help                            # every flag with its default
+Load a result elsewhere: `gem, head, tok, tc = load_pretrained("runs/tiny/gem")` (run dir or stage dir).
+
+Recipes (stage 3 has the same number of VLM updates and the same data order in every recipe):
+    base     stage 0: ViT + merger + LLM from scratch on the caption family, text loss only
+    sft      stage 3 only, text loss only (the no-depth baseline)
+    gem      stages 1, 2, 3 with the depth flow-matching head
+    rgb      stages 1, 2, 3 with the RGB-reconstruction target (paper's ablation)
+    direct   stage 3 only, depth head untrained at the start (no progressive warm-up; paper's ablation)
+    regress  stages 1, 2, 3 with the regression head (is "generative" what matters?)
+
+Paper -> code map
+    Stage 1 connector initialisation (VLM + generator frozen, L_flow)   STAGES[1], trainable()
+      (our head starts untrained unless --head_init, so stage 1 then trains connector + head, logged)
+    Stage 2 generator warm-up (connector + generator, VLM frozen)       STAGES[2]
+    Stage 3 joint training, L = L_CE + 0.1 * L_flow                     STAGES[3], Bundle.forward (lam)
+    Released script: cosine lr, 3% warmup, weight decay 0, clip 1, bf16 lr_at(), TrainConfig, autocast
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+from depth_head import DepthHeadConfig, GenerativeHead
+from model import (MODEL_PRESETS, GEM, GEMConfig, config_from_dict, config_to_dict, load_checkpoint, load_tensors,
+                   parse_config)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    recipe: str = "gem"              # base | sft | gem | rgb | direct | regress
+    data: str = "data/gem-mini"      # dataset root (train/val.jsonl, images/, depth/, tokenizer.json)
+    out: str = "runs/tiny/gem"       # run directory
+    init: Optional[str] = None       # stage-0 checkpoint (run dir or stage dir); required unless recipe=base
+    head_init: Optional[str] = None  # checkpoint holding a trained head: stage 1 then trains the connector alone
+    resume: bool = False
+    seed: int = 0
+    # model (stage 0 only: later stages take every shape from --init); names = model.GEMConfig fields
+    image_size: int = 64
+    patch_size: int = 8
+    vit_dim: int = 128
+    vit_layers: int = 4
+    vit_heads: int = 4
+    vit_mlp: int = 512
+    dim: int = 192
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 512
+    image_first: bool = False        # False: the question precedes the image, so image tokens can attend to it
+    hf_vision: Optional[str] = None  # hf preset: local SiglipVisionModel dir (config.json + safetensors)
+    hf_llm: Optional[str] = None     # hf preset: local Qwen3ForCausalLM dir (its tokenizer.json is used)
+    # generative head (recipes with a head)
+    head_width: int = 64
+    cond_dim: int = 64
+    head_size: int = 32              # target resolution of the generated depth
+    lam: float = 0.1                 # L = L_text + lam * L_flow in stage 3
+    # optimisation: per-stage steps and peak learning rates
+    steps0: int = 800
+    steps1: int = 60
+    steps2: int = 150
+    steps3: int = 400
+    lr0: float = 2e-3
+    lr1: float = 2e-3
+    lr2: float = 2e-3
+    lr3: float = 1e-3
+    batch_size: int = 32             # per process and micro-step
+    grad_accum: int = 1
+    warmup: float = 0.05             # fraction of each stage's steps
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    families: str = ""               # stage 1-3 families, comma separated ("" = the whole mixture)
+    max_len: int = 160
+    # logging, evaluation, checkpoints
+    log_every: int = 10
+    eval_every: int = 200            # 0 = only at the end of each stage
+    val_batches: int = 4
+    val_gen: int = 64                # validation questions answered greedily at each evaluation
+    viz_every: int = 200
+    ckpt_every: int = 200
+    sample_steps: int = 30           # Euler steps of the depth sampler (paper: 30, CFG 5)
+    cfg_scale: float = 5.0
+    device: str = "auto"             # auto | cpu | cuda
+    compile: bool = False
+    peak_tflops: float = 989.0       # for MFU on GPU (H100 bf16 dense)
+    threads: int = 0                 # torch CPU threads (0 = torch's default; 1 on a shared 2-core box)
+    stop_after: int = 0              # stop with a checkpoint after this many steps of this invocation (0 = never)
+
+
+PRESETS = {  # model sizes start from model.MODEL_PRESETS; training knobs per preset below
+    # micro: seconds, for the tests
+    "micro": dict(MODEL_PRESETS["micro"], image_size=64, head_width=16, cond_dim=16, head_size=16, steps0=4, steps1=2, steps2=2,
+                  steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, val_gen=4, viz_every=0,
+                  ckpt_every=0, sample_steps=2, max_len=96),
+    # tiny: 2-core CPU, a few minutes per recipe
+    "tiny": dict(MODEL_PRESETS["tiny"]),
+    # small: one GPU
+    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=4000, steps1=300,
+                  steps2=1500, steps3=6000, lr0=1e-3, lr3=3e-4, batch_size=64, eval_every=1000, viz_every=1000,
+                  ckpt_every=1000, val_gen=256),
+    # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm; sizes come from their configs)
+    "hf": dict(image_size=224, patch_size=16, head_width=128, cond_dim=512, head_size=64, steps0=2000, steps1=500,
+               steps2=2000, steps3=6000, lr0=1e-4, lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4,
+               eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
+}
+RECIPES = {"base": [0], "sft": [3], "gem": [1, 2, 3], "rgb": [1, 2, 3], "direct": [3], "regress": [1, 2, 3]}
+STAGES = {  # what each stage trains and which losses it uses
+    0: dict(vlm=True, connector=False, head=False, text=True, flow=False),
+    1: dict(vlm=False, connector=True, head="if untrained", text=False, flow=True),
+    2: dict(vlm=False, connector=True, head=True, text=False, flow=True),
+    3: dict(vlm=True, connector=True, head=True, text=True, flow=True),
+}
+
+
+def die(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; gloo on CPU so DDP is testable here
+
+def setup_dist(tc: TrainConfig):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    return torch.device(device), rank, world, ddp
+
+
+def all_sum(x: torch.Tensor, ddp: bool) -> torch.Tensor:
+    if ddp:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: build, freeze, save, load
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def build_gem(tc: TrainConfig, tok) -> GEM:
+    """Stage 0: a fresh VLM sized by the flags, or SigLIP + Qwen3 from local files (hf preset)."""
+    ids = {k: v for k, v in D.special_ids(tok).items() if k in ("pad_id", "vision_start_id", "vision_end_id",
+                                                               "image_pad_id")}
+    if tc.hf_vision or tc.hf_llm:
+        if not (tc.hf_vision and tc.hf_llm):
+            die("the hf preset needs both --hf_vision=DIR and --hf_llm=DIR")
+        return GEM.from_hf(tc.hf_vision, tc.hf_llm, **ids)
+    names = {f.name for f in dataclasses.fields(GEMConfig)}
+    sizes = {k: v for k, v in config_to_dict(tc).items() if k in names}
+    return GEM(GEMConfig(**sizes, **ids, vocab_size=tok.get_vocab_size()))
+
+
+def build_head(tc: TrainConfig, gem: GEM, recipe: str) -> GenerativeHead:
+    hc = DepthHeadConfig(llm_dim=gem.cfg.dim, cond_dim=tc.cond_dim, width=tc.head_width, grid=gem.cfg.grid,
+                         out_size=tc.head_size, target="rgb" if recipe == "rgb" else "depth",
+                         objective="regress" if recipe == "regress" else "flow")
+    return GenerativeHead(hc)
+
+
+def load_head(head, tensors: dict, source: str) -> None:
+    """The head's tensors are stored beside the VLM's under "head." (strict, shape-checked)."""
+    load_tensors(head, {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, source)
+
+
+def resolve_ckpt(path: str) -> str:
+    """A run directory resolves to its final checkpoint (run.json "final"); a stage directory is itself."""
+    run = os.path.join(path, "run.json")
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(run):
+        with open(run) as f:
+            return os.path.join(path, json.load(f)["final"])
+    return path
+
+
+def load_pretrained(ckpt_dir: str, device="cpu"):
+    """Load a pretraining checkpoint -> (gem, head or None, tokenizer, TrainConfig). Used by train_vla / eval.
+
+    Layout: config.json (GEMConfig, so GEM.from_pretrained also works), pretrain.json (head config,
+    training config, recipe, stage, git commit), model.safetensors (VLM keys vit./merger./llm., head keys
+    head.), tokenizer.json, train_state.pt."""
+    path = resolve_ckpt(ckpt_dir)
+    gem, extra = GEM.from_pretrained(path, return_extra=True)
+    meta_file = os.path.join(path, "pretrain.json")
+    if not os.path.isfile(meta_file):
+        raise FileNotFoundError(f"{meta_file}: missing (not a train_pretrain.py checkpoint?)")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    tc = config_from_dict(TrainConfig, meta["train"], meta_file)
+    head = None
+    if meta.get("head") is not None:
+        head = GenerativeHead(config_from_dict(DepthHeadConfig, meta["head"], meta_file))
+        load_head(head, extra, os.path.join(path, "model.safetensors"))
+    tok = D.load_tokenizer(os.path.join(path, "tokenizer.json"))
+    return gem.to(device), (head.to(device) if head is not None else None), tok, tc
+
+
+def save_stage(path, gem, head, tc, tok_path, stage, step, opt, done, data_pos):
+    extra = {f"head.{k}": v for k, v in head.state_dict().items()} if head is not None else None
+    meta = dict(head=config_to_dict(head.cfg) if head is not None else None, train=config_to_dict(tc),
+                recipe=tc.recipe, stage=stage, step=step, done=done, git_commit=git_commit())
+    state = dict(stage=stage, step=step, done=done, data_position=data_pos, optimizer=opt.state_dict(),
+                 rng_cpu=torch.get_rng_state())
+    gem.save_pretrained(path, extra_tensors=extra, json_files={"pretrain.json": meta},
+                        copy_files={"tokenizer.json": tok_path}, train_state=state)
+
+
+def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
+    """Set requires_grad for the stage and return the parameters the optimizer updates."""
+    spec = STAGES[stage]
+    for p in gem.parameters():
+        p.requires_grad_(spec["vlm"])
+    if head is not None:
+        train_head = spec["head"] is True or (spec["head"] == "if untrained" and not head_trained)
+        for name, p in head.named_parameters():
+            p.requires_grad_(spec["connector"] if name.startswith("connector.") else train_head)
+        if stage == 1:
+            log("stage 1: " + ("head loaded from --head_init: training the connector alone" if head_trained else
+                "the head starts untrained (no --head_init), so stage 1 trains connector + head"))
+    mods = [gem] + ([head] if head is not None else [])
+    return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+
+class Bundle(nn.Module):
+    """VLM + head as one module, so DDP sees one forward; returns the weighted loss to backpropagate."""
+
+    def __init__(self, gem, head, stage, lam):
+        super().__init__()
+        self.gem, self.head, self.stage, self.lam = gem, head, stage, lam
+
+    def forward(self, b, w_text, w_flow):
+        spec = STAGES[self.stage]
+        use_text, use_flow = spec["text"], spec["flow"] and self.head is not None
+        with (nullcontext() if spec["vlm"] else torch.no_grad()):  # frozen VLM: no graph, features only
+            out = self.gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
+        loss = torch.zeros((), device=b["input_ids"].device)
+        text_sum = flow = torch.zeros((), device=loss.device)
+        if use_text:  # token-summed CE: the caller's weight makes it a mean over the global batch's tokens
+            logits, labels = out["logits"][:, :-1].float(), b["labels"][:, 1:]
+            text_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                                       reduction="sum")
+            loss = loss + w_text * text_sum
+        if use_flow:
+            hidden = out["image_hidden"] if spec["vlm"] else out["image_hidden"].detach()
+            flow = self.head.loss(hidden.float(), b["target"], b["depth_valid"])
+            loss = loss + (self.lam if self.stage == 3 else 1.0) * w_flow * flow
+        return loss, text_sum.detach(), flow.detach()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: a seeded, stateless sampler (position -> sample), so resume and every recipe see the same order
+
+def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Samples at global positions [start, start+count) of an endless stream of seeded epoch permutations."""
+    out, perms = [], {}
+    for p in range(start, start + count):
+        ep = p // n
+        if ep not in perms:
+            perms[ep] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + ep)).tolist()
+        out.append(perms[ep][p % n])
+    return out
+
+
+def make_batch(ds, idx, pad_id, target, device):
+    b = D.collate([ds[i] for i in idx], pad_id)
+    b["target"] = b["rgb_target"] if target == "rgb" else b["depth_target"]
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+
+def lr_at(step: int, total: int, peak: float, tc: TrainConfig) -> float:
+    """Linear warmup then cosine decay to min_lr_frac * peak."""
+    warm = max(1, int(tc.warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * (tc.min_lr_frac + (1 - tc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: losses, greedy answers (exact match per type), depth visualisation
+
+@torch.no_grad()
+def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
+    gem.eval()
+    spec = STAGES[stage]
+    text_sum = n_tok = flow_sum = n_flow = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)  # the same flow noise at every evaluation: comparable curves
+        for i in range(tc.val_batches):
+            idx = list(range(i * tc.batch_size, min(len(ds), (i + 1) * tc.batch_size)))
+            if not idx:
+                break
+            b = make_batch(ds, idx, pad_id, target, device)
+            with amp:
+                out = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
+                lg, lb = out["logits"][:, :-1].float(), b["labels"][:, 1:]
+                text_sum += F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=-100,
+                                            reduction="sum").item()
+                n_tok += (lb != -100).sum().item()
+                if head is not None and spec["flow"]:
+                    nv = b["depth_valid"].sum().item()
+                    flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["depth_valid"]).item() * nv
+                    n_flow += nv
+    res = {"val_text": text_sum / max(n_tok, 1)}
+    if n_flow:
+        res["val_flow"] = flow_sum / n_flow
+    if tc.val_gen and spec["text"]:
+        res.update(val_answers(gem, ds, tc, pad_id, device))
+    gem.train()
+    return res
+
+
+@torch.no_grad()
+def val_answers(gem, ds, tc, pad_id, device, show=2):
+    """Greedy answers to the first val_gen questions: exact-match accuracy per type (eval.py does real metrics)."""
+    tok, im_end = ds.tok, D.special_ids(ds.tok)["im_end_id"]
+    hits, counts, shown = {}, {}, []
+    qs = [i for i, r in enumerate(ds.records) if r["task"] != "depth"]
+    qs = [qs[int(j)] for j in np.linspace(0, len(qs) - 1, min(tc.val_gen, len(qs)))] if qs else []  # spread out
+    for s in range(0, len(qs), tc.batch_size):
+        items = [ds[i] for i in qs[s:s + tc.batch_size]]
+        prompts = [D.encode_prompt(tok, D.IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, tc.image_first)
+                   for it in items]
+        T = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)  # left padded
+        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+        pix = torch.stack([it["pixel_values"] for it in items]).to(device)
+        gen = gem.generate(ids, pix, attention_mask=mask, max_new_tokens=48, eos_id=im_end)
+        for it, g in zip(items, gen.tolist()):
+            g = g[:g.index(im_end)] if im_end in g else g
+            ans = tok.decode(g, skip_special_tokens=True).strip()
+            key = f"{it['task']}/{it['type']}"
+            counts[key] = counts.get(key, 0) + 1
+            hits[key] = hits.get(key, 0) + int(ans == str(it["answer"]).strip())
+            if len(shown) < show:
+                shown.append(f"Q: {it['question'].replace(D.IMAGE, '').strip()} | A: {ans} | true: {it['answer']}")
+    res = {f"acc/{k}": hits[k] / counts[k] for k in sorted(counts)}
+    res["val_samples"] = shown
+    return res
+
+
+@torch.no_grad()
+def depth_grid(gem, head, ds, tc, pad_id, target, device, path, n=4):
+    """PNG grid, one row per val image: RGB | true target | target sampled from the current features."""
+    from PIL import Image
+    gem.eval()
+    b = make_batch(ds, list(range(min(n, len(ds)))), pad_id, target, device)
+    hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
+    gen = head.sample(hidden.float(), steps=tc.sample_steps, cfg_scale=tc.cfg_scale,
+                      generator=torch.Generator(device=device).manual_seed(0))
+    size = tc.image_size if tc.image_size >= 64 else 64
+
+    def img(x):  # (C,S,S) in [0,1] -> (size,size,3) uint8
+        x = F.interpolate(x[None].float().clamp(0, 1), (size, size), mode="nearest")[0]
+        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        return (x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    rows = [np.concatenate([img((b["pixel_values"][i] + 1) / 2), img(b["target"][i]), img(gen[i])], 1)
+            for i in range(len(gen))]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    gem.train()
+
+
+# ----------------------------------------------------------------------------------------------------
+# One stage
+
+def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
+    device, rank, world, ddp, log, logf = ctx["device"], ctx["rank"], ctx["world"], ctx["ddp"], ctx["log"], ctx["logf"]
+    spec, total = STAGES[stage], getattr(tc, f"steps{stage}")
+    peak = getattr(tc, f"lr{stage}")
+    target = head.cfg.target if head is not None else "depth"
+    tok = ctx["tok"]
+    pad_id = D.special_ids(tok)["pad_id"]
+    fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
+    ds_kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
+                 head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len)
+    ds, val = D.GemDataset(tc.data, "train", **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+    params = trainable(gem, head, stage, head_trained, log)
+    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    step = 0
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        step = resume_state["step"]
+        torch.set_rng_state(resume_state["rng_cpu"])
+        log(f"stage {stage}: resumed at step {step}/{total}")
+    model = Bundle(gem, head, stage, tc.lam)
+    if tc.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ckpt = os.path.join(tc.out, f"stage{stage}")
+    gbatch = tc.batch_size * tc.grad_accum * world
+    n_params = sum(p.numel() for p in gem.parameters()) + (sum(p.numel() for p in head.parameters()) if head else 0)
+    log(f"stage {stage}: {total} steps, lr {peak:g}, global batch {gbatch}, {len(ds)} train samples "
+        f"({'captions' if stage == 0 else 'mixture'}), trains {sum(p.numel() for p in params):,} of {n_params:,} params")
+    gem.train(spec["vlm"])
+    if head is not None:
+        head.train()
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, leave=True)
+    t0, seen_s, seen_t = time.time(), 0, 0
+    while step < total:
+        lr = lr_at(step, total, peak, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # the step's noise depends on (seed, stage, step, rank) only: resume and recipes stay reproducible
+        torch.manual_seed(tc.seed * 1_000_003 + stage * 10_007 + step * 101 + rank)
+        idx = sample_indices(len(ds), tc.seed + 17 * stage, step * gbatch, gbatch)
+        micro = [idx[(m * world + rank) * tc.batch_size:(m * world + rank + 1) * tc.batch_size]
+                 for m in range(tc.grad_accum)]
+        batches = [make_batch(ds, mi, pad_id, target, device) for mi in micro]
+        # global counts first, so the loss is a mean over every token / valid image of the global batch
+        counts = all_sum(torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in batches)),
+                                       float(sum(b["depth_valid"].sum() for b in batches))], device=device), ddp)
+        stats = torch.zeros(2, device=device)
+        for m, b in enumerate(batches):
+            w_text = world / max(counts[0].item(), 1.0)
+            w_flow = world * b["depth_valid"].sum().item() / max(counts[1].item(), 1.0)
+            sync = nullcontext() if (not ddp or m == len(batches) - 1) else model.no_sync()
+            with sync:
+                with amp:
+                    loss, text_sum, flow = model(b, w_text, w_flow)
+                loss.backward()
+            stats += torch.stack([text_sum.float(), flow.float() * b["depth_valid"].sum()])
+        stats = all_sum(stats, ddp)
+        text_l = (stats[0] / counts[0].clamp(min=1)).item()
+        flow_l = (stats[1] / counts[1].clamp(min=1)).item()
+        total_l = (text_l if spec["text"] else 0.0) + ((tc.lam if stage == 3 else 1.0) * flow_l if head is not None and spec["flow"] else 0.0)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
+        if not (math.isfinite(total_l) and math.isfinite(gnorm)):  # stop before the update touches the weights
+            die(f"non-finite loss at stage {stage} step {step} (text {text_l}, flow {flow_l}, grad norm {gnorm}); "
+                f"stopping without saving; last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seen_s += gbatch
+        seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches))), ddp).item())
+        if rank == 0:
+            bar.update(1)
+            post = {"text": text_l} if spec["text"] else {}
+            if head is not None and spec["flow"]:
+                post["flow"] = flow_l
+            bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()}, refresh=False)
+        if step % tc.log_every == 0 or step == total:
+            dt = time.time() - t0
+            rec = dict(stage=stage, step=step, loss=total_l, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
+                       tokens_per_s=seen_t / dt, **({"text": text_l} if spec["text"] else {}),
+                       **({"flow": flow_l} if head is not None and spec["flow"] else {}))
+            if device.type == "cuda":  # 6 N flops per token (fwd + bwd), all ranks together
+                rec["mfu"] = 6 * n_params * seen_t / dt / (tc.peak_tflops * 1e12 * world)
+            logf(rec)
+            t0, seen_s, seen_t = time.time(), 0, 0
+        last_step = step == total
+        if rank == 0 and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
+            res = validate(gem, head, val, tc, stage, pad_id, target, device, amp)
+            logf(dict(stage=stage, step=step, **res))
+            for s in res.pop("val_samples", []):
+                log("  " + s)
+        if rank == 0 and head is not None and spec["flow"] and ((tc.viz_every and step % tc.viz_every == 0) or last_step):
+            png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
+            depth_grid(gem, head, val, tc, pad_id, target, device, png)
+            depth_grid(gem, head, val, tc, pad_id, target, device, os.path.join(tc.out, "depth_latest.png"))
+        ctx["steps_run"] += 1
+        stop = tc.stop_after and ctx["steps_run"] >= tc.stop_after
+        if (tc.ckpt_every and step % tc.ckpt_every == 0) or last_step or stop:
+            if not all(torch.isfinite(p).all() for p in params):
+                die(f"non-finite parameters after stage {stage} step {step} (learning rate too high?); not saving; "
+                    f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
+            if rank == 0:
+                save_stage(ckpt, gem, head, tc, tok_path, stage, step, opt, last_step, step * gbatch)
+            if ddp:
+                dist.barrier()
+        if stop:
+            log(f"stage {stage}: stopping after {ctx['steps_run']} steps (--stop_after); continue with --resume")
+            break
+    if bar is not None:
+        bar.close()
+    return step == total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main: resolve the recipe, build or load models, run its stages, write run.json
+
+def main(argv=None):
+    tc = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, PRESETS)
+    if tc.recipe not in RECIPES:
+        die(f"unknown --recipe={tc.recipe!r}; valid: {', '.join(RECIPES)}")
+    if tc.recipe != "base" and not tc.init:
+        die(f"--recipe={tc.recipe} starts from a stage-0 checkpoint: pass --init=RUN_DIR (from --recipe=base)")
+    if tc.head_init and tc.recipe in ("base", "sft"):
+        die(f"--head_init makes no sense with --recipe={tc.recipe} (no depth head)")
+    stages = RECIPES[tc.recipe]
+    found = [s for s in stages if os.path.isdir(os.path.join(tc.out, f"stage{s}"))]
+    if found and not tc.resume:
+        die(f"{tc.out} already holds checkpoints ({', '.join(f'stage{s}' for s in found)}): "
+            f"pass --resume to continue it, or choose another --out")
+    try:
+        train(tc, stages)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad files / checkpoints: one line naming the file
+        die(str(e).strip("'\""))
+
+
+def train(tc: TrainConfig, stages: list):
+    device, rank, world, ddp = setup_dist(tc)
+    os.makedirs(tc.out, exist_ok=True)
+    logpath = os.path.join(tc.out, "log.jsonl")
+
+    def logf(rec):
+        if rank == 0:
+            with open(logpath, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+            logf({"msg": msg})
+
+    torch.manual_seed(tc.seed)
+    if tc.recipe == "base":
+        tok_path = os.path.join(tc.hf_llm or tc.data, "tokenizer.json")  # hf: the Qwen3 tokenizer
+        tok = D.load_tokenizer(tok_path)
+        gem, head = build_gem(tc, tok), None
+    else:
+        gem, _, tok, tc0 = load_pretrained(tc.init)
+        tok_path = os.path.join(resolve_ckpt(tc.init), "tokenizer.json")
+        if tc0.image_first != tc.image_first:
+            log(f"note: --image_first={tc.image_first} differs from the stage-0 run ({tc0.image_first})")
+        torch.manual_seed(tc.seed)  # the head's initial weights are the same in every recipe
+        head = None if tc.recipe == "sft" else build_head(tc, gem, tc.recipe)
+    head_trained = False
+    if tc.head_init:
+        hpath = resolve_ckpt(tc.head_init)
+        load_head(head, load_checkpoint(hpath)[0], os.path.join(hpath, "model.safetensors"))
+        head_trained = True
+    gem.to(device)
+    if head is not None:
+        head.to(device)
+    if rank == 0:
+        with open(os.path.join(tc.out, "run.json"), "w") as f:
+            json.dump(dict(recipe=tc.recipe, stages=stages, final=f"stage{stages[-1]}", git_commit=git_commit(),
+                           world_size=world, device=str(device), config=config_to_dict(tc)), f, indent=2)
+    ctx = dict(device=device, rank=rank, world=world, ddp=ddp, log=log, logf=logf, tok=tok, steps_run=0)
+    for stage in stages:
+        ck = os.path.join(tc.out, f"stage{stage}")
+        state = None
+        if tc.resume and os.path.isdir(ck):
+            tensors, _, state = load_checkpoint(ck, with_train_state=True)
+            src = os.path.join(ck, "model.safetensors")
+            extra = load_tensors(gem, tensors, src)
+            if head is not None:
+                load_head(head, extra, src)
+            if state is not None and state["done"]:
+                log(f"stage {stage}: already finished ({ck}), skipping")
+                head_trained = head is not None
+                continue
+        t = time.time()
+        if not run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, state):
+            break  # --stop_after
+        log(f"stage {stage}: done in {time.time() - t:.0f} s -> {ck}")
+        head_trained = head is not None
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
