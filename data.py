@@ -427,6 +427,11 @@ class Scene:
         return (rays * self.depth[..., None]) @ self.pose[:3, :3].T + self.pose[:3, 3]
 
 
+def _rel_ok(b, rel) -> bool:
+    """"in" is asked about the tray only and "on" about anything but the tray (natural phrasing)."""
+    return (rel == "inside") == (b["shape"] == "tray") or rel not in ("on", "inside")
+
+
 def _margin(a, b, rel):
     import sim_env
     return float(sim_env.relation_margin(a, b, rel))
@@ -520,8 +525,8 @@ def q_list(sc):
 
 def q_rel_yn(sc):
     want = bool(sc.rng.random() < 0.5)  # choose the answer first: yes/no stay balanced
-    for rel in sc.rng.permutation(list(RELATIONS)):
-        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b
+    for rel in map(str, sc.rng.permutation(list(RELATIONS))):
+        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and _rel_ok(b, rel)
                  and abs(_margin(a, b, rel)) >= REL_MARGIN and _holds(a, b, rel) == want
                  and (_margin(a, b, rel) > 0) == want]
         if pairs:
@@ -542,9 +547,11 @@ def _choices(sc, correct, others):
 
 
 def q_rel_mc(sc):
-    for rel in sc.rng.permutation(list(RELATIONS)):
+    for rel in map(str, sc.rng.permutation(list(RELATIONS))):
         for b in sc.rng.permutation(len(sc.refs)):
             b = sc.refs[b]
+            if not _rel_ok(b, rel):
+                continue
             others = [o for o in sc.refs if o is not b]
             pos = [o for o in others if _holds(o, b, rel) and _margin(o, b, rel) >= REL_MARGIN]
             neg = [o for o in others if not _holds(o, b, rel) and _margin(o, b, rel) <= -REL_MARGIN]
@@ -737,7 +744,7 @@ class GenConfig:
 
 
 GEN_PRESETS = {
-    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=3,
+    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=5,
                   round_robin=True, shard=2, workers=1, vocab_size=384),
     "tiny": dict(image_size=64),
     "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
@@ -747,142 +754,177 @@ SPLITS = ("train", "val", "test")
 SEED_BASE = {"train": 0, "val": 300_000, "test": 600_000}
 
 
-def rollout(env, seed: int):
-    """Run the expert from reset(seed) to success -> per-step (obs, info, state, subgoal) lists."""
-    obs, info = env.reset(seed=seed)
-    steps = [(obs, info, env.get_state(), env.expert_subgoal)]
-    for _ in range(info["max_steps"]):
-        obs, _, term, trunc, info = env.step(env.expert_action())
-        steps.append((obs, info, env.get_state(), env.expert_subgoal))
-        if info["success"] or term or trunc:
+def expert_rollout(env, seed: int, max_steps=None):
+    """Expert from reset(seed) to success, without rendering -> (sim states, expert subgoals, success)."""
+    _, info = env.reset(seed=seed)
+    states, subgoals = [env.get_state()], [env.expert_subgoal]
+    for _ in range(max_steps or info["max_steps"]):
+        _, _, term, trunc, info = env.step(env.expert_action())
+        states.append(env.get_state()), subgoals.append(env.expert_subgoal)
+        if term or trunc:
             break
-    return steps, bool(info["success"])
+    return states, subgoals, bool(info["success"])
 
 
-def _envs(cache, suite, task_id, image_size):
+def reduce_scene(state: dict, task, rng) -> dict:
+    """A copy of a reset state with some distractors removed (2-5 objects): small scenes make the
+    colour -> location binding learnable for the tiny model. Objects the task's goals name stay."""
+    keep_roles = {g[1] for g in task.goals} | {g[2] for g in task.goals if g[0] in ("on", "in")}
+    objs = state["objects"]
+    must = [i for i, o in enumerate(objs) if o["role"] in keep_roles]
+    rest = [i for i in rng.permutation(len(objs)).tolist() if i not in must]
+    n = max(len(must), int(rng.integers(2, min(5, len(objs)) + 1)))
+    idx = sorted(must + rest[:n - len(must)])
+    return dict(state, objects=[dict(objs[i], id=k + 1) for k, i in enumerate(idx)],
+                start=[state["start"][i] for i in idx])
+
+
+def _env(cache, suite, task_id, image_size, render=True):
     import sim_env
-    key = (suite, task_id)
+    key = (suite, task_id, image_size, render)
     if key not in cache:
-        cache[key] = sim_env.TabletopEnv(suite, task_id, image_size=image_size)
+        cache[key] = sim_env.TabletopEnv(suite, task_id, image_size=image_size, render_images=render)
     return cache[key]
 
 
+def _draw_types(cfg, rng, rr, skip):
+    """Question types for one frame (besides its caption and the explicitly placed "done" questions):
+    the least used so far (micro: every type appears), else families drawn by MIXTURE."""
+    pool = [t for t in TYPE_FAMILY if t not in skip]
+    if cfg["round_robin"]:  # the least used types so far (rr counts uses): every type gets covered
+        chosen = sorted(pool, key=lambda t: rr.get(t, 0))[:cfg["questions"]]
+        rr.update({t: rr.get(t, 0) + 1 for t in chosen})
+        return chosen
+    fams = [f for f in MIXTURE if any(t in pool for t in FAMILY_TYPES[f])]
+    p = np.array([MIXTURE[f] for f in fams])
+    out = []
+    for f in rng.choice(fams, size=cfg["questions"], p=p / p.sum()):
+        types = [t for t in FAMILY_TYPES[f] if t in pool]
+        out.append(types[int(rng.integers(len(types)))])
+    return out
+
+
+def frame_records(sc, fid, types, out):
+    """Records for one frame. A type with no unambiguous question here falls back to its family's others."""
+    recs = []
+    for j, typ in enumerate(types):
+        sid = f"{fid}-{j}"
+        rec = dict(id=sid, image=f"images/{fid}.png", depth=f"depth/{fid}.png", task=TYPE_FAMILY[typ])
+        if typ == "depth":  # the image alone, for the depth head
+            recs.append(dict(rec, conversations=[{"from": "human", "value": IMAGE}], meta=dict(type="depth", frame=fid)))
+            continue
+        fam = FAMILY_TYPES[TYPE_FAMILY[typ]]
+        for alt in [typ] + [t for t in sc.rng.permutation(fam).tolist() if t != typ]:
+            sc.marked = None
+            made = MAKERS[alt](sc) if (alt != "done" or typ == "done") else None
+            if made:
+                break
+        if not made:
+            continue
+        q, a, meta = made
+        if sc.marked is not None:  # markers drawn on a copy of the frame: its own image file
+            rec["image"] = f"images/{sid}.png"
+            Image.fromarray(sc.marked).save(os.path.join(out, rec["image"]))
+        rec.update(conversations=[{"from": "human", "value": f"{IMAGE}\n{q}"}, {"from": "gpt", "value": a}],
+                   meta=dict(type=alt, frame=fid, **meta))
+        recs.append(rec)
+    return recs
+
+
 def gen_shard(job):
-    """Write one shard: its images, depth maps, simulator states and finally (atomically) its JSONL."""
+    """Write one shard: images, depth maps, simulator states, and last (atomically) the shard's JSONL."""
     cfg, split, k = job
     import sim_env
-    out = cfg["out"]
+    out, S = cfg["out"], cfg["image_size"]
     rng = np.random.default_rng([cfg["seed"], SPLITS.index(split), k])
     pairs = [(s, t) for s in sim_env.SUITES for t in range(len(sim_env.SUITES[s]))]
-    n_roll = cfg[f"{split}_rollouts"]
-    types = [t for t in MAKERS]
-    records, cache, rr = [], {}, k * 7
-    for r in range(k * cfg["shard"], min(n_roll, (k + 1) * cfg["shard"])):
-        for attempt in range(20):
-            suite, task_id = pairs[rng.integers(len(pairs))]
-            env = _envs(cache, suite, task_id, cfg["image_size"])
-            steps, ok = rollout(env, SEED_BASE[split] + 20 * r + attempt)
-            combos = {(o["colour"], o["shape"]) for o in steps[0][1]["objects"]}
+    records, cache, rr = [], {}, {}
+    for r in range(k * cfg["shard"], min(cfg[f"{split}_rollouts"], (k + 1) * cfg["shard"])):
+        for attempt in range(20):  # train/val never show a held-out colour x shape combination
+            suite, task_id = pairs[int(rng.integers(len(pairs)))]
+            env = _env(cache, suite, task_id, S, render=False)
+            states, subgoals, ok = expert_rollout(env, SEED_BASE[split] + 20 * r + attempt)
+            combos = {(o["colour"], o["shape"]) for o in states[0]["objects"]}
             if ok and (split == "test" or not combos & HELDOUT_COMBOS):
                 break
-        T = len(steps) - 1
-        ts = sorted(rng.choice(T, size=min(cfg["frames"] - 1, T), replace=False).tolist()) + [T]
-        no_frame = ts[int(rng.integers(len(ts) - 1))] if len(ts) > 1 else None
-        grip = [s[2]["gripper_pos"] if "gripper_pos" in s[2] else s[0]["state"][:3].tolist() for s in steps]
-        for t in ts:
-            obs, info, state, subgoal = steps[t]
-            fid = f"{split}-{r:05d}-{t:03d}"
+        renv, T = _env(cache, suite, task_id, S), len(states) - 1
+        grip = [st["grip"][:3] for st in states]
+        ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
+        # frames: a reduced reset scene, a few mid-rollout frames, and the success frame
+        for t in [-1] + ts + [T]:
+            st = reduce_scene(states[0], env.task, rng) if t < 0 else states[t]
+            obs, info = renv.reset(options={"state": st})
+            fid = f"{split}-{r:05d}-{'r' if t < 0 else t}"
             instr = env.task.instruction(rng, heldout=split == "test" and bool(rng.random() < 0.5))
-            sc = Scene(obs, info, split, rng, task=env.task, future=grip[t:], success=t == T and ok,
-                       subgoal=subgoal, instr=instr)
+            sc = Scene(obs, info, split, rng, task=env.task, future=grip[max(t, 0):], success=t == T,
+                       subgoal=subgoals[max(t, 0)], instr=instr)
             Image.fromarray(obs["rgb"]).save(os.path.join(out, "images", fid + ".png"))
             save_depth_png(os.path.join(out, "depth", fid + ".png"), obs["depth"])
             with open(os.path.join(out, "states", fid + ".json"), "w") as f:
-                json.dump(dict(suite=suite, task_id=int(task_id), t=t, state=state), f)
-            # the success frame and one earlier frame each get "is it done?": exactly balanced yes/no
-            wanted = ["caption"] + (["done"] if t in (T, no_frame) else [])
-            for _ in range(cfg["questions"]):
-                if cfg["round_robin"]:
-                    wanted.append(types[rr % len(types)])
-                    rr += 1
-                else:
-                    fams = [f for f in MIXTURE if f not in ("caption",)]
-                    p = np.array([MIXTURE[f] for f in fams])
-                    fam = fams[rng.choice(len(fams), p=p / p.sum())]
-                    wanted.append("depth" if fam == "depth" else FAMILY_TYPES[fam][rng.integers(len(FAMILY_TYPES[fam]))])
-            for j, typ in enumerate(wanted):
-                sid = f"{fid}-{j}"
-                rec = dict(id=sid, image=f"images/{fid}.png", depth=f"depth/{fid}.png", task=TYPE_FAMILY.get(typ, typ))
-                if typ == "depth":
-                    rec.update(conversations=[dict({"from": "human", "value": IMAGE})], meta=dict(type="depth"))
-                else:
-                    sc.marked = None
-                    out_q = None
-                    for alt in [typ] + [t2 for t2 in rng.permutation(FAMILY_TYPES[TYPE_FAMILY[typ]]).tolist() if t2 != typ]:
-                        out_q = MAKERS[alt](sc) if alt != "done" or t in (T, no_frame) else None
-                        if out_q:
-                            typ = alt
-                            break
-                    if out_q is None:
-                        continue
-                    q, a, meta = out_q
-                    if sc.marked is not None:
-                        rec["image"] = f"images/{sid}.png"
-                        Image.fromarray(sc.marked).save(os.path.join(out, "images", sid + ".png"))
-                    meta = dict(type=typ, frame=fid, suite=suite, task_id=int(task_id), **meta)
-                    rec.update(task=TYPE_FAMILY[typ], conversations=[{"from": "human", "value": f"{IMAGE}\n{q}"},
-                                                                      {"from": "gpt", "value": a}], meta=meta)
+                json.dump(dict(suite=suite, task_id=int(task_id), t=t, state=st), f)
+            skip = {"caption", "done"}  # every frame gets a caption; "done" is placed below
+            if t < 0:  # the reduced scene has no rollout behind it: no planning or trajectory there
+                skip |= set(FAMILY_TYPES["planning"] + FAMILY_TYPES["trajectory"])
+            elif t == T:  # nothing left to plan or trace at the success frame
+                skip |= {"next_step", "trajectory"}
+            types = ["caption"] + _draw_types(cfg, rng, rr, skip)
+            if t == T or (ts and t == ts[len(ts) // 2]):  # "is it done?": one yes and one no per rollout
+                types.append("done")
+            for rec in frame_records(sc, fid, types, out):
+                rec["meta"].update(suite=suite, task_id=int(task_id), t=t)
                 records.append(rec)
     path = os.path.join(out, "shards", f"{split}-{k:04d}.jsonl")
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)  # the shard exists only once it is complete
+    os.replace(path + ".tmp", path)  # a shard file exists only once the shard is complete
     return split, k, len(records)
 
 
 def generate(cfg: GenConfig) -> dict:
-    """Generate (or finish generating) a dataset; returns the stats dict also written to stats.json."""
+    """Generate (or finish generating) a dataset; returns the stats also written to stats.json."""
     from multiprocessing import get_context
     from tqdm import tqdm
+    import sim_env
     for d in ("images", "depth", "states", "shards"):
         os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
     c = dataclasses.asdict(cfg)
     jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(c[f"{s}_rollouts"] / cfg.shard))]
-    todo = [j for j in jobs if not os.path.isfile(os.path.join(cfg.out, "shards", f"{j[1]}-{j[2]:04d}.jsonl"))]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="shards", disable=cfg.preset == "micro")
-    if cfg.workers > 1 and len(todo) > 1:
-        with get_context("fork").Pool(cfg.workers) as pool:
-            for _ in pool.imap_unordered(gen_shard, todo):
+    shard_file = lambda s, k: os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")
+    todo = [j for j in jobs if not os.path.isfile(shard_file(j[1], j[2]))]  # finished shards are kept
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="shards", disable=cfg.preset == "micro") as bar:
+        if cfg.workers > 1 and len(todo) > 1:
+            with get_context("fork").Pool(cfg.workers) as pool:
+                for _ in pool.imap_unordered(gen_shard, todo):
+                    bar.update()
+        else:
+            for j in todo:
+                gen_shard(j)
                 bar.update()
-    else:
-        for j in todo:
-            gen_shard(j)
-            bar.update()
-    bar.close()
-    stats = {"config": c, "splits": {}}
+    stats, texts = {"config": c, "splits": {}}, []
     for s in SPLITS:
         recs = []
         for _, _, k in [j for j in jobs if j[1] == s]:
-            with open(os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")) as f:
+            with open(shard_file(s, k)) as f:
                 recs += [json.loads(line) for line in f]
-        with open(os.path.join(cfg.out, f"{s}.jsonl.tmp"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-        os.replace(os.path.join(cfg.out, f"{s}.jsonl.tmp"), os.path.join(cfg.out, f"{s}.jsonl"))
+        _write_atomic(os.path.join(cfg.out, f"{s}.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
         fam, typ = {}, {}
         for r in recs:
             fam[r["task"]] = fam.get(r["task"], 0) + 1
-            t = r["meta"]["type"]
-            typ[t] = typ.get(t, 0) + 1
+            typ[r["meta"]["type"]] = typ.get(r["meta"]["type"], 0) + 1
         stats["splits"][s] = dict(samples=len(recs), images=len({r["image"] for r in recs}), families=fam, types=typ)
         if s == "train":
             texts = [t["value"].replace(IMAGE, "") for r in recs for t in r["conversations"]]
-    import sim_env  # the VLA's instructions must tokenize well too
-    texts += [task.instruction(np.random.default_rng(i)) for ts in sim_env.SUITES.values() for task in ts for i in range(3)]
+    # the VLA's training instructions must tokenize compactly too
+    texts += [VLA_PROMPT.format(instr=t) for ts in sim_env.SUITES.values() for task in ts for t in task.templates]
     train_tokenizer(texts, os.path.join(cfg.out, "tokenizer.json"), cfg.vocab_size)
-    with open(os.path.join(cfg.out, "stats.json.tmp"), "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(os.path.join(cfg.out, "stats.json.tmp"), os.path.join(cfg.out, "stats.json"))
+    _write_atomic(os.path.join(cfg.out, "stats.json"), json.dumps(stats, indent=1))
     return stats
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -902,16 +944,19 @@ class DemoConfig:
 DEMO_SEED_BASE = 900_000  # demo start states: training seeds, disjoint from the VLM data and the eval states
 
 
-def is_noop(a, prev_grip) -> bool:
-    """OpenVLA/LIBERO convention: no motion and an unchanged gripper command."""
-    return bool(np.abs(a[:6]).max() < 1e-4 and (a[6] > 0) == (prev_grip > 0))
+def _physical(state: dict) -> str:
+    """The part of a simulator state that actions change (not the step counter)."""
+    return json.dumps({k: v for k, v in state.items() if k != "t"}, sort_keys=True)
 
 
 def demo_task(job):
-    """Expert episodes for one task until `per_task` succeed; one .npz per kept episode."""
+    """Expert episodes for one task until `per_task` succeed; one .npz per kept episode.
+
+    A no-op step (one that leaves the simulator state unchanged, e.g. the expert idling) is dropped, so
+    the stored actions replayed from sim_states[0] reproduce the episode exactly."""
     c, suite, task_id = job
     import sim_env
-    env = sim_env.TabletopEnv(suite, task_id, image_size=c["image_size"], render_depth=False, render_seg=False)
+    env = sim_env.TabletopEnv(suite, task_id, image_size=c["image_size"], render_images=False)
     kept, tries = 0, 0
     while kept < c["per_task"] and tries < 3 * c["per_task"] + 5:
         path = os.path.join(c["out"], f"{suite}_{task_id:02d}_{kept:03d}.npz")
@@ -921,17 +966,18 @@ def demo_task(job):
             kept += 1
             continue
         obs, info = env.reset(seed=seed)
-        acts, states, sims, grip = [], [], [], -1.0
+        acts, states, sims = [], [], []
         for _ in range(info["max_steps"]):
-            a = np.asarray(env.expert_action(), np.float32)
-            if not is_noop(a, grip):  # state *before* the action is what the policy sees
-                acts.append(a), states.append(np.asarray(obs["state"], np.float32)), sims.append(env.get_state())
-                grip = a[6]
-            obs, _, term, trunc, info = env.step(a)
-            if info["success"] or term or trunc:
+            before, a = env.get_state(), np.asarray(env.expert_action(), np.float32)
+            obs2, _, term, trunc, info = env.step(a)
+            if _physical(env.get_state()) != _physical(before):  # the state *before* the action is the input
+                acts.append(a), states.append(np.asarray(obs["state"], np.float32)), sims.append(before)
+            obs = obs2
+            if term or trunc:
                 break
         if not info["success"]:
             continue
+        sims.append(env.get_state())  # the final (success) state, for checks
         tmp = path[:-4] + ".tmp.npz"
         np.savez(tmp, actions=np.stack(acts), states=np.stack(states), sim_states=json.dumps(sims),
                  instruction=obs["instruction"], suite=suite, task_id=task_id, seed=seed)
@@ -1055,7 +1101,7 @@ class DemoDataset(torch.utils.data.Dataset):
         if self.cache is not None and (e, t) in self.cache:
             return self.cache[(e, t)]
         ep = self.eps[e]
-        env = _envs(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
+        env = _env(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
         env.set_state(ep["sim_states"][t])
         obs = dict(env.render(), instruction=ep["instruction"])
         obs = dict(rgb=obs["rgb"], depth=obs["depth"], state=ep["states"][t], instruction=ep["instruction"])

@@ -1,0 +1,27 @@
+"""Session-scoped data fixtures shared by every test file (owner: data engineer).
+
+micro_data  -> path (str) of a generated `micro` VLM dataset: train/val/test.jsonl, images/, depth/,
+               states/, tokenizer.json, stats.json (tens of samples, 64x64, every question type).
+micro_demos -> path (str) of a few successful expert demo episodes (*.npz) plus norm_stats.json.
+Both are generated once per test session into a temporary directory (a few seconds each).
+"""
+import dataclasses
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("micro_data")
+    cfg = data.GenConfig(**dict(data.GEN_PRESETS["micro"], out=str(root), preset="micro"))
+    data.generate(cfg)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def micro_demos(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("micro_demos")
+    data.generate_demos(data.DemoConfig(out=str(root), suite="goal", tasks="0,6", per_task=2, workers=1))
+    return str(root)
