@@ -1,0 +1,505 @@
+"""GEM-VLA: a flow-matching action expert on the (depth-supervised) GEM VLM, its training, and the Policy.
+
+Run (CPU, tiny):   python train_vla.py --preset=tiny --init=runs/tiny/gem/ckpt --demos=data/demos --out_dir=runs/tiny/vla-gem
+No depth loss:     ... --depth_weight=0        Frozen VLM: ... --freeze_vlm        Resume: ... --resume
+Several GPUs:      torchrun --nproc_per_node=N train_vla.py --preset=small ...
+Use the policy:    pol = Policy("runs/tiny/vla-gem/ckpt"); pol.reset(); action = pol.act(obs)   # obs from sim_env
+
+Paper -> code map (PAPER.md, "GEM-VLA")
+  RDT-style DiT action expert, AdaLN on flow time + state  ActionExpert, ExpertBlock, ActionExpert.cond
+  block i cross-attends to VLM layer i (embedding + LLM)  ActionExpert.context (K/V of hidden_states[i])
+  x_t = t a + (1 - t) eps, target a - eps, t logit-normal  flow_matching_loss
+  5 Euler steps at inference                               ActionExpert.sample
+  L = L_action + 0.1 L_flow (depth, first camera)          GEMVLA.forward (--depth_weight)
+  VLM trained jointly (own lr) / frozen                    build_optimizer (--vlm_lr, --freeze_vlm)
+  action chunk executed k of H, then re-plan               Policy.act (--replan_k)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+from model import RMSNorm, config_from_dict, config_to_dict, load_checkpoint, load_tensors, parse_config
+from train_pretrain import all_sum, die, git_commit, load_pretrained, lr_at, resolve_ckpt, sample_indices, setup_dist
+
+
+# ----------------------------------------------------------------------------------------------------
+# Action expert: a small DiT over [state token, H action tokens]
+
+def modulate(x, shift, scale):  # AdaLN: x (B,T,D), shift/scale (B,D)
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t, dim: int):
+    """Sinusoidal embedding of the flow time t in [0,1] (B,) -> (B, dim); t scaled by 1000 as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ExpertBlock(nn.Module):
+    """Self-attention over the action tokens, cross-attention to one VLM layer, MLP; each AdaLN-Zero gated."""
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False) for _ in range(3))
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ctx_norm = RMSNorm(ctx_dim)  # intermediate LLM layers are un-normalised residual streams
+        self.q, self.kv, self.xproj = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Linear(dim, 9 * dim)  # shift/scale/gate for each of the three sub-layers
+        nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)  # AdaLN-Zero: block starts as identity
+
+    def split(self, x):  # (B, T, D) -> (B, heads, T, hd)
+        B, T, D = x.shape
+        return x.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+
+    def context(self, h, mask):
+        """VLM hidden states (B, L, C) + mask (B, L) -> cached K, V (B, heads, L, hd) and attention mask."""
+        k, v = self.kv(self.ctx_norm(h)).chunk(2, dim=-1)
+        return self.split(k), self.split(v), mask[:, None, None, :]  # mask (B,1,1,L), True = attend
+
+    def forward(self, x, c, ctx):
+        B, T, D = x.shape
+        s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.ada(c).chunk(9, dim=-1)
+        q, k, v = self.qkv(modulate(self.norm1(x), s1, c1)).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v))  # (B, heads, T, hd)
+        x = x + g1[:, None] * self.proj(y.transpose(1, 2).reshape(B, T, D))
+        ck, cv, cmask = ctx
+        y = F.scaled_dot_product_attention(self.split(self.q(modulate(self.norm2(x), s2, c2))), ck, cv, attn_mask=cmask)
+        x = x + g2[:, None] * self.xproj(y.transpose(1, 2).reshape(B, T, D))
+        return x + g3[:, None] * self.mlp(modulate(self.norm3(x), s3, c3))
+
+
+class ActionExpert(nn.Module):
+    """Predicts the flow velocity (a - eps) of a normalised action chunk (B, H, A) at time t (paper: RDT DiT).
+
+    Tokens: [state token, H noisy action tokens] + learned positions. Conditioning: AdaLN on
+    emb(t) + mlp(state). Block i cross-attends to VLM hidden_states[i] (embedding output = layer 0).
+    """
+
+    def __init__(self, n_blocks: int, dim: int, heads: int, ctx_dim: int, horizon: int, action_dim: int = 7,
+                 state_dim: int = 8, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.horizon, self.action_dim, self.dim = horizon, action_dim, dim
+        self.action_in, self.state_in = nn.Linear(action_dim, dim), nn.Linear(state_dim, dim)
+        self.pos = nn.Parameter(torch.randn(1, horizon + 1, dim) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.s_mlp = nn.Sequential(nn.Linear(state_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(ExpertBlock(dim, heads, ctx_dim, mlp_ratio) for _ in range(n_blocks))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada_out, self.out = nn.Linear(dim, 2 * dim), nn.Linear(dim, action_dim)
+        for m in (self.ada_out, self.out):  # zero-init the output: the initial velocity is 0
+            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+
+    def context(self, hidden_states: list, mask):
+        """Per-block cross-attention K/V, computed once per observation and reused by every Euler step."""
+        return [blk.context(hidden_states[i], mask) for i, blk in enumerate(self.blocks)]
+
+    def forward(self, x_t, t, state, ctx):
+        """x_t (B,H,A), t (B,), state (B,S), ctx from context() -> velocity (B,H,A)."""
+        c = F.silu(self.t_mlp(timestep_embedding(t, self.dim)) + self.s_mlp(state))  # (B, D)
+        x = torch.cat([self.state_in(state)[:, None], self.action_in(x_t)], dim=1) + self.pos  # (B, 1+H, D)
+        for blk, kv in zip(self.blocks, ctx):
+            x = blk(x, c, kv)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        return self.out(modulate(self.norm_out(x[:, 1:]), shift, scale))  # drop the state token: (B, H, A)
+
+    @torch.no_grad()
+    def sample(self, state, ctx, steps: int = 5, generator=None):
+        """Euler integration of dx/dt = v from noise (t=0) to actions (t=1) -> (B, H, A) normalised."""
+        B = state.shape[0]
+        x = torch.randn(B, self.horizon, self.action_dim, generator=generator, device=state.device)
+        for i in range(steps):
+            t = torch.full((B,), i / steps, device=state.device)
+            x = x + self.forward(x, t, state, ctx) / steps
+        return x
+
+
+def expand_ctx(ctx, n: int):
+    """Repeat each sample's cached context n times (several flow samples per VLM forward)."""
+    return [tuple(z.repeat_interleave(n, dim=0) for z in kv) for kv in ctx]
+
+
+def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 1, t_mu: float = 0.0,
+                       t_sigma: float = 1.0, generator=None):
+    """Rectified flow on the chunk: x_t = t a + (1-t) eps, regress a - eps; t = sigmoid(N(mu, sigma)).
+
+    actions (B,H,A) normalised, state (B,S), action_mask (B,H) bool (False past the episode end).
+    `repeats` draws several (t, eps) per sample: the VLM forward is shared, so this is nearly free.
+    """
+    if repeats > 1:
+        ctx, actions, state, action_mask = (expand_ctx(ctx, repeats), actions.repeat_interleave(repeats, 0),
+                                            state.repeat_interleave(repeats, 0), action_mask.repeat_interleave(repeats, 0))
+    B = actions.shape[0]
+    noise = torch.randn(actions.shape, generator=generator, device=actions.device)
+    t = torch.sigmoid(t_mu + t_sigma * torch.randn(B, generator=generator, device=actions.device))
+    x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
+    err = (expert(x_t, t, state, ctx) - (actions - noise)).pow(2).mean(-1)  # (B, H)
+    m = action_mask.float()
+    return (err * m).sum() / m.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and presets (one screen of hyperparameters)
+
+@dataclass
+class VLAConfig:
+    preset: str = "tiny"
+    init: str = ""                  # pretraining run or stage directory (train_pretrain.py), required
+    demos: str = "data/demos"       # demo episodes (python data.py demos ...)
+    out: str = "runs/tiny/vla"      # run directory: run.json, log.jsonl, ckpt/
+    resume: bool = False            # continue <out>/ckpt exactly (model, optimizer, step; data order and noise are per-step seeded)
+    tasks: str = ""                 # e.g. "spatial:0,goal:3" trains on those tasks only ("" = every demo)
+    # action expert (paper: RDT DiT, width 1024, 14 blocks, chunk 32)
+    horizon: int = 8                # H actions per chunk
+    expert_dim: int = 128
+    expert_heads: int = 4
+    expert_blocks: int = 0          # block i <- VLM hidden_states[i]; 0 = all (embedding + every LLM layer)
+    expert_mlp_ratio: float = 4.0
+    flow_steps: int = 5             # Euler steps at inference
+    flow_repeats: int = 4           # (t, noise) draws per sample and step; the VLM forward is shared
+    t_mu: float = 0.0               # logit-normal flow time: t = sigmoid(N(t_mu, t_sigma))
+    t_sigma: float = 1.0
+    replan_k: int = 4               # the Policy executes k of the H actions, then re-plans
+    # optimisation
+    steps: int = 600
+    batch_size: int = 32            # global batch (split over DDP ranks)
+    lr: float = 1e-3                # action expert
+    vlm_lr: float = 2e-4            # VLM and depth head when trained jointly (paper: 1e-5 at 2B)
+    freeze_vlm: bool = False
+    depth_weight: float = 0.1       # L = L_action + depth_weight * L_flow(depth); 0 = no depth term at all
+    weight_decay: float = 0.01
+    warmup: float = 0.05            # fraction of the steps
+    min_lr_frac: float = 0.1        # cosine decays to this fraction of the peak
+    grad_clip: float = 1.0
+    val_episodes: int = 1           # demo episodes per task held out for the validation action L1
+    val_max: int = 256              # at most this many validation chunks (evenly spaced)
+    # bookkeeping
+    log_every: int = 10
+    eval_every: int = 200
+    ckpt_every: int = 200
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    compile: bool = False
+    threads: int = 0                # torch CPU threads (0 = torch's default)
+
+
+PRESETS = {
+    "micro": dict(horizon=4, expert_dim=32, expert_heads=2, steps=6, batch_size=4, flow_repeats=2, log_every=1,
+                  eval_every=3, ckpt_every=3, val_max=8),
+    "tiny": dict(),
+    "small": dict(horizon=16, expert_dim=384, expert_heads=6, steps=20000, batch_size=64, lr=3e-4, vlm_lr=3e-5,
+                  eval_every=1000, ckpt_every=1000, log_every=50, val_max=1024),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# GEM-VLA = VLM (+ generative depth head for the auxiliary loss) + action expert
+
+class GEMVLA(nn.Module):
+    def __init__(self, vlm, expert: ActionExpert, head=None):
+        super().__init__()
+        self.vlm, self.expert, self.head = vlm, expert, head  # head is None when depth_weight == 0
+
+    def encode(self, input_ids, pixel_values, attention_mask):
+        """One VLM forward -> (its output dict, the expert's per-block cross-attention context)."""
+        out = self.vlm(input_ids, pixel_values, attention_mask=attention_mask, output_hidden_states=True)
+        return out, self.expert.context(out["hidden_states"], attention_mask)
+
+    def forward(self, batch: dict, cfg: VLAConfig) -> dict:
+        """Loss terms of one batch: action flow loss and (only if a head is attached) the depth flow loss."""
+        out, ctx = self.encode(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        terms = {"action": flow_matching_loss(self.expert, ctx, batch["actions"], batch["state"], batch["action_mask"],
+                                              cfg.flow_repeats, cfg.t_mu, cfg.t_sigma)}
+        if self.head is not None:  # paper: the depth loss (x0.1) stays on, on the first camera's image
+            terms["depth"] = self.head.loss(out["image_hidden"], batch["depth_target"], batch["depth_valid"])
+        terms["loss"] = terms["action"] + cfg.depth_weight * terms["depth"] if "depth" in terms else terms["action"]
+        return terms
+
+    @torch.no_grad()
+    def sample_actions(self, batch: dict, steps: int, generator=None):
+        """Normalised action chunks (B, H, A) for a batch of preprocessed observations."""
+        _, ctx = self.encode(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        return self.expert.sample(batch["state"], ctx, steps, generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building, saving and loading (checkpoint layout: DESIGN.md section 3)
+
+def build_expert(cfg: VLAConfig, gcfg) -> ActionExpert:
+    n_hidden = gcfg.n_layers + 1  # embedding output + every LLM layer
+    n_blocks = cfg.expert_blocks or n_hidden
+    if n_blocks > n_hidden:
+        die(f"--expert_blocks={n_blocks} but the VLM has only {n_hidden} hidden states (embedding + {gcfg.n_layers} layers)")
+    return ActionExpert(n_blocks, cfg.expert_dim, cfg.expert_heads, gcfg.dim, cfg.horizon,
+                        mlp_ratio=cfg.expert_mlp_ratio)
+
+
+def save_vla(path, model: GEMVLA, cfg: VLAConfig, pre_tc, stats: dict, tok_path: str, train_state=None):
+    """A pretraining-style checkpoint (config.json = GEMConfig, pretrain.json, VLM + "head." tensors, so
+    train_pretrain.load_pretrained and eval's depth probe read it too) plus "expert." tensors, vla.json
+    and norm_stats.json."""
+    extra = {f"expert.{k}": v for k, v in model.expert.state_dict().items()}
+    if model.head is not None:
+        extra.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    meta = dict(head=config_to_dict(model.head.cfg) if model.head is not None else None, train=config_to_dict(pre_tc),
+                recipe="vla", init=cfg.init, git_commit=git_commit())
+    model.vlm.save_pretrained(path, extra_tensors=extra, train_state=train_state,
+                              json_files={"pretrain.json": meta, "vla.json": config_to_dict(cfg), "norm_stats.json": stats},
+                              copy_files={"tokenizer.json": tok_path})
+
+
+def load_vla(path: str, device="cpu"):
+    """VLA run or checkpoint directory -> (GEMVLA, VLAConfig, pretraining TrainConfig, tokenizer, norm stats)."""
+    path = resolve_ckpt(path)
+    files = {n: os.path.join(path, n) for n in ("vla.json", "norm_stats.json")}
+    for n, f in files.items():
+        if not os.path.isfile(f):
+            die(f"{f}: missing (not a train_vla.py checkpoint?)")
+    vlm, head, tok, pre_tc = load_pretrained(path)
+    with open(files["vla.json"]) as f:
+        cfg = config_from_dict(VLAConfig, json.load(f), files["vla.json"])
+    with open(files["norm_stats.json"]) as f:
+        stats = json.load(f)
+    model = GEMVLA(vlm, build_expert(cfg, vlm.cfg), head)
+    tensors, _, _ = load_checkpoint(path)
+    load_tensors(model.expert, {k[7:]: v for k, v in tensors.items() if k.startswith("expert.")},
+                 os.path.join(path, "model.safetensors"))
+    return model.to(device), cfg, pre_tc, tok, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policy: simulator observation -> action, through the training preprocessing and an action queue
+
+class Policy:
+    """Closed-loop controller. `act(obs)` returns one 7-D action in [-1, 1]; it predicts a chunk of H
+    actions, executes the first `replan_k` of them, then re-plans from the new observation.
+
+    Policy(ckpt).act(obs) for one environment; reset(n) + act_batch([obs or None] * n) for n in lockstep
+    (one batched VLM + expert call for every environment whose queue ran out; None = finished env).
+    """
+
+    def __init__(self, ckpt: str, device: str = "cpu", replan_k: int | None = None, flow_steps: int | None = None,
+                 seed: int = 0):
+        self.model, self.cfg, self.pre_tc, self.tok, self.stats = load_vla(ckpt, device)
+        self.model.eval()
+        self.pad_id, self.device = D.special_ids(self.tok)["pad_id"], torch.device(device)
+        self.k = replan_k or self.cfg.replan_k
+        self.steps = flow_steps or self.cfg.flow_steps
+        if not 1 <= self.k <= self.cfg.horizon:
+            die(f"replan_k={self.k}: must be in 1..horizon={self.cfg.horizon}")
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # reproducible rollouts
+        g = self.model.vlm.cfg  # what obs_to_inputs needs, exactly as DemoDataset passes it in training
+        self.obs_cfg = SimpleNamespace(image_size=g.image_size, n_image_tokens=g.n_image_tokens,
+                                       image_first=self.pre_tc.image_first)
+        self.reset()
+
+    def reset(self, n: int = 1):
+        self.queues = [[] for _ in range(n)]
+
+    def preprocess(self, obs: dict) -> dict:
+        """THE training preprocessing (data.obs_to_inputs), one sample."""
+        return D.obs_to_inputs(obs, self.tok, self.obs_cfg, self.stats)
+
+    @torch.no_grad()
+    def predict(self, obs_list: list) -> np.ndarray:
+        """Observations -> un-normalised action chunks (N, H, 7) clipped to [-1, 1]."""
+        batch = to_device(D.collate([self.preprocess(o) for o in obs_list], self.pad_id), self.device)
+        a = self.model.sample_actions(batch, self.steps, self.generator)
+        return D.unnormalize(a.float().cpu(), self.stats, "action").clamp(-1, 1).numpy()
+
+    def act_batch(self, obs_list: list) -> list:
+        need = [i for i, o in enumerate(obs_list) if o is not None and not self.queues[i]]
+        if need:
+            chunks = self.predict([obs_list[i] for i in need])
+            for i, c in zip(need, chunks):
+                self.queues[i] = list(c[:self.k])
+        return [self.queues[i].pop(0) if o is not None else None for i, o in enumerate(obs_list)]
+
+    def act(self, obs: dict) -> np.ndarray:
+        if len(self.queues) != 1:
+            self.reset(1)
+        return self.act_batch([obs])[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def build_optimizer(model: GEMVLA, cfg: VLAConfig):
+    """Expert at --lr; VLM and depth head at --vlm_lr (or VLM frozen). No weight decay on norms/biases."""
+    model.vlm.requires_grad_(not cfg.freeze_vlm)
+    groups = []
+    for mods, lr in (([model.expert], cfg.lr), ([model.vlm, model.head], cfg.vlm_lr)):
+        ps = [p for m in mods if m is not None for p in m.parameters() if p.requires_grad]
+        groups += [dict(params=[p for p in ps if p.dim() >= 2], peak=lr, weight_decay=cfg.weight_decay),
+                   dict(params=[p for p in ps if p.dim() < 2], peak=lr, weight_decay=0.0)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def split_demos(ds, tasks: str, val_episodes: int):
+    """Dataset indices -> (train, val): keep --tasks ("suite:id,..."), hold out each task's last episodes."""
+    try:
+        keep = {(t.split(":")[0], int(t.split(":")[1])) for t in tasks.split(",") if t} if tasks else None
+    except (IndexError, ValueError):
+        die(f"--tasks={tasks!r}: expected suite:task_id pairs, e.g. spatial:0,goal:3")
+    by_task = {}
+    for e, ep in enumerate(ds.eps):
+        if keep is None or (ep["suite"], ep["task_id"]) in keep:
+            by_task.setdefault((ep["suite"], ep["task_id"]), []).append(e)
+    if keep and keep - set(by_task):
+        die(f"--tasks: no demos for {sorted(keep - set(by_task))[0]} in {ds.files[0].rsplit(os.sep, 1)[0]}")
+    val_eps = {e for eps in by_task.values() for e in (eps[-val_episodes:] if 0 < val_episodes < len(eps) else [])}
+    train_eps = {e for eps in by_task.values() for e in eps} - val_eps
+    return ([i for i, (e, _) in enumerate(ds.index) if e in train_eps], [i for i, (e, _) in enumerate(ds.index) if e in val_eps])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model: GEMVLA, ds, idx: list, cfg: VLAConfig, stats: dict, pad_id: int, device, bs: int = 64) -> float:
+    """Mean |sampled - demo| action (un-normalised: action units) over held-out demo chunks."""
+    model.eval()
+    g = torch.Generator(device).manual_seed(1234)  # the same noise every time: comparable numbers
+    err = cnt = 0.0
+    for s in range(0, len(idx), bs):
+        b = to_device(D.collate([ds[i] for i in idx[s:s + bs]], pad_id), device)
+        pred = D.unnormalize(model.sample_actions(b, cfg.flow_steps, g).float(), stats, "action")
+        true = D.unnormalize(b["actions"].float(), stats, "action")
+        m = b["action_mask"].float()[..., None]  # (B, H, 1): no error past the episode end
+        err += ((pred - true).abs() * m).sum().item()
+        cnt += m.sum().item() * pred.shape[-1]
+    model.train()
+    return err / max(cnt, 1.0)
+
+
+def main(argv=None):
+    cfg = parse_config(VLAConfig, sys.argv[1:] if argv is None else argv, PRESETS)
+    if not cfg.init:
+        die("--init is required: a pretraining run or stage directory from train_pretrain.py")
+    device, rank, world, ddp = setup_dist(cfg)
+    if cfg.batch_size % world:
+        die(f"--batch_size={cfg.batch_size} is not divisible by the {world} DDP processes")
+    ckpt = os.path.join(cfg.out, "ckpt")
+    if os.path.isdir(ckpt) and not cfg.resume:
+        die(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
+    os.makedirs(cfg.out, exist_ok=True)
+
+    def logf(rec):
+        if rank == 0:
+            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # the VLM (and its generative head) from pretraining; the tokenizer travels with the checkpoint
+    torch.manual_seed(cfg.seed)  # the expert's initial weights
+    vlm, head, tok, pre_tc = load_pretrained(cfg.init)
+    tok_path = os.path.join(resolve_ckpt(cfg.init), "tokenizer.json")
+    if cfg.depth_weight > 0 and head is None:
+        die(f"--depth_weight={cfg.depth_weight} but {cfg.init} has no generative head (an sft/base VLM): use 0")
+    if head is not None and cfg.depth_weight > 0 and head.cfg.target != "depth":
+        die(f"--depth_weight: the head of {cfg.init} generates {head.cfg.target!r}, not depth")
+    model = GEMVLA(vlm, build_expert(cfg, vlm.cfg), head if cfg.depth_weight > 0 else None).to(device)
+    pad_id = D.special_ids(tok)["pad_id"]
+
+    # demos: the last --val_episodes episodes of every task are held out for the validation action L1
+    stats = D.compute_norm_stats(cfg.demos)
+    ds = D.DemoDataset(cfg.demos, tok, vlm.cfg.image_size, cfg.horizon, head.cfg.out_size if head else 32,
+                       vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats=stats)
+    train_idx, val_idx = split_demos(ds, cfg.tasks, cfg.val_episodes)
+    val_idx = val_idx[::max(1, math.ceil(len(val_idx) / cfg.val_max))]
+    if not train_idx:
+        die(f"{cfg.demos}: no training chunks (--tasks={cfg.tasks!r}, --val_episodes={cfg.val_episodes})")
+
+    opt = build_optimizer(model, cfg)
+    step = 0
+    if cfg.resume and os.path.isdir(ckpt):
+        done, _, _, _, _ = load_vla(ckpt)
+        model.load_state_dict(done.state_dict())
+        state = load_checkpoint(ckpt, with_train_state=True)[2]
+        if state is None:
+            die(f"{ckpt}: no train_state.pt to resume from")
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    net = model
+    if cfg.compile:
+        net = torch.compile(net)
+    if ddp:  # find_unused: the expert may read only the first layers, so the last ones get no gradient
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    n_exp, n_vlm = (sum(p.numel() for p in m.parameters()) for m in (model.expert, model.vlm))
+    if rank == 0:
+        with open(os.path.join(cfg.out, "run.json"), "w") as f:
+            json.dump(dict(recipe="vla", final="ckpt", init=cfg.init, git_commit=git_commit(), world_size=world,
+                           device=str(device), config=config_to_dict(cfg)), f, indent=2)
+        msg = (f"VLA: expert {n_exp / 1e6:.2f}M params ({len(model.expert.blocks)} blocks <- VLM layers 0.."
+               f"{len(model.expert.blocks) - 1}), VLM {n_vlm / 1e6:.2f}M {'frozen' if cfg.freeze_vlm else 'trained'}, "
+               f"depth loss {'x%g' % cfg.depth_weight if model.head is not None else 'off'}; {len(train_idx)} train / "
+               f"{len(val_idx)} val chunks" + (f"; resumed at step {step}" if step else ""))
+        print(msg, flush=True)
+        logf({"msg": msg})
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, desc="vla", dynamic_ncols=True, disable=rank != 0)
+    model.train()
+    t0, seen = time.time(), 0
+    while step < cfg.steps:
+        lr_scale = lr_at(step, cfg.steps, 1.0, cfg)
+        for g in opt.param_groups:
+            g["lr"] = g["peak"] * lr_scale
+        # data order and flow noise are pure functions of (seed, step, rank): resume continues exactly
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
+        idx = sample_indices(len(train_idx), cfg.seed, step * cfg.batch_size, cfg.batch_size)[rank::world]
+        b = to_device(D.collate([ds[train_idx[i]] for i in idx], pad_id), device)
+        with amp:
+            terms = net(b, cfg)
+        names = sorted(terms)
+        vals = dict(zip(names, (all_sum(torch.stack([terms[k].detach().float() for k in names]), ddp) / world).tolist()))
+        if not all(math.isfinite(v) for v in vals.values()):  # NaN guard: stop before the weights go bad
+            die(f"non-finite loss at step {step} ({vals}); stopping without saving; last good checkpoint: "
+                f"{ckpt if os.path.isdir(ckpt) else 'none yet'}")
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip).item()
+        opt.step()
+        step, seen = step + 1, seen + cfg.batch_size
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items() if k != "loss"}, refresh=False)
+        last = step == cfg.steps
+        if step % cfg.log_every == 0 or last:
+            dt = time.time() - t0
+            logf(dict(step=step, **vals, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, samples_per_s=seen / dt))
+            t0, seen = time.time(), 0
+        if rank == 0 and val_idx and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            l1 = validate(model, ds, val_idx, cfg, stats, pad_id, device)
+            logf(dict(step=step, val_action_l1=l1))
+            bar.write(f"step {step}: val action L1 {l1:.4f} ({len(val_idx)} held-out chunks)")
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
+            if rank == 0:
+                save_vla(ckpt, model, cfg, pre_tc, stats, tok_path, train_state=dict(step=step, optimizer=opt.state_dict()))
+            if ddp:
+                torch.distributed.barrier()
+    bar.close()
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
