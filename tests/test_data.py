@@ -169,3 +169,288 @@ def test_bad_inputs_give_one_line_errors(tok, tmp_path):
     write([json.dumps(bad)])
     _expect_error(lambda: mk()[0], "0.png", "train.jsonl:1", "depth")
     _expect_error(lambda: data.GemDataset(root, "val", tok, 16, 4, 8), "val.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generated micro data, re-checked against the simulator by independent functions
+
+def _records(root):
+    return [r for s in ("train", "val", "test") for r in data.read_jsonl(os.path.join(root, f"{s}.jsonl"))]
+
+
+def _frame(root, fid, cache={}):
+    """Re-create the frame from its stored simulator state: (obs, info, env)."""
+    import sim_env
+    with open(os.path.join(root, "states", fid + ".json")) as f:
+        st = json.load(f)
+    key = (st["suite"], st["task_id"])
+    if key not in cache:
+        cache[key] = sim_env.TabletopEnv(st["suite"], st["task_id"], image_size=64)
+    env = cache[key]
+    obs, info = env.reset(options={"state": st["state"]})
+    return obs, info, env, st
+
+
+def _to_px(c):  # 0..1000 -> pixel index at 64x64
+    return min(63, int(c * 64 / 1000))
+
+
+def _mask_box(seg, oid):
+    ys, xs = np.nonzero(seg == oid)
+    return [xs.min() * 1000 / 64, ys.min() * 1000 / 64, (xs.max() + 1) * 1000 / 64, (ys.max() + 1) * 1000 / 64]
+
+
+def _world_at(info, depth, px, py):
+    """Back-project pixel centre (px, py) with its metric z-depth into the world (pinhole, OpenCV axes)."""
+    K, pose = np.array(info["K"]), np.array(info["cam_pose"])
+    z = depth[py, px]
+    pc = np.array([(px + 0.5 - K[0, 2]) / K[0, 0] * z, (py + 0.5 - K[1, 2]) / K[1, 1] * z, z])
+    return pose[:3, :3] @ pc + pose[:3, 3]
+
+
+def _rel_true(a, b, rel):
+    """Relations written out independently of sim_env (its documented thresholds)."""
+    import sim_env
+    pa, pb, ha, hb = (np.array(v) for v in (a["pos"], b["pos"], a["half_extents"], b["half_extents"]))
+    gap = sim_env.REL_GAP
+    if rel in ("left_of", "right_of", "in_front_of", "behind"):
+        d = {"left_of": pb[0] - pa[0], "right_of": pa[0] - pb[0], "in_front_of": pb[1] - pa[1], "behind": pa[1] - pb[1]}[rel]
+        return d > gap
+    over = np.all(np.abs(pa[:2] - pb[:2]) < hb[:2] * (1.0 if b["shape"] in ("plate", "can", "ball") else 1.5))
+    if rel == "on":
+        return over and abs((pa[2] - ha[2]) - (pb[2] + hb[2])) < sim_env.ON_TOL_Z
+    return over and (pa[2] - ha[2]) < pb[2] + hb[2]  # inside the tray: bottom below the rim
+
+
+def _objs(info):
+    return {o["id"]: o for o in info["objects"]}
+
+
+def check_record(root, r):
+    """Independent re-check of one generated record; returns its type."""
+    m = r["meta"]
+    typ, ans_text = m["type"], next((t["value"] for t in r["conversations"] if t["from"] == "gpt"), None)
+    obs, info, env, st = _frame(root, m["frame"])
+    seg, depth, objs = obs["seg"], obs["depth"], _objs(info)
+    img = np.array(Image.open(os.path.join(root, r["image"])).convert("RGB"))
+    if typ != "marked":
+        assert (img == obs["rgb"]).all(), r["id"]  # the stored frame is the simulator's frame
+    d_png = data.load_depth_png(os.path.join(root, r["depth"]))
+    assert np.abs(d_png - depth).max() <= 0.0005 + 1e-6
+    ans = m.get("answer")
+    if typ == "box":
+        assert ans_text == "[{}, {}, {}, {}]".format(*ans)
+        assert np.abs(np.array(ans) - _mask_box(seg, m["obj"])).max() <= 1.0
+    elif typ in ("point", "grasp"):
+        assert ans_text == "({}, {})".format(*ans)
+        assert seg[_to_px(ans[1]), _to_px(ans[0])] == m["obj"]
+        assert objs[m["obj"]]["name"] in r["conversations"][0]["value"]
+    elif typ == "place":
+        px, py = _to_px(ans[0]), _to_px(ans[1])
+        assert seg[py, px] == 0  # nothing there
+        p = _world_at(info, depth, px, py)
+        assert abs(p[2]) < 0.005  # on the table top
+        a, b = objs[m["obj"]], objs[m["ref"]]
+        moved = dict(a, pos=[p[0], p[1], a["half_extents"][2]])
+        assert _rel_true(moved, b, m["rel"])
+        ra = max(a["half_extents"][:2])
+        for o in info["objects"]:  # free: a's footprint at p overlaps no other object's footprint
+            if o["id"] != a["id"]:
+                assert (abs(p[0] - o["pos"][0]) > o["half_extents"][0] + ra - 0.003
+                        or abs(p[1] - o["pos"][1]) > o["half_extents"][1] + ra - 0.003), (r["id"], o["name"])
+    elif typ == "list":
+        assert sorted(it["obj"] for it in ans) == sorted(objs)  # every object, once
+        centres = [(it["box"][0] + it["box"][2]) for it in ans]
+        assert centres == sorted(centres)
+        for it in ans:
+            assert np.abs(np.array(it["box"]) - _mask_box(seg, it["obj"])).max() <= 1.0
+            assert f"{it['name']} [" in ans_text
+    elif typ == "rel_yn":
+        assert ans_text in ("yes", "no")
+        assert _rel_true(objs[m["obj"]], objs[m["ref"]], m["rel"]) == (ans_text == "yes"), r["id"]
+    elif typ == "rel_mc":
+        names = {o["name"]: o for o in info["objects"]}
+        k = "ABCD".index(ans_text)
+        for i, n in enumerate(m["choices"]):
+            assert _rel_true(names[n], objs[m["ref"]], m["rel"]) == (i == k), (r["id"], n)
+            assert f"{'ABCD'[i]}. {n}" in r["conversations"][0]["value"]
+    elif typ == "closer":
+        da, db = (np.median(depth[seg == m[k]]) for k in ("obj", "ref"))
+        assert (da < db) == (ans_text == "yes")
+    elif typ == "marked":
+        (xa, ya), (xb, yb) = m["points_px"]
+        assert (img[ya, xa] == 255).all() and (img[yb, xb] == 0).all()  # A white, B black are drawn
+        assert (depth[ya, xa] < depth[yb, xb]) == (ans_text == "A")
+    elif typ == "distance":
+        a, b = objs[m["obj"]], objs[m["ref"]]
+        assert abs(int(ans_text) - 100 * math.dist(a["pos"][:2], b["pos"][:2])) <= 0.5 + 1e-9
+    elif typ == "height":
+        assert abs(int(ans_text) - 200 * objs[m["obj"]]["half_extents"][2]) <= 0.5 + 1e-9
+    elif typ == "count":
+        what = m["what"]
+        n = sum(1 for o in info["objects"] if what == "objects" or what == f"{o['colour']} objects"
+                or what in (o["shape"] + "s", o["shape"] + "es"))
+        assert int(ans_text) == n
+    elif typ == "fit":
+        a, b = objs[m["obj"]], objs[m["ref"]]
+        area = lambda o: o["half_extents"][0] * o["half_extents"][1]
+        assert (area(a) < area(b)) == (ans_text == "yes")
+    elif typ == "decompose":
+        assert ans_text.split("; ") == list(env.task.subgoals)
+    elif typ == "next_step":
+        assert m["choices"]["ABCD".index(ans_text)] == env.task.subgoals[env.expert_subgoal]
+    elif typ == "done":
+        assert info["success"] == (ans_text == "yes")
+    elif typ == "trajectory":
+        import sim_env
+        sim = sim_env.TabletopEnv(st["suite"], st["task_id"], image_size=64, render_images=False)
+        sim.reset(options={"state": st["state"]})
+        path = [sim.get_state()["grip"][:3]]
+        for _ in range(300):
+            _, _, term, trunc, inf = sim.step(sim.expert_action())
+            path.append(sim.get_state()["grip"][:3])
+            if term or trunc:
+                break
+        idx = np.round(np.linspace(0, len(path) - 1, m["n"])).astype(int)
+        uv = sim_env.project(info["K"], info["cam_pose"], np.array(path)[idx]) * 1000 / 64
+        assert len(ans) == m["n"] and np.abs(np.array(ans) - np.clip(uv, 0, 999)).max() <= 1.0
+    elif typ == "caption":
+        vis = {o["name"] for o in info["objects"] if (seg == o["id"]).sum() >= data.MIN_VISIBLE * 64 * 64}
+        assert set(ans_text.split(", ")) == vis
+    elif typ == "depth":
+        assert [t["from"] for t in r["conversations"]] == ["human"]
+    else:
+        raise AssertionError(f"unchecked type {typ}")
+    return typ
+
+
+def test_every_generated_answer_rechecked_against_the_simulator(micro_data):
+    recs = _records(micro_data)
+    seen = {check_record(micro_data, r) for r in recs}
+    assert seen == set(data.TYPE_FAMILY) | {"depth"}  # the micro preset covers every type
+    stats = json.load(open(os.path.join(micro_data, "stats.json")))
+    assert sum(s["samples"] for s in stats["splits"].values()) == len(recs)
+
+
+def test_split_rules_heldout_templates_and_combos(micro_data):
+    for s in ("train", "val"):
+        for r in data.read_jsonl(os.path.join(micro_data, f"{s}.jsonl")):
+            q = r["conversations"][0]["value"]
+            assert not any(f"{c} {sh}" in q + r["conversations"][-1]["value"] for c, sh in data.HELDOUT_COMBOS)
+            assert not r["meta"].get("heldout_template")
+            held = [t for typ, (_, ht) in data.TEMPLATES.items() for t in ht if t]
+            assert all(q.split("\n", 1)[-1] != h for h in held)
+    test = data.read_jsonl(os.path.join(micro_data, "test.jsonl"))
+    assert any(r["meta"].get("heldout_template") for r in test)
+
+
+def test_gem_dataset_on_micro_data(micro_data):
+    tok = data.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    ds = data.GemDataset(micro_data, "train", tok, image_size=64, n_image_tokens=16, head_size=16)
+    s = data.special_ids(tok)
+    for i in range(0, len(ds), 7):
+        it = ds[i]
+        ids, labels = it["input_ids"].tolist(), it["labels"].tolist()
+        assert ids.count(s["image_pad_id"]) == 16 and it["depth_valid"] is True
+        lab = [t for t, l in zip(ids, labels) if l != -100]
+        want = tok.encode(it["answer"], add_special_tokens=False).ids + [s["im_end_id"]] if it["answer"] else []
+        assert lab == want  # the loss covers exactly the answer and its closing <|im_end|>
+        assert torch.allclose(it["depth_m"], torch.from_numpy(data.load_depth_png(os.path.join(micro_data, "depth", it["meta"]["frame"] + ".png"))))
+        assert 0 <= float(it["depth_target"].min()) and float(it["depth_target"].max()) <= 1
+    caps = data.GemDataset(micro_data, "train", tok, 64, 16, 16, families=["caption"])
+    assert len(caps) > 0 and all(r["task"] == "caption" for r in caps.records)
+    w = ds.sample_weights({"caption": 1.0, "grounding": 1.0})
+    fam = [r["task"] for r in ds.records]
+    assert abs(sum(w[i] for i in range(len(fam)) if fam[i] == "caption") - 1.0) < 1e-9
+    assert all(w[i] == 0 for i in range(len(fam)) if fam[i] not in ("caption", "grounding"))
+
+
+def test_answers_are_balanced():
+    """yes/no and letter positions are chosen before the question: over many draws they are uniform."""
+    import sim_env
+    env = sim_env.TabletopEnv("goal", 0, image_size=64)
+    obs, info = env.reset(seed=3)
+    yes, letters, n = 0, {}, 400
+    for i in range(n):
+        sc = data.Scene(obs, info, "train", np.random.default_rng([7, i]))
+        yes += data.q_rel_yn(sc)[1] == "yes"
+        q = data.q_rel_mc(sc)
+        letters[(len(q[2]["choices"]), q[1])] = letters.get((len(q[2]["choices"]), q[1]), 0) + 1
+    assert 0.4 < yes / n < 0.6
+    for k in {k for k, _ in letters}:
+        counts = [letters.get((k, L), 0) for L in "ABCD"[:k]]
+        assert min(counts) > 0.5 * sum(counts) / k, letters
+
+
+def test_restart_does_not_rewrite_finished_shards(tmp_path, monkeypatch):
+    cfg = data.GenConfig(**dict(data.GEN_PRESETS["micro"], out=str(tmp_path), preset="micro"))
+    real, calls = data.gen_shard, []
+
+    def flaky(job):
+        calls.append(job[1:])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the middle of the third shard
+        return real(job)
+    monkeypatch.setattr(data, "gen_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        data.generate(cfg)
+    shards = sorted(os.listdir(tmp_path / "shards"))
+    assert shards == ["train-0000.jsonl", "train-0001.jsonl"]  # complete shards only, no partial file
+    before = {f: (os.stat(tmp_path / "shards" / f).st_mtime_ns, open(tmp_path / "shards" / f).read()) for f in shards}
+    calls.clear()
+    data.generate(cfg)
+    assert ("train", 0) not in calls and ("train", 1) not in calls
+    for f, (mtime, text) in before.items():
+        assert os.stat(tmp_path / "shards" / f).st_mtime_ns == mtime and open(tmp_path / "shards" / f).read() == text
+    monkeypatch.setattr(data, "gen_shard", real)
+    # deterministic: a fresh run with the same seed writes the same records
+    fresh = tmp_path / "again"
+    data.generate(data.GenConfig(**dict(data.GEN_PRESETS["micro"], out=str(fresh), preset="micro")))
+    assert open(fresh / "test.jsonl").read() == open(tmp_path / "test.jsonl").read()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demos
+
+def test_demos_replay_exactly_and_succeed(micro_demos):
+    import sim_env
+    files = data.episode_files(micro_demos)
+    assert len(files) == 4
+    for p in files:
+        ep = data.load_episode(p)
+        env = sim_env.TabletopEnv(ep["suite"], ep["task_id"], image_size=64, render_images=False)
+        obs, _ = env.reset(options={"state": ep["sim_states"][0]})
+        assert ep["actions"].shape == (len(ep["states"]), 7) and ep["states"].shape[1] == 8
+        for t, a in enumerate(ep["actions"]):
+            assert np.array_equal(obs["state"], ep["states"][t])
+            before = data._physical(env.get_state())
+            obs, _, term, trunc, info = env.step(a)
+            assert data._physical(env.get_state()) != before  # no no-op steps kept
+            assert data._physical(env.get_state()) == data._physical(ep["sim_states"][t + 1])
+        assert info["success"]
+        assert ep["instruction"] == ep["sim_states"][0]["instruction"]
+
+
+def test_demo_dataset_and_obs_to_inputs_match_the_policy_path(micro_demos, micro_data):
+    import sim_env
+    tok = data.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    stats = json.load(open(os.path.join(micro_demos, "norm_stats.json")))
+    ds = data.DemoDataset(micro_demos, tok, image_size=64, horizon=8, head_size=16, n_image_tokens=16)
+    ep0 = data.load_episode(ds.files[0])
+    T = len(ep0["actions"])
+    it = ds[T - 3]  # near the end: the chunk is padded
+    assert it["action_mask"].tolist() == [True] * 3 + [False] * 5
+    assert torch.allclose(data.unnormalize(it["actions"][:3], stats, "action"), torch.from_numpy(ep0["actions"][T - 3:]), atol=1e-6)
+    # the Policy's path: a live environment observation -> obs_to_inputs, identical tensors
+    env = sim_env.TabletopEnv(ep0["suite"], ep0["task_id"], image_size=64)
+    obs, _ = env.reset(options={"state": ep0["sim_states"][T - 3]})
+    cfg = type("C", (), dict(image_size=64, n_image_tokens=16))()
+    live = data.obs_to_inputs(obs, tok, cfg, stats)
+    for k in ("input_ids", "pixel_values", "state"):
+        assert torch.equal(live[k], it[k]), k
+    assert tok.decode(live["input_ids"].tolist(), skip_special_tokens=True).strip().endswith(
+        "What action should the robot take to " + ep0["instruction"] + "?\nassistant")
+    x = torch.randn(5, 8)
+    assert torch.allclose(data.unnormalize(data.normalize(x, stats, "state"), stats, "state"), x, atol=1e-5)
+    with pytest.raises(ValueError, match="image_size"):
+        data.obs_to_inputs(dict(obs, rgb=obs["rgb"][:32, :32]), tok, cfg, stats)
