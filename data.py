@@ -735,7 +735,8 @@ class GenConfig:
     train_rollouts: int = 240  # expert episodes per split; each gives `frames` images
     val_rollouts: int = 16
     test_rollouts: int = 40
-    frames: int = 4  # images per rollout (the last is the success frame, for "is it done?")
+    frames: int = 5  # images per rollout: the start, frames - 2 mid-rollout frames, the success frame
+    reduce: float = 0.7  # share of rollouts whose scene loses some distractors (2-5 objects)
     questions: int = 3  # questions per image, families drawn from MIXTURE (+ one caption per image)
     round_robin: bool = False  # cycle through every type instead of drawing (micro: covers all types)
     shard: int = 8  # rollouts per shard: the unit of restart
@@ -754,11 +755,11 @@ SPLITS = ("train", "val", "test")
 SEED_BASE = {"train": 0, "val": 300_000, "test": 600_000}
 
 
-def expert_rollout(env, seed: int, max_steps=None):
-    """Expert from reset(seed) to success, without rendering -> (sim states, expert subgoals, success)."""
-    _, info = env.reset(seed=seed)
+def expert_rollout(env, start: dict):
+    """Expert from a start state to success, without rendering -> (sim states, expert subgoals, success)."""
+    _, info = env.reset(options={"state": start})
     states, subgoals = [env.get_state()], [env.expert_subgoal]
-    for _ in range(max_steps or info["max_steps"]):
+    for _ in range(info["max_steps"]):
         _, _, term, trunc, info = env.step(env.expert_action())
         states.append(env.get_state()), subgoals.append(env.expert_subgoal)
         if term or trunc:
@@ -767,7 +768,7 @@ def expert_rollout(env, seed: int, max_steps=None):
 
 
 def reduce_scene(state: dict, task, rng) -> dict:
-    """A copy of a reset state with some distractors removed (2-5 objects): small scenes make the
+    """A copy of a reset state with some distractors removed (2-5 objects left): small scenes make the
     colour -> location binding learnable for the tiny model. Objects the task's goals name stay."""
     keep_roles = {g[1] for g in task.goals} | {g[2] for g in task.goals if g[0] in ("on", "in")}
     objs = state["objects"]
@@ -843,29 +844,31 @@ def gen_shard(job):
         for attempt in range(20):  # train/val never show a held-out colour x shape combination
             suite, task_id = pairs[int(rng.integers(len(pairs)))]
             env = _env(cache, suite, task_id, S, render=False)
-            states, subgoals, ok = expert_rollout(env, SEED_BASE[split] + 20 * r + attempt)
-            combos = {(o["colour"], o["shape"]) for o in states[0]["objects"]}
+            env.reset(seed=SEED_BASE[split] + 20 * r + attempt)
+            start = env.get_state()
+            # spatial tasks' instructions name their landmarks and distractors: those scenes stay whole
+            if suite != "spatial" and rng.random() < cfg["reduce"]:
+                start = reduce_scene(start, env.task, rng)
+            states, subgoals, ok = expert_rollout(env, start)
+            combos = {(o["colour"], o["shape"]) for o in start["objects"]}
             if ok and (split == "test" or not combos & HELDOUT_COMBOS):
                 break
         renv, T = _env(cache, suite, task_id, S), len(states) - 1
         grip = [st["grip"][:3] for st in states]
         ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
-        # frames: a reduced reset scene, a few mid-rollout frames, and the success frame
-        for t in [-1] + ts + [T]:
-            st = reduce_scene(states[0], env.task, rng) if t < 0 else states[t]
+        for t in [0] + ts + [T]:  # the start, a few mid-rollout frames, and the success frame
+            st = states[t]
             obs, info = renv.reset(options={"state": st})
-            fid = f"{split}-{r:05d}-{'r' if t < 0 else t}"
+            fid = f"{split}-{r:05d}-{t:03d}"
             instr = env.task.instruction(rng, heldout=split == "test" and bool(rng.random() < 0.5))
-            sc = Scene(obs, info, split, rng, task=env.task, future=grip[max(t, 0):], success=t == T,
-                       subgoal=subgoals[max(t, 0)], instr=instr)
+            sc = Scene(obs, info, split, rng, task=env.task, future=grip[t:], success=t == T,
+                       subgoal=subgoals[t], instr=instr)
             Image.fromarray(obs["rgb"]).save(os.path.join(out, "images", fid + ".png"))
             save_depth_png(os.path.join(out, "depth", fid + ".png"), obs["depth"])
             with open(os.path.join(out, "states", fid + ".json"), "w") as f:
                 json.dump(dict(suite=suite, task_id=int(task_id), t=t, state=st), f)
             skip = {"caption", "done"}  # every frame gets a caption; "done" is placed below
-            if t < 0:  # the reduced scene has no rollout behind it: no planning or trajectory there
-                skip |= set(FAMILY_TYPES["planning"] + FAMILY_TYPES["trajectory"])
-            elif t == T:  # nothing left to plan or trace at the success frame
+            if t == T:  # nothing left to plan or trace at the success frame
                 skip |= {"next_step", "trajectory"}
             types = ["caption"] + _draw_types(cfg, rng, rr, skip)
             if t == T or (ts and t == ts[len(ts) // 2]):  # "is it done?": one yes and one no per rollout
