@@ -57,8 +57,8 @@ TEMPLATES = {
     "rel_yn": (["Is the {a} {rel} the {b}?"], ["Is it true that the {a} is {rel} the {b}?"]),
     "rel_mc": (["Which object is {rel} the {b}? {choices}"], ["Pick the object {rel} the {b}. {choices}"]),
     "closer": (["Is the {a} closer to the camera than the {b}?"], ["Is the {a} nearer to the camera than the {b}?"]),
-    "marked": (["Which marked point is closer to the camera? A (white) or B (black)"],
-               ["Of the marks A (white) and B (black), which is nearer to the camera?"]),
+    "marked": (["Which marked point is closer to the camera? A (cyan) or B (magenta)"],
+               ["Of the marks A (cyan) and B (magenta), which is nearer to the camera?"]),
     "distance": (["How far apart are the {a} and the {b} in cm?"], ["What is the distance between the {a} and the {b} in cm?"]),
     "height": (["How tall is the {a} in cm?"], ["What is the height of the {a} in cm?"]),
     "count": (["How many {what} are there?"], ["Count the {what}."]),
@@ -462,7 +462,7 @@ def q_point(sc, typ="point"):
         import sim_env
         top = np.asarray(o["pos"], float) + [0, 0, o["half_extents"][2]]
         px = sim_env.project(sc.K, sc.pose, top[None])[0]
-        if not m[int(px[1]), int(px[0])] if 0 <= px[0] < sc.S and 0 <= px[1] < sc.S else True:
+        if not (0 <= px[0] < sc.S and 0 <= px[1] < sc.S) or not m[int(px[1]), int(px[0])]:
             return None  # top hidden (e.g. under the gripper)
     else:  # the mask pixel nearest the mask's centroid (always on the object, even for odd shapes)
         ys, xs = np.nonzero(m)
@@ -588,10 +588,13 @@ def marker_size(S: int) -> int:
     return max(2, S // 21)  # 3 px at 64x64: visible, yet hides little
 
 
+MARKER_RGB = ([0, 255, 255], [255, 0, 255])  # A cyan, B magenta: no object or background has these
+
+
 def draw_markers(rgb, pts_px) -> np.ndarray:
-    """Filled squares: A white, B black (colours no object has)."""
+    """Filled squares centred on the marked pixels."""
     out, r = rgb.copy(), marker_size(rgb.shape[0]) // 2
-    for (x, y), col in zip(pts_px, ([255, 255, 255], [0, 0, 0])):
+    for (x, y), col in zip(pts_px, MARKER_RGB):
         out[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1] = col
     return out
 

@@ -279,7 +279,7 @@ def check_record(root, r):
         assert (da < db) == (ans_text == "yes")
     elif typ == "marked":
         (xa, ya), (xb, yb) = m["points_px"]
-        assert (img[ya, xa] == 255).all() and (img[yb, xb] == 0).all()  # A white, B black are drawn
+        assert img[ya, xa].tolist() == [0, 255, 255] and img[yb, xb].tolist() == [255, 0, 255]  # A cyan, B magenta
         assert (depth[ya, xa] < depth[yb, xb]) == (ans_text == "A")
     elif typ == "distance":
         a, b = objs[m["obj"]], objs[m["ref"]]
@@ -367,19 +367,23 @@ def test_gem_dataset_on_micro_data(micro_data):
 
 def test_answers_are_balanced():
     """yes/no and letter positions are chosen before the question: over many draws they are uniform."""
+    import types
     import sim_env
     env = sim_env.TabletopEnv("goal", 0, image_size=64)
     obs, info = env.reset(seed=3)
-    yes, letters, n = 0, {}, 400
+    yes, n = 0, 400
     for i in range(n):
-        sc = data.Scene(obs, info, "train", np.random.default_rng([7, i]))
-        yes += data.q_rel_yn(sc)[1] == "yes"
-        q = data.q_rel_mc(sc)
-        letters[(len(q[2]["choices"]), q[1])] = letters.get((len(q[2]["choices"]), q[1]), 0) + 1
+        yes += data.q_rel_yn(data.Scene(obs, info, "train", np.random.default_rng([7, i])))[1] == "yes"
     assert 0.4 < yes / n < 0.6
-    for k in {k for k, _ in letters}:
-        counts = [letters.get((k, L), 0) for L in "ABCD"[:k]]
-        assert min(counts) > 0.5 * sum(counts) / k, letters
+    sc = types.SimpleNamespace(rng=np.random.default_rng(0))
+    for n_others in (1, 2, 3, 5):
+        counts = {}
+        for _ in range(800):
+            opts, letter = data._choices(sc, "right", [f"wrong{i}" for i in range(n_others)])
+            assert opts["ABCD".index(letter)] == "right" and opts.count("right") == 1 and len(opts) == min(4, n_others + 1)
+            counts[letter] = counts.get(letter, 0) + 1
+        k = min(4, n_others + 1)
+        assert sorted(counts) == list("ABCD"[:k]) and min(counts.values()) > 0.75 * 800 / k, counts
 
 
 def test_restart_does_not_rewrite_finished_shards(tmp_path, monkeypatch):
