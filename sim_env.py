@@ -40,7 +40,7 @@ STEP_M, STEP_RAD = 0.02, 0.25            # action 1.0 = 2 cm / 0.25 rad
 WORK = (-0.28, 0.28, -0.20, 0.19)        # x0, x1, y0, y1 where object centres may be spawned
 TABLE_HALF = (0.45, 0.40)                # table top: x in [-.45,.45], y in [-.35,.45] (back edge at the wall)
 TABLE_CY, WALL_Y, FLOOR_Z = 0.05, 0.45, -0.75
-CAM_POS, CAM_LOOK, FOV_DEG = (0.0, -0.58, 0.52), (0.0, 0.03, 0.0), 46.0   # ~40 deg down
+CAM_POS, CAM_LOOK, FOV_DEG = (0.0, -0.50, 0.46), (0.0, 0.02, 0.0), 46.0   # ~41.5 deg down
 LIGHT = np.array([-0.35, -0.5, 1.0]) / np.linalg.norm([-0.35, -0.5, 1.0])
 AMBIENT, DIFFUSE = 0.40, 0.60
 GRIP_OPEN, FT, FW, FL, PALM_H = 0.10, 0.007, 0.012, 0.025, 0.01   # jaw opening, finger half sizes, palm half h
@@ -100,30 +100,34 @@ def _ray_dirs(K, pose, n):
     return dc @ pose[:3, :3].T                                                  # (H,W,3) world frame
 
 
-def _hit_box(o, D, c, yaw, h):
-    """Ray/oriented-box slab test. o (3,), D (h,w,3). Returns t (h,w) (inf = miss), normals fn."""
+def _hit_boxes(o, D, C, yaw, H):
+    """Batched ray / oriented-box slab test for k boxes sharing one yaw (the gripper, the tray).
+    o (3,) ray origin, D (h,w,3) directions, C (k,3) centres, H (k,3) half sizes.
+    Returns t (h,w) of the nearest hit (inf = miss) and normals(mask) -> (M,3) world normals."""
     cs, sn = math.cos(yaw), math.sin(yaw)
-    rel = o - c
-    ol = (cs * rel[0] + sn * rel[1], -sn * rel[0] + cs * rel[1], rel[2])
-    dl = (cs * D[..., 0] + sn * D[..., 1], -sn * D[..., 0] + cs * D[..., 1], D[..., 2])
+    rel = o[None, :] - C                                                        # (k,3)
+    ol = np.stack([cs * rel[:, 0] + sn * rel[:, 1], -sn * rel[:, 0] + cs * rel[:, 1], rel[:, 2]], 1)
+    dl = np.stack([cs * D[..., 0] + sn * D[..., 1], -sn * D[..., 0] + cs * D[..., 1], D[..., 2]])  # (3,h,w)
     with np.errstate(divide="ignore", invalid="ignore"):
-        near = []
-        tn, tf = None, None
-        for k in range(3):
-            inv = 1.0 / dl[k]
-            t1, t2 = (-h[k] - ol[k]) * inv, (h[k] - ol[k]) * inv
-            lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
-            near.append(lo)
-            tn = lo if tn is None else np.maximum(tn, lo)
-            tf = hi if tf is None else np.minimum(tf, hi)
-    t = np.where((tn <= tf) & (tn > 0), tn, np.inf)
+        inv = 1.0 / dl
+        t1 = (-H - ol)[:, :, None, None] * inv                                  # (k,3,h,w)
+        t2 = (H - ol)[:, :, None, None] * inv
+    lo = np.minimum(t1, t2)
+    tn, tf = lo.max(1), np.maximum(t1, t2).min(1)                               # (k,h,w)
+    tk = np.where((tn <= tf) & (tn > 0), tn, np.inf)
+    kb = tk.argmin(0) if len(C) > 1 else np.zeros(tk.shape[1:], int)            # (h,w) nearest box
+    t = np.take_along_axis(tk, kb[None], 0)[0]
 
     def normals(m):
-        ax = np.argmax(np.stack([near[0][m], near[1][m], near[2][m]], 1), 1)       # entry face axis
-        nl = np.zeros((ax.size, 3)); nl[np.arange(ax.size), ax] = 1.0
-        nl *= -np.sign(np.stack([dl[0][m], dl[1][m], dl[2][m]], 1))
+        M = int(m.sum())
+        lm = lo[:, :, m][kb[m], :, np.arange(M)]                                # (M,3) entry distances
+        ax = lm.argmax(1)                                                       # entry face axis
+        nl = np.zeros((M, 3)); nl[np.arange(M), ax] = -np.sign(dl[:, m].T[np.arange(M), ax])
         return nl @ _rot(yaw).T
     return t, normals
+
+
+_SIGNS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
 
 
 def _hit_cyl(o, D, c, r, hz):
@@ -189,29 +193,29 @@ def relation_margin(a, b, rel):
     x / y (front = towards the camera = -y) beyond REL_GAP."""
     pa, pb = _get(a, "pos"), _get(b, "pos")
     if rel == "on":
-        return min(_footprint_margin(pa, b), ON_TOL_Z - abs(_bottom(a) - _top(b)))
+        return float(min(_footprint_margin(pa, b), ON_TOL_Z - abs(_bottom(a) - _top(b))))
     if rel == "inside":
         inset = TRAY_WALL if b["shape"] == "tray" else 0.0
-        return min(_footprint_margin(pa, b, inset), _top(b) - _bottom(a) - 0.005)
+        return float(min(_footprint_margin(pa, b, inset), _top(b) - _bottom(a) - 0.005))
     d = {"left_of": pb[0] - pa[0], "right_of": pa[0] - pb[0], "in_front_of": pb[1] - pa[1], "behind": pa[1] - pb[1]}
     if rel not in d:
         raise ValueError(f"sim_env.relation_margin: unknown relation {rel!r}; valid: {', '.join(RELATIONS)}")
     return float(d[rel] - REL_GAP)
 
 
-def on(a, b): return relation_margin(a, b, "on") > 0
-def inside(a, b): return relation_margin(a, b, "inside") > 0
-def left_of(a, b): return relation_margin(a, b, "left_of") > 0
-def right_of(a, b): return relation_margin(a, b, "right_of") > 0
-def in_front_of(a, b): return relation_margin(a, b, "in_front_of") > 0
-def behind(a, b): return relation_margin(a, b, "behind") > 0
-def lifted(a): return _bottom(a) > LIFT_Z
+def on(a, b): return bool(relation_margin(a, b, "on") > 0)
+def inside(a, b): return bool(relation_margin(a, b, "inside") > 0)
+def left_of(a, b): return bool(relation_margin(a, b, "left_of") > 0)
+def right_of(a, b): return bool(relation_margin(a, b, "right_of") > 0)
+def in_front_of(a, b): return bool(relation_margin(a, b, "in_front_of") > 0)
+def behind(a, b): return bool(relation_margin(a, b, "behind") > 0)
+def lifted(a): return bool(_bottom(a) > LIFT_Z)
 
 
 def pushed(a, start_pos, direction):
     """a moved at least PUSH_DIST along the unit xy `direction` from start_pos."""
     p = _get(a, "pos")
-    return (p[0] - start_pos[0]) * direction[0] + (p[1] - start_pos[1]) * direction[1] >= PUSH_DIST
+    return bool((p[0] - start_pos[0]) * direction[0] + (p[1] - start_pos[1]) * direction[1] >= PUSH_DIST)
 
 
 def _dist(a, b):
@@ -274,7 +278,7 @@ def _spatial_tasks():
     def between(o):
         a, b = _get(o["can"], "pos")[:2], _get(o["ball"], "pos")[:2]
         def inb(p):
-            u = b - a; s = float((p - a) @ u / (u @ u)); perp = abs(float(np.cross(u, p - a))) / np.linalg.norm(u)
+            u = b - a; s = float((p - a) @ u / (u @ u)); perp = abs(float(u[0] * (p - a)[1] - u[1] * (p - a)[0])) / np.linalg.norm(u)
             return 0.25 < s < 0.75 and perp < 0.04, (s < -0.1 or s > 1.1 or perp > 0.1)
         return inb(_get(o["t"], "pos")[:2])[0] and inb(_get(o["d"], "pos")[:2])[1]
     spec = [("left of the blue can", rel("left_of", "can")), ("right of the blue can", rel("right_of", "can")),
@@ -290,8 +294,8 @@ def _spatial_tasks():
 
 CATALOGUE = [("cube", "red"), ("can", "blue"), ("ball", "green"), ("block", "yellow"), ("can", "orange"),
              ("cube", "purple"), ("ball", "white"), ("block", "black"), ("cube", "blue"), ("ball", "orange")]
-TRAY = ("tray", "tray", "", (0.12, 0.16, 0.06, 0.10))
-PLATE = ("plate", "plate", "", (-0.17, -0.13, 0.06, 0.10))
+TRAY = ("tray", "tray", "", (0.11, 0.15, 0.08, 0.12))
+PLATE = ("plate", "plate", "", (-0.17, -0.13, 0.08, 0.12))
 
 
 def _object_tasks():
@@ -304,12 +308,12 @@ def _object_tasks():
 
 
 def _goal_tasks():
-    j = lambda x, y: (x - 0.015, x + 0.015, y - 0.015, y + 0.015)   # one fixed scene, +-1.5 cm jitter
-    objs = [("cube", "cube", "red", j(-0.18, -0.07)), ("can", "can", "blue", j(0.0, -0.06)),
-            ("ball", "ball", "green", j(-0.02, 0.12)), ("block", "block", "yellow", j(0.17, -0.07)),
-            ("plate", "plate", "", j(-0.15, 0.09)), ("tray", "tray", "", j(0.15, 0.09))]
+    j = lambda x, y: (x - 0.008, x + 0.008, y - 0.008, y + 0.008)   # one fixed scene, +-8 mm jitter
+    objs = [("cube", "cube", "red", j(-0.17, -0.05)), ("can", "can", "blue", j(-0.03, -0.045)),
+            ("ball", "ball", "green", j(0.0, -0.16)), ("block", "block", "yellow", j(0.14, -0.075)),
+            ("plate", "plate", "", j(-0.15, 0.11)), ("tray", "tray", "", j(0.13, 0.12))]
     goals = [[("on", "cube", "plate")], [("in", "can", "tray")], [("on", "ball", "plate")], [("in", "block", "tray")],
-             [("push", "can", "left")], [("on", "cube", "block")], [("lift", "ball")], [("push", "cube", "front")],
+             [("push", "can", "back")], [("on", "cube", "block")], [("lift", "ball")], [("push", "ball", "left")],
              [("in", "cube", "tray")], [("on", "can", "plate")]]
     tasks = [Task("goal", "", objs, g) for g in goals]
     for t in tasks:
@@ -374,17 +378,22 @@ def sample_scene(suite, task_id, seed):
             yaw = 0.0 if shape in ROUND + ("tray",) else float(rng.uniform(-math.pi / 2, math.pi / 2) if shape == "block" else rng.uniform(-math.pi / 4, math.pi / 4))
             e = _ext(shape, h, yaw)
             x0, x1, y0, y1 = region or (WORK[0] + e[0], WORK[1] - e[0], WORK[2] + e[1], WORK[3] - e[1])
-            for _ in range(100):
-                x, y = float(rng.uniform(x0, x1)), float(rng.uniform(y0, y1))
-                if all(abs(x - bx) >= e[0] + ex + GAP or abs(y - by) >= e[1] + ey + GAP for bx, by, ex, ey in boxes):
-                    break
-            else:
+            xy = rng.uniform((x0, y0), (x1, y1), (64, 2))          # 64 candidates tested at once
+            if region is None:   # inside the camera's view trapezoid (x range widens with distance)
+                xy[:, 0] *= np.clip(_x_max(xy[:, 1] - e[1], 2 * e[2]) - e[0], 0, None) / max(abs(x0), abs(x1))
+            ok = np.ones(len(xy), bool)
+            for bx, by, ex, ey in boxes:
+                ok &= (np.abs(xy[:, 0] - bx) >= e[0] + ex + GAP) | (np.abs(xy[:, 1] - by) >= e[1] + ey + GAP)
+            if not ok.any():
                 break
+            x, y = (float(v) for v in xy[int(np.argmax(ok))])
             boxes.append((x, y, e[0], e[1]))
             objs.append({"id": len(objs) + 1, "role": role, "name": task.desc[role][4:] if shape in ("plate", "tray") else f"{colour} {shape}",
                          "shape": shape, "colour": colour or ("grey" if shape == "plate" else "brown"), "size": "medium",
                          "pos": [x, y, h[2]], "yaw": yaw, "half_extents": list(h)})
         if len(objs) < len(task.objects):
+            continue
+        if not _in_view(objs):
             continue
         by_role = {o["role"]: o for o in objs}
         if task.valid is not None and not task.valid(by_role):
@@ -392,6 +401,26 @@ def sample_scene(suite, task_id, seed):
         if all(_push_clear(by_role, g) for g in task.goals if g[0] == "push"):
             return objs, rng
     raise RuntimeError(f"sim_env: could not sample a scene for {suite}/{task_id} seed {seed}")
+
+
+_VIEW = camera(1.0)
+
+
+def _x_max(y, z, margin=0.04):
+    """Largest |x| on the plane of depth y, height z that projects `margin` (fraction) inside the image edge."""
+    f = _VIEW[1][:3, 2]
+    zc = (y - CAM_POS[1]) * f[1] + (z - CAM_POS[2]) * f[2]
+    return (0.5 - margin) * zc * 2 * math.tan(math.radians(FOV_DEG) / 2)
+
+
+def _in_view(objs, margin=0.02):
+    """Every object's footprint (at its top) projects inside the image, `margin` (fraction of width) from the edge."""
+    pts = []
+    for o in objs:
+        e, p = _ext(o["shape"], o["half_extents"], o["yaw"]), o["pos"]
+        pts += [[p[0] + sx * e[0], p[1] + sy * e[1], p[2] + e[2]] for sx in (-1, 1) for sy in (-1, 1)]
+    uv = project(*_VIEW, np.array(pts))
+    return bool(uv.min() > margin and uv.max() < 1 - margin)
 
 
 def _push_clear(by_role, g):
@@ -506,9 +535,16 @@ class TabletopEnv:
         lo = np.array(GRIP_LO)
         if self.held >= 0:   # a held object may not go through the table either
             lo[2] = max(lo[2], self.Hf[self.held, 2] - self.held_off[2])
-        g[:3] = np.clip(g[:3] + a[:3] * STEP_M, lo, GRIP_HI)
+        new = np.clip(g[:3] + a[:3] * STEP_M, lo, GRIP_HI)
         g[3] = float(np.clip(g[3] + a[5] * STEP_RAD, -math.pi / 2, math.pi / 2))
-        changed = False
+        # Sub-steps of <= 4 mm while the fingers are low, so a 2 cm move cannot tunnel through an object.
+        low = min(g[2], new[2]) - FL < 0.12
+        n_sub = max(1, int(math.ceil(np.abs(new - g[:3]).max() / 0.004))) if low else 1
+        changed, start = False, g[:3].copy()
+        for k in range(1, n_sub + 1):
+            g[:3] = start + (new - start) * (k / n_sub)
+            if low:
+                changed |= self._push()
         self.closed = bool(a[6] > 0)
         if self.closed and self.held < 0:
             cand, w = self._between_jaws()
@@ -527,7 +563,8 @@ class TabletopEnv:
         if self.held >= 0:
             self.P[self.held] = g[:3] + _rot(g[3]) @ self.held_off[:3]
             self.Yaw[self.held] = g[3] + self.held_off[3]
-        changed |= self._push()
+        if low:
+            changed |= self._push()    # the jaws closing / opening can push too
         if changed:
             self._settle()
         self.t += 1
@@ -563,10 +600,13 @@ class TabletopEnv:
         """Fingers (discs of radius FT, height 2 FL) push objects out along the contact normal."""
         moved = False
         z0, z1 = self.g[2] - FL, self.g[2] + FL
+        fingers = self._fingers()
         for i in self._movable:
             if i == self.held or self.P[i, 2] - self.Hf[i, 2] > z1 or self.P[i, 2] + self.Hf[i, 2] < z0:
                 continue
-            for f in self._fingers():
+            if abs(self.P[i, 0] - self.g[0]) + abs(self.P[i, 1] - self.g[1]) > 0.2:   # cheap far-away cull
+                continue
+            for f in fingers:
                 h, c = self.Hf[i], self.P[i]
                 if self.meta[i]["shape"] in ROUND:
                     v = f[:2] - c[:2]; dist = math.hypot(*v)
@@ -640,8 +680,8 @@ class TabletopEnv:
                                  ("floor", (FLOOR_Z - o[2]) / D[..., 2], (0.0, 0.0, 1.0))]:
                 t = np.where(t > 0, t, np.inf)
                 self._paint(depth, rgb, None, t, lambda m, nrm=nrm: np.tile(nrm, (int(m.sum()), 1)), self._bg_rgb[name], 0)
-        tb, nb = _hit_box(o, D, np.array([0.0, TABLE_CY, (FLOOR_Z) / 2]), 0.0,
-                          np.array([TABLE_HALF[0], TABLE_HALF[1], -FLOOR_Z / 2]))
+        tb, nb = _hit_boxes(o, D, np.array([[0.0, TABLE_CY, FLOOR_Z / 2]]), 0.0,
+                            np.array([[TABLE_HALF[0], TABLE_HALF[1], -FLOOR_Z / 2]]))
         self._paint(depth, rgb, None, tb, nb, self._bg_rgb["table"], 0)
         self._bg = (depth, rgb, np.zeros((n, n), np.int16))
 
@@ -660,9 +700,9 @@ class TabletopEnv:
         if seg is not None:
             seg[m] = sid
 
-    def _window(self, centre, ext):
-        """Pixel window [i0,i1) x [j0,j1) covering the projection of an axis-aligned box (ray culling)."""
-        corners = centre + ext * np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+    def _window(self, centres, exts):
+        """Pixel window [i0,i1) x [j0,j1) covering the projection of axis-aligned boxes (k,3) (ray culling)."""
+        corners = (centres[:, None, :] + exts[:, None, :] * _SIGNS[None]).reshape(-1, 3)
         pc = (corners - self.pose[:3, 3]) @ self.pose[:3, :3]
         n = self.image_size
         if pc[:, 2].min() < 0.02:
@@ -694,20 +734,24 @@ class TabletopEnv:
                 ("box", palm_c, g[3], np.array([GRIP_OPEN / 2 + 2 * FT, FW + 0.004, PALM_H])),
                 ("box", wrist_c, g[3], np.array([0.012, 0.012, 0.04]))]
 
-    def _draw(self, prims, col, sid, buf, win=None):
+    def _draw(self, prims, col, sid, buf):
+        """Ray cast one object's primitives (boxes batched in one test) inside their projected pixel window."""
         o = self.pose[:3, 3]
-        for kind, c, yaw, h in prims:
-            w = win or self._window(c, _ext("cube", h, yaw) if kind == "box" else h)
+        boxes = [p for p in prims if p[0] == "box"]
+        if boxes:
+            C, H = np.array([p[1] for p in boxes]), np.array([p[3] for p in boxes])
+            w = self._window(C, np.array([_ext("cube", h, boxes[0][2]) for h in H]))
             D = self._dirs[w[0]:w[1], w[2]:w[3]]
-            if D.size == 0:
-                continue
+            if D.size:
+                self._paint(*buf, *_hit_boxes(o, D, C, boxes[0][2], H), col, sid, w)
+        for kind, c, yaw, h in prims:
             if kind == "box":
-                t, nf = _hit_box(o, D, c, yaw, h)
-            elif kind == "cyl":
-                t, nf = _hit_cyl(o, D, c, h[0], h[2])
-            else:
-                t, nf = _hit_sphere(o, D, c, h[0])
-            self._paint(*buf, t, nf, col, sid, w)
+                continue
+            w = self._window(c[None], h[None])
+            D = self._dirs[w[0]:w[1], w[2]:w[3]]
+            if D.size:
+                t, nf = _hit_cyl(o, D, c, h[0], h[2]) if kind == "cyl" else _hit_sphere(o, D, c, h[0])
+                self._paint(*buf, t, nf, col, sid, w)
 
     def render(self):
         """Observation of the current state. Static objects are cached over the background; only what moved
@@ -723,13 +767,13 @@ class TabletopEnv:
             self._boxes = {}
             for i in range(len(self.meta)):
                 if i != self.held:
-                    self._boxes[i] = self._window(self.P[i], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i]))
+                    self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
                     self._draw(self._object_prims(i), self._rgb[i], i + 1, buf)
             self._static, self._static_key = buf, key
         depth, rgb, seg = (a.copy() for a in self._static)
         if self.held >= 0:
             i = self.held
-            self._boxes[i] = self._window(self.P[i], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i]))
+            self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
             self._draw(self._object_prims(i), self._rgb[i], i + 1, (depth, rgb, seg))
         self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, (depth, rgb, seg))
         self._seg = seg
@@ -813,10 +857,12 @@ class TabletopEnv:
             target = np.array([p[0], p[1], TRAVEL_Z])                   # drop what we hold, back off
         elif kind == "push":
             d = np.array(DIRS[self.task.goals[gi][2]])
-            ea = float(np.abs(d) @ _ext(self.meta[a]["shape"], self.Hf[a], self.Yaw[a])[:2])
+            e2 = _ext(self.meta[a]["shape"], self.Hf[a], self.Yaw[a])[:2]
+            ea, el = float(np.abs(d) @ e2), float(np.abs(d[::-1]) @ e2)     # extent along / across the push
             rel = p[:2] - c[:2]; along = rel @ d; lat = rel - along * d
             z_push, grip = GRIP_LO[2] + 0.004, 1.0
-            if -(ea + 0.05) < along < -ea + 0.002 and math.hypot(*lat) < 0.012 and p[2] < z_push + 0.012:
+            if (-(ea + 0.05) < along < -ea + 0.01 and math.hypot(*lat) < min(0.03, 0.6 * el)
+                    and p[2] < z_push + 0.012):
                 target = np.concatenate([p[:2] + d * STEP_M / speed - 0.8 * lat, [z_push]])
             else:
                 target, _ = self._travel(c[:2] - d * (ea + FT + 0.014), z_push)
