@@ -361,6 +361,44 @@ class LanguageModel(nn.Module):
             hidden[-1] = x  # Hugging Face convention: the last entry is final-normed
         return x, hidden
 
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=32,
+                 temperature=0.0, eos_id=None, pad_id=0, generator=None):
+        """Greedy (temperature 0) or sampled continuation with a KV cache -> (B, new_T) long.
+
+        Batches must be left-padded (every prompt ends at the last column). After eos a row emits
+        pad_id; generation stops early once every row has finished.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        mask = attention_mask.bool() if attention_mask is not None else None
+        if mask is not None and not mask[:, -1].all():
+            raise ValueError("generate: batches must be left-padded (attention_mask[:, -1] all True)")
+        cache = KVCache(self.cfg, B, T + max_new_tokens, x.device, x.dtype)
+        h, _ = self(inputs_embeds=x, attention_mask=mask, cache=cache)
+        logits = self.head(h[:, -1])  # (B, V): only the last position is needed
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        out = []
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                probs = (logits.float() / temperature).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = nxt.masked_fill(done, pad_id)
+            out.append(nxt)
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+                if done.all():
+                    break
+            if step == max_new_tokens - 1:
+                break
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            h, _ = self(nxt[:, None], attention_mask=mask, cache=cache)  # one token, attends to the cache
+            logits = self.head(h[:, -1])
+        return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=x.device)
+
 
 def _init_weights(module):
     for m in module.modules():
@@ -374,6 +412,14 @@ def _init_weights(module):
 
 # ----------------------------------------------------------------------------------------------------
 # GEM: the VLM
+
+def lm_loss(logits, labels):
+    """Mean next-token cross-entropy over labels != -100: position t predicts labels[t + 1].
+    Shifting the labels (not the logits) avoids copying the (B, T, V) logits."""
+    tgt = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt, ignore_index=-100, reduction="sum")
+    return ce / (tgt != -100).sum().clamp(min=1)  # all ignored -> 0.0, not nan
+
 
 class GEM(nn.Module):
     def __init__(self, cfg: GEMConfig):
@@ -407,13 +453,7 @@ class GEM(nn.Module):
         x, is_img = self.embed(input_ids, pixel_values)
         h, hidden = self.llm(inputs_embeds=x, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
         logits = self.llm.head(h)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            # token t predicts token t+1; -100 (prompt, image, padding) contributes nothing
-            tgt = labels[:, 1:].reshape(-1)
-            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt,
-                                 ignore_index=-100, reduction="sum")
-            loss = ce / (tgt != -100).sum().clamp(min=1)
+        loss = lm_loss(logits, labels) if labels is not None else None
         B = input_ids.shape[0]
         image_hidden = h[is_img].view(B, -1, h.shape[-1])  # (B, n_image_tokens, D), in patch order
         return dict(loss=loss, logits=logits, image_hidden=image_hidden, hidden_states=hidden)
@@ -422,37 +462,10 @@ class GEM(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
                  eos_id=None, generator=None):
         """Greedy (temperature 0) or sampled continuation with a KV cache -> (B, new_T) long.
-
-        Batches must be left-padded (prompts end at the last column). After eos a row emits pad_id;
-        generation stops early once every row has finished.
-        """
-        B, T = input_ids.shape
-        if attention_mask is not None and not attention_mask[:, -1].all():
-            raise ValueError("generate: batches must be left-padded (attention_mask[:, -1] all True)")
+        Batches must be left-padded; see LanguageModel.generate."""
         x, _ = self.embed(input_ids, pixel_values)
-        cache = KVCache(self.llm.cfg, B, T + max_new_tokens, x.device, x.dtype)
-        mask = attention_mask.bool() if attention_mask is not None else None
-        h, _ = self.llm(inputs_embeds=x, attention_mask=mask, cache=cache)
-        logits = self.llm.head(h[:, -1])  # (B, V)
-        done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        out = []
-        for _ in range(max_new_tokens):
-            if temperature > 0:
-                probs = (logits.float() / temperature).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                nxt = logits.argmax(-1)
-            nxt = nxt.masked_fill(done, self.cfg.pad_id)
-            out.append(nxt)
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-                if done.all():
-                    break
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=x.device)], 1)
-            h, _ = self.llm(nxt[:, None], attention_mask=mask, cache=cache)
-            logits = self.llm.head(h[:, -1])
-        return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+        return self.llm.generate(inputs_embeds=x, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, eos_id=eos_id, pad_id=self.cfg.pad_id, generator=generator)
 
     # --- checkpoints: config.json + model.safetensors via the shared helpers below -----------------
 
