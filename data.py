@@ -888,7 +888,6 @@ def gen_shard(job):
 
 def generate(cfg: GenConfig) -> dict:
     """Generate (or finish generating) a dataset; returns the stats also written to stats.json."""
-    from multiprocessing import get_context
     from tqdm import tqdm
     import sim_env
     for d in ("images", "depth", "states", "shards"):
@@ -899,7 +898,7 @@ def generate(cfg: GenConfig) -> dict:
     todo = [j for j in jobs if not os.path.isfile(shard_file(j[1], j[2]))]  # finished shards are kept
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="shards", disable=cfg.preset == "micro") as bar:
         if cfg.workers > 1 and len(todo) > 1:
-            with get_context("fork").Pool(cfg.workers) as pool:
+            with _pool(cfg.workers) as pool:
                 for _ in pool.imap_unordered(gen_shard, todo):
                     bar.update()
         else:
@@ -925,6 +924,12 @@ def generate(cfg: GenConfig) -> dict:
     train_tokenizer(texts, os.path.join(cfg.out, "tokenizer.json"), cfg.vocab_size)
     _write_atomic(os.path.join(cfg.out, "stats.json"), json.dumps(stats, indent=1))
     return stats
+
+
+def _pool(workers: int):
+    """Worker processes: fork where available (cheap, inherits imports), else spawn."""
+    import multiprocessing as mp
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -965,12 +970,11 @@ def demo_task(job):
     env = sim_env.TabletopEnv(suite, task_id, image_size=c["image_size"], render_images=False)
     kept, tries = 0, 0
     while kept < c["per_task"] and tries < 3 * c["per_task"] + 5:
+        # episodes are re-simulated on a restart (cheap, no rendering) so the seed sequence is the same,
+        # but a finished episode file is never rewritten
         path = os.path.join(c["out"], f"{suite}_{task_id:02d}_{kept:03d}.npz")
         seed = DEMO_SEED_BASE + 10_000 * c["seed"] + 1000 * task_id + tries
         tries += 1
-        if os.path.isfile(path):  # finished earlier: never rewritten
-            kept += 1
-            continue
         obs, info = env.reset(seed=seed)
         acts, states, sims = [], [], []
         for _ in range(info["max_steps"]):
@@ -983,18 +987,19 @@ def demo_task(job):
                 break
         if not info["success"]:
             continue
+        kept += 1
+        if os.path.isfile(path):
+            continue
         sims.append(env.get_state())  # the final (success) state, for checks
         tmp = path[:-4] + ".tmp.npz"
         np.savez(tmp, actions=np.stack(acts), states=np.stack(states), sim_states=json.dumps(sims),
                  instruction=obs["instruction"], suite=suite, task_id=task_id, seed=seed)
         os.replace(tmp, path)
-        kept += 1
     return suite, task_id, kept
 
 
 def generate_demos(cfg: DemoConfig) -> dict:
     import sim_env
-    from multiprocessing import get_context
     from tqdm import tqdm
     suites = list(sim_env.SUITES) if cfg.suite == "all" else [cfg.suite]
     for s in suites:
@@ -1006,7 +1011,7 @@ def generate_demos(cfg: DemoConfig) -> dict:
             if cfg.tasks == "all" or str(t) in cfg.tasks.split(",")]
     bar = tqdm(total=len(jobs), desc="demo tasks", disable=len(jobs) < 4)
     if cfg.workers > 1 and len(jobs) > 1:
-        with get_context("fork").Pool(cfg.workers) as pool:
+        with _pool(cfg.workers) as pool:
             for _ in pool.imap_unordered(demo_task, jobs):
                 bar.update()
     else:

@@ -433,6 +433,10 @@ def test_demos_replay_exactly_and_succeed(micro_demos):
             assert data._physical(env.get_state()) == data._physical(ep["sim_states"][t + 1])
         assert info["success"]
         assert ep["instruction"] == ep["sim_states"][0]["instruction"]
+    # a rerun (e.g. after an interruption) re-simulates but never rewrites a finished episode
+    mtimes = {p: os.stat(p).st_mtime_ns for p in files}
+    data.generate_demos(data.DemoConfig(out=micro_demos, suite="goal", tasks="0,6", per_task=2, workers=1))
+    assert {p: os.stat(p).st_mtime_ns for p in data.episode_files(micro_demos)} == mtimes
 
 
 def test_demo_dataset_and_obs_to_inputs_match_the_policy_path(micro_demos, micro_data):
