@@ -184,6 +184,7 @@ class VLAConfig:
     vlm_lr: float = 2e-4            # VLM and depth head when trained jointly (paper: 1e-5 at 2B)
     freeze_vlm: bool = False
     depth_weight: float = 0.1       # L = L_action + depth_weight * L_flow(depth); 0 = no depth term at all
+    depth_batch: int = 0            # depth loss on the first n samples of each (shuffled) batch; 0 = all
     weight_decay: float = 0.01
     warmup: float = 0.05            # fraction of the steps
     min_lr_frac: float = 0.1        # cosine decays to this fraction of the peak
@@ -198,6 +199,7 @@ class VLAConfig:
     device: str = "auto"            # auto | cpu | cuda
     compile: bool = False
     threads: int = 0                # torch CPU threads (0 = torch's default)
+    stop_after: int = 0             # stop (with a checkpoint) after this many steps of this invocation; 0 = never
 
 
 PRESETS = {
@@ -228,7 +230,8 @@ class GEMVLA(nn.Module):
         terms = {"action": flow_matching_loss(self.expert, ctx, batch["actions"], batch["state"], batch["action_mask"],
                                               cfg.flow_repeats, cfg.t_mu, cfg.t_sigma)}
         if self.head is not None:  # paper: the depth loss (x0.1) stays on, on the first camera's image
-            terms["depth"] = self.head.loss(out["image_hidden"], batch["depth_target"], batch["depth_valid"])
+            n = cfg.depth_batch or len(batch["depth_valid"])  # the batch is shuffled: a subset is unbiased
+            terms["depth"] = self.head.loss(out["image_hidden"][:n], batch["depth_target"][:n], batch["depth_valid"][:n])
         terms["loss"] = terms["action"] + cfg.depth_weight * terms["depth"] if "depth" in terms else terms["action"]
         return terms
 
@@ -458,8 +461,8 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc="vla", dynamic_ncols=True, disable=rank != 0)
     model.train()
-    t0, seen = time.time(), 0
-    while step < cfg.steps:
+    t0, seen, stop = time.time(), 0, cfg.steps if not cfg.stop_after else min(cfg.steps, step + cfg.stop_after)
+    while step < stop:
         lr_scale = lr_at(step, cfg.steps, 1.0, cfg)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * lr_scale
@@ -490,7 +493,7 @@ def main(argv=None):
             l1 = validate(model, ds, val_idx, cfg, stats, pad_id, device)
             logf(dict(step=step, val_action_l1=l1))
             bar.write(f"step {step}: val action L1 {l1:.4f} ({len(val_idx)} held-out chunks)")
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or step == stop:
             if rank == 0:
                 save_vla(ckpt, model, cfg, pre_tc, stats, tok_path, train_state=dict(step=step, optimizer=opt.state_dict()))
             if ddp:

@@ -1,0 +1,182 @@
+"""train_vla.py on the micro preset: the action expert can fit demo chunks, Policy preprocessing == training
+preprocessing, normalisation round trips, the depth term exists only when weighted, exact resume, NaN guard,
+and a briefly trained policy drives the simulator closed-loop (with its action queue re-planning every k)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import train_pretrain as TP
+import train_vla as V
+from model import parse_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # a shared 2-core box: one thread per test process
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory, micro_data):
+    """A micro pretraining checkpoint (untrained VLM + depth head) in train_pretrain's own format."""
+    out = str(tmp_path_factory.mktemp("vla_init") / "gem")
+    tok_path = os.path.join(micro_data, "tokenizer.json")
+    tc = parse_config(TP.TrainConfig, ["--preset=micro"], TP.PRESETS)
+    torch.manual_seed(0)
+    gem = TP.build_gem(tc, D.load_tokenizer(tok_path))
+    head = TP.build_head(tc, gem, "gem")
+    TP.save_stage(out, gem, head, tc, tok_path, 3, 0, torch.optim.AdamW(gem.parameters()), True, 0)
+    return out
+
+
+def train(init, demos, out, *args):
+    return V.main([f"--init={init}", f"--demos={demos}", f"--out={out}", "--preset=micro", *map(str, args)])
+
+
+def records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_expert_overfits_demo_chunks(init, micro_demos):
+    """A few demo chunks, VLM features fixed: flow matching + 5 Euler steps must reproduce the actions."""
+    vlm, _, tok, tc = TP.load_pretrained(init)
+    ds = D.DemoDataset(micro_demos, tok, vlm.cfg.image_size, 4, 16, vlm.cfg.n_image_tokens, image_first=tc.image_first)
+    b = D.collate([ds[i] for i in (0, 5, len(ds) // 2, len(ds) - 3)], D.special_ids(tok)["pad_id"])
+    with torch.no_grad():
+        hs = vlm(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"], output_hidden_states=True)["hidden_states"]
+    torch.manual_seed(0)
+    expert = V.ActionExpert(3, 64, 4, vlm.cfg.dim, horizon=4)
+    opt = torch.optim.AdamW(expert.parameters(), lr=2e-3)
+    for _ in range(300):
+        loss = V.flow_matching_loss(expert, expert.context(hs, b["attention_mask"]), b["actions"], b["state"],
+                                    b["action_mask"], repeats=8)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pred = expert.sample(b["state"], expert.context(hs, b["attention_mask"]), steps=5)
+    m = b["action_mask"][..., None].float()
+    l1 = ((pred - b["actions"]).abs() * m).sum() / (m.sum() * 7)
+    base = ((b["actions"] - 0).abs() * m).sum() / (m.sum() * 7)  # predicting the mean action
+    assert l1 < 0.1 and l1 < 0.2 * base, (float(l1), float(base))
+
+
+def test_normalisation_round_trips(micro_demos):
+    eps = [D.load_episode(p) for p in D.episode_files(micro_demos)]
+    stats = D.compute_norm_stats(micro_demos)
+    acts = np.concatenate([e["actions"] for e in eps])
+    for key, x in (("action", acts), ("state", np.concatenate([e["states"] for e in eps]))):
+        z = D.normalize(x, stats, key)
+        assert torch.allclose(D.unnormalize(z, stats, key), torch.as_tensor(x, dtype=torch.float32), atol=1e-5)
+        varying = x.std(0) > 1e-6  # independent reference: numpy moments of the raw demo values
+        assert np.allclose(z.numpy().mean(0), 0, atol=1e-4)
+        assert np.allclose(z.numpy()[:, varying].std(0), 1, atol=1e-3)
+
+
+def test_policy_preprocessing_equals_training(init, micro_demos, tmp_path):
+    out = str(tmp_path / "vla")
+    train(init, micro_demos, out, "--steps=1")
+    pol = V.Policy(os.path.join(out, "ckpt"))
+    with open(os.path.join(out, "ckpt", "norm_stats.json")) as f:
+        assert json.load(f) == D.compute_norm_stats(micro_demos)  # the checkpoint carries the demo statistics
+    ds = D.DemoDataset(micro_demos, pol.tok, 64, 4, 16, pol.model.vlm.cfg.n_image_tokens,
+                       image_first=pol.pre_tc.image_first, cache=False)
+    from sim_env import TabletopEnv
+    for i in (0, 7, len(ds) - 1):
+        e, t = ds.index[i]
+        ep = ds.eps[e]
+        env = TabletopEnv(ep["suite"], ep["task_id"])
+        env.set_state(ep["sim_states"][t])
+        obs = env.render()  # what the simulator gives the policy at that moment of the demo
+        obs["instruction"] = ep["instruction"]
+        got, want = pol.preprocess(obs), ds[i]
+        for k in ("input_ids", "pixel_values", "state"):
+            assert torch.equal(got[k], want[k]), k
+        assert np.allclose(obs["state"], ep["states"][t])
+
+
+def test_depth_term_only_when_weighted(init, micro_demos, tmp_path):
+    for w in (0.1, 0.0):
+        out = str(tmp_path / f"w{w}")
+        model = train(init, micro_demos, out, "--steps=2", f"--depth_weight={w}")
+        recs = [r for r in records(out) if "action" in r]
+        keys = json.load(open(os.path.join(out, "ckpt", "pretrain.json")))
+        if w:
+            assert model.head is not None and keys["head"] is not None
+            assert all(abs(r["loss"] - (r["action"] + w * r["depth"])) < 1e-5 for r in recs)
+        else:
+            assert model.head is None and keys["head"] is None
+            assert all("depth" not in r and r["loss"] == r["action"] for r in recs)
+        tensors = V.load_checkpoint(os.path.join(out, "ckpt"))[0]
+        assert any(k.startswith("head.") for k in tensors) == bool(w)
+        assert any(k.startswith("expert.") for k in tensors)
+
+
+def test_resume_is_exact(init, micro_demos, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(init, micro_demos, a, "--steps=4")
+    train(init, micro_demos, b, "--steps=4", "--stop_after=2")
+    with pytest.raises(SystemExit, match="--resume"):  # an existing run is never silently overwritten
+        train(init, micro_demos, b, "--steps=4")
+    train(init, micro_demos, b, "--steps=4", "--resume")
+    ta, tb = (V.load_checkpoint(os.path.join(d, "ckpt"))[0] for d in (a, b))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-6), k
+    la = [r["loss"] for r in records(a) if "loss" in r]
+    lb = [r["loss"] for r in records(b) if "loss" in r]
+    assert la == pytest.approx(lb, abs=1e-6)
+
+
+def test_nan_loss_stops_with_one_line(init, micro_demos, tmp_path, monkeypatch):
+    get = D.DemoDataset.__getitem__
+
+    def bad(self, i):  # a corrupt demo step: NaN state
+        item = get(self, i)
+        item["state"] = item["state"] * float("nan")
+        return item
+    monkeypatch.setattr(D.DemoDataset, "__getitem__", bad)
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit) as e:
+        train(init, micro_demos, out, "--steps=3")
+    assert "non-finite loss" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(os.path.join(out, "ckpt"))  # nothing written from bad weights
+
+
+@pytest.mark.parametrize("args,needle", [(["--nope=1"], "--nope"), (["--tasks=goal"], "--tasks"),
+                                         (["--tasks=spatial:9"], "spatial"), (["--expert_blocks=9"], "--expert_blocks")])
+def test_bad_flags_one_line(init, micro_demos, tmp_path, args, needle):
+    with pytest.raises(SystemExit) as e:
+        train(init, micro_demos, str(tmp_path / "bad"), "--steps=1", *args)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_policy_runs_closed_loop(init, micro_demos, tmp_path):
+    out = str(tmp_path / "vla")
+    train(init, micro_demos, out, "--steps=3", "--tasks=goal:6")
+    pol = V.Policy(out, replan_k=3)  # a run directory resolves to its checkpoint
+    calls = []
+    predict = pol.predict
+    pol.predict = lambda obs: calls.append(len(obs)) or predict(obs)
+    from sim_env import TabletopEnv
+    env = TabletopEnv("goal", 6)
+    obs, info = env.reset(options={"start_id": 0})
+    pol.reset()
+    for _ in range(9):
+        a = pol.act(obs)
+        assert a.shape == (7,) and np.isfinite(a).all() and np.abs(a).max() <= 1
+        obs, _, term, trunc, info = env.step(a)
+    assert calls == [1, 1, 1]  # 9 actions, re-planned every 3
+    envs = [TabletopEnv("goal", 6), TabletopEnv("goal", 0)]
+    obs = [e.reset(options={"start_id": 1})[0] for e in envs]
+    pol.reset(2)
+    acts = pol.act_batch([obs[0], None])  # a finished environment gets no action
+    assert acts[1] is None and acts[0].shape == (7,)
+    acts = pol.act_batch(obs)
+    assert calls[-1] == 1 and all(x.shape == (7,) for x in acts)  # only env 1 needed a new chunk
