@@ -450,7 +450,7 @@ class TabletopEnv:
         self.render_depth, self.render_seg = render_depth, render_seg
         self.max_steps = MAX_STEPS[suite]
         self._seed_rng = np.random.default_rng()
-        self._cam_key, self._static_key = None, None
+        self._cam_key, self._static = None, None
 
     # ---- state
     def reset(self, seed=None, options=None):
@@ -501,7 +501,7 @@ class TabletopEnv:
         self.goals_done = int(d.get("goals_done", 0))
         self.role = {m["role"]: i for i, m in enumerate(self.meta)}
         self._movable = [i for i, m in enumerate(self.meta) if m["shape"] in SHAPES]
-        self._static_key = None
+        self._static, self._seg = None, None   # cached render of everything not held (re-made when it moves)
         self._setup_camera()
 
     def objects(self):
@@ -538,13 +538,14 @@ class TabletopEnv:
         new = np.clip(g[:3] + a[:3] * STEP_M, lo, GRIP_HI)
         g[3] = float(np.clip(g[3] + a[5] * STEP_RAD, -math.pi / 2, math.pi / 2))
         # Sub-steps of <= 4 mm while the fingers are low, so a 2 cm move cannot tunnel through an object.
-        low = min(g[2], new[2]) - FL < 0.12
-        n_sub = max(1, int(math.ceil(np.abs(new - g[:3]).max() / 0.004))) if low else 1
+        near = [i for i in self._movable if i != self.held and abs(self.P[i, 0] - g[0]) + abs(self.P[i, 1] - g[1]) < 0.16]
+        low = bool(near) and min(g[2], new[2]) - FL < 0.12
+        n_sub = max(1, int(math.ceil(np.abs(new[:2] - g[:2]).max() / 0.004))) if low else 1
         changed, start = False, g[:3].copy()
         for k in range(1, n_sub + 1):
             g[:3] = start + (new - start) * (k / n_sub)
             if low:
-                changed |= self._push()
+                changed |= self._push(near)
         self.closed = bool(a[6] > 0)
         if self.closed and self.held < 0:
             cand, w = self._between_jaws()
@@ -564,9 +565,10 @@ class TabletopEnv:
             self.P[self.held] = g[:3] + _rot(g[3]) @ self.held_off[:3]
             self.Yaw[self.held] = g[3] + self.held_off[3]
         if low:
-            changed |= self._push()    # the jaws closing / opening can push too
+            changed |= self._push(near)    # the jaws closing / opening can push too
         if changed:
             self._settle()
+            self._static = None
         self.t += 1
         ok = self._goals()
         while self.goals_done < len(ok) and ok[self.goals_done]:
@@ -596,15 +598,13 @@ class TabletopEnv:
         off = _rot(self.g[3])[:, 0] * (self.g[4] / 2 + FT)
         return self.g[:3] + off, self.g[:3] - off
 
-    def _push(self):
-        """Fingers (discs of radius FT, height 2 FL) push objects out along the contact normal."""
+    def _push(self, near):
+        """Fingers (discs of radius FT, height 2 FL) push the `near` objects out along the contact normal."""
         moved = False
         z0, z1 = self.g[2] - FL, self.g[2] + FL
         fingers = self._fingers()
-        for i in self._movable:
+        for i in near:
             if i == self.held or self.P[i, 2] - self.Hf[i, 2] > z1 or self.P[i, 2] + self.Hf[i, 2] < z0:
-                continue
-            if abs(self.P[i, 0] - self.g[0]) + abs(self.P[i, 1] - self.g[1]) > 0.2:   # cheap far-away cull
                 continue
             for f in fingers:
                 h, c = self.Hf[i], self.P[i]
@@ -661,6 +661,8 @@ class TabletopEnv:
         if key != self._cam_key:
             self.K, self.pose = camera(self.image_size, aug.get("cam", CAM_POS), aug.get("look", CAM_LOOK))
             self._dirs = _ray_dirs(self.K, self.pose, self.image_size)
+            R, C = self.pose[:3, :3], self.pose[:3, 3]
+            self._M = self.K @ np.concatenate([R.T, -(R.T @ C)[:, None]], 1)      # (3,4) world -> pixel * depth
             self._cam_key, self._bg = key, None
         light = np.array(aug.get("light", LIGHT))
         self._light, self._amb = light / np.linalg.norm(light), aug.get("ambient", AMBIENT)
@@ -702,13 +704,11 @@ class TabletopEnv:
 
     def _window(self, centres, exts):
         """Pixel window [i0,i1) x [j0,j1) covering the projection of axis-aligned boxes (k,3) (ray culling)."""
-        corners = (centres[:, None, :] + exts[:, None, :] * _SIGNS[None]).reshape(-1, 3)
-        pc = (corners - self.pose[:3, 3]) @ self.pose[:3, :3]
+        uvw = (centres[:, None, :] + exts[:, None, :] * _SIGNS[None]).reshape(-1, 3) @ self._M[:, :3].T + self._M[:, 3]
         n = self.image_size
-        if pc[:, 2].min() < 0.02:
+        if uvw[:, 2].min() < 0.02:
             return 0, n, 0, n
-        u = self.K[0, 0] * pc[:, 0] / pc[:, 2] + self.K[0, 2]
-        v = self.K[1, 1] * pc[:, 1] / pc[:, 2] + self.K[1, 2]
+        u, v = uvw[:, 0] / uvw[:, 2], uvw[:, 1] / uvw[:, 2]
         return (max(0, int(v.min())), min(n, int(v.max()) + 2), max(0, int(u.min())), min(n, int(u.max()) + 2))
 
     def _object_prims(self, i):
@@ -729,10 +729,10 @@ class TabletopEnv:
         g, R = self.g, _rot(self.g[3])
         f1, f2 = self._fingers()
         palm_c = g[:3] + np.array([0, 0, FL + PALM_H])
-        wrist_c = g[:3] + np.array([0, 0, FL + 2 * PALM_H + 0.04])
+        wrist_c = g[:3] + np.array([0, 0, FL + 2 * PALM_H + 0.025])
         return [("box", f1, g[3], np.array([FT, FW, FL])), ("box", f2, g[3], np.array([FT, FW, FL])),
                 ("box", palm_c, g[3], np.array([GRIP_OPEN / 2 + 2 * FT, FW + 0.004, PALM_H])),
-                ("box", wrist_c, g[3], np.array([0.012, 0.012, 0.04]))]
+                ("box", wrist_c, g[3], np.array([0.012, 0.012, 0.025]))]
 
     def _draw(self, prims, col, sid, buf):
         """Ray cast one object's primitives (boxes batched in one test) inside their projected pixel window."""
@@ -744,6 +744,7 @@ class TabletopEnv:
             D = self._dirs[w[0]:w[1], w[2]:w[3]]
             if D.size:
                 self._paint(*buf, *_hit_boxes(o, D, C, boxes[0][2], H), col, sid, w)
+            return w
         for kind, c, yaw, h in prims:
             if kind == "box":
                 continue
@@ -760,22 +761,21 @@ class TabletopEnv:
             return self._state_obs()
         if self._bg is None:
             self._background()
-        key = (self.held, self.P.tobytes(), self.Yaw.tobytes()) if self.held < 0 else \
-            (self.held, np.delete(self.P, self.held, 0).tobytes(), np.delete(self.Yaw, self.held).tobytes())
-        if key != self._static_key:
+        if self._static is None:
             buf = tuple(a.copy() for a in self._bg)
             self._boxes = {}
             for i in range(len(self.meta)):
                 if i != self.held:
                     self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
                     self._draw(self._object_prims(i), self._rgb[i], i + 1, buf)
-            self._static, self._static_key = buf, key
+            self._static, self._vis_static = buf, {}
         depth, rgb, seg = (a.copy() for a in self._static)
         if self.held >= 0:
             i = self.held
             self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
             self._draw(self._object_prims(i), self._rgb[i], i + 1, (depth, rgb, seg))
-        self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, (depth, rgb, seg))
+        self._dyn = [self._boxes[self.held]] if self.held >= 0 else []
+        self._dyn.append(self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, (depth, rgb, seg)))
         self._seg = seg
         obs = self._state_obs()
         obs["rgb"] = rgb
@@ -792,16 +792,16 @@ class TabletopEnv:
 
     def _info(self, ok=None):
         ok = self._goals() if ok is None else ok
-        objs = []
+        objs, seen = [], self.render_images and self.render_seg and getattr(self, "_seg", None) is not None
         for i, m in enumerate(self.meta):
-            box, vis = None, 0
-            if self.render_images and self.render_seg and hasattr(self, "_seg") and i in getattr(self, "_boxes", {}):
-                i0, i1, j0, j1 = self._boxes[i]
-                mk = self._seg[i0:i1, j0:j1] == i + 1
-                vis = int(mk.sum())
-                if vis:
-                    rows, cols = np.nonzero(mk.any(1))[0], np.nonzero(mk.any(0))[0]
-                    box = [j0 + int(cols[0]), i0 + int(rows[0]), j0 + int(cols[-1]) + 1, i0 + int(rows[-1]) + 1]
+            box, vis, w = None, 0, self._boxes.get(i) if seen else None
+            if w is not None:
+                if i != self.held and not any(w[0] < d[1] and d[0] < w[1] and w[2] < d[3] and d[2] < w[3] for d in self._dyn):
+                    if i not in self._vis_static:      # nothing moving covers it: measure once per static render
+                        self._vis_static[i] = _measure(self._static[2], i + 1, w)
+                    box, vis = self._vis_static[i]
+                else:
+                    box, vis = _measure(self._seg, i + 1, w)
             objs.append(dict(m, pos=self.P[i].tolist(), yaw=float(self.Yaw[i]), half_extents=self.Hf[i].tolist(),
                              box2d=box, visible_px=vis))
         return {"success": bool(all(ok)), "subgoals_done": self.goals_done, "n_subgoals": len(ok), "objects": objs,
@@ -901,6 +901,17 @@ class TabletopEnv:
         act[5] = np.clip((yaw_t - self.g[3]) / STEP_RAD, -1, 1)
         act[6] = grip
         return act
+
+
+def _measure(seg, sid, w):
+    """(box2d [x1,y1,x2,y2] or None, visible pixel count) of id `sid` inside window w of a seg image."""
+    i0, i1, j0, j1 = w
+    mk = seg[i0:i1, j0:j1] == sid
+    vis = int(mk.sum())
+    if not vis:
+        return None, 0
+    rows, cols = np.nonzero(mk.any(1))[0], np.nonzero(mk.any(0))[0]
+    return [j0 + int(cols[0]), i0 + int(rows[0]), j0 + int(cols[-1]) + 1, i0 + int(rows[-1]) + 1], vis
 
 
 # ----------------------------------------------------------------------------- fixed evaluation start states
@@ -1017,7 +1028,8 @@ def main(argv):
         start_id: int = 0
         image_size: int = 128
         gif: str = "out.gif"
-        png: str = ""          # also save the first frame (RGB | depth) as a PNG
+        png: str = ""          # also save one frame (RGB | depth) as a PNG
+        png_step: int = 0      # ... the frame after this many expert steps
         scale: int = 2         # nearest-neighbour upscaling of the saved frames
     cfg = parse_config(CLI, argv)
     env = TabletopEnv(cfg.suite, cfg.task, cfg.image_size)
@@ -1031,7 +1043,7 @@ def main(argv):
             break
         obs, _, term, trunc, info = env.step(env.expert_action())
     if cfg.png:
-        frames[0].save(cfg.png)
+        frames[min(cfg.png_step, len(frames) - 1)].save(cfg.png)
     frames[0].save(cfg.gif, save_all=True, append_images=frames[1:], duration=80, loop=0)
     print(f"{cfg.suite}/{cfg.task} \"{obs['instruction']}\": success={info['success']} in {env.t} steps -> {cfg.gif}")
 
