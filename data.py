@@ -11,14 +11,24 @@ VLM data layout (= the released GEM-250K subset, so real data drops in; DESIGN.m
 Every answer is computed from the simulator state; "meta" holds the machine-readable answer and type
 so eval.py scores without parsing the question. Coordinates in text: integers in [0, 1000).
 
+Families (DESIGN.md; type names go into meta["type"]; FAMILY_TYPES, TEMPLATES):
+  grounding  box, point, place (free spot beside an object), grasp, list      answers "[x1, y1, x2, y2]", "(x, y)"
+  reasoning  rel_yn, rel_mc, closer, marked (two drawn marks), distance, height, count, fit
+  planning   decompose, next_step, done        trajectory: 5-8 future gripper points
+  caption    the visible objects by colour and shape (stage 0's data)       depth: image only, no question
+Answers are chosen first where that keeps them balanced (yes/no, letter positions); relations use the
+simulator's predicates and are rejected within REL_MARGIN of their threshold. The test split adds
+held-out templates and the HELDOUT_COMBOS (colour x shape never in train/val).
+
 Paper -> code map
-  GEM-4M families (grounding / spatial reasoning / planning + trajectory)  FAMILY_TYPES, make_sample
-  depth paired with every image (GT, not pseudo-depth here)               save_depth_png / load_depth_png
-  depth target: inverse depth, 2nd-98th percentile, 1 - x                depth_target
-  RGB-reconstruction ablation target                                      rgb_target
-  Qwen-VL chat template, loss on assistant tokens only                    encode_chat / encode_prompt
-  LLaVA-style JSONL + depth/ folder                                       read_jsonl / GemDataset / collate
-  GEM-VLA demos, action chunks, state/action normalisation               demos / DemoDataset / obs_to_inputs
+  GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MIXTURE, MAKERS (q_*), gen_shard
+  depth for every image (exact here; the paper uses GT or DA3 pseudo-depth)  save_depth_png / load_depth_png
+  depth target: inverse depth, 2nd-98th percentile, clip, 1 - x          depth_target
+  RGB-reconstruction ablation target                                     rgb_target
+  Qwen-VL chat template, loss on assistant tokens only                   encode_chat / encode_prompt
+  LLaVA-style JSONL + depth/ folder (GEM-250K layout; depth optional)    read_jsonl / GemDataset / collate
+  GEM-VLA demonstrations, action chunks, state/action normalisation      demo_task / DemoDataset / normalize
+  one preprocessing for training and the deployed policy                 obs_to_inputs
 """
 from __future__ import annotations
 
@@ -432,14 +442,11 @@ def _rel_ok(b, rel) -> bool:
     return (rel == "inside") == (b["shape"] == "tray") or rel not in ("on", "inside")
 
 
-def _margin(a, b, rel):
+def _clear(a, b, rel):
+    """The simulator's predicate `a rel b`, or None when its margin is too small to ask about."""
     import sim_env
-    return float(sim_env.relation_margin(a, b, rel))
-
-
-def _holds(a, b, rel) -> bool:
-    import sim_env
-    return bool(getattr(sim_env, rel)(a, b))
+    holds, margin = bool(getattr(sim_env, rel)(a, b)), float(sim_env.relation_margin(a, b, rel))
+    return holds if abs(margin) >= REL_MARGIN and holds == (margin > 0) else None
 
 
 def q_box(sc):
@@ -489,8 +496,7 @@ def place_region(sc, a, b, rel) -> np.ndarray:
     ys, xs = np.nonzero(ok)
     for y, x in zip(ys, xs):  # the side test is the simulator's own relation, on a moved copy of a
         moved = dict(a, pos=[float(xyz[y, x, 0]), float(xyz[y, x, 1]), float(a["half_extents"][2])])
-        if _margin(moved, b, rel) < REL_MARGIN:
-            ok[y, x] = False
+        ok[y, x] = _clear(moved, b, rel) is True
     return ok
 
 
@@ -526,9 +532,7 @@ def q_list(sc):
 def q_rel_yn(sc):
     want = bool(sc.rng.random() < 0.5)  # choose the answer first: yes/no stay balanced
     for rel in map(str, sc.rng.permutation(list(RELATIONS))):
-        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and _rel_ok(b, rel)
-                 and abs(_margin(a, b, rel)) >= REL_MARGIN and _holds(a, b, rel) == want
-                 and (_margin(a, b, rel) > 0) == want]
+        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and _rel_ok(b, rel) and _clear(a, b, rel) is want]
         if pairs:
             a, b = pairs[sc.rng.integers(len(pairs))]
             q, held = sc.template("rel_yn", a=a["name"], b=b["name"], rel=RELATIONS[rel])
@@ -548,21 +552,16 @@ def _choices(sc, correct, others):
 
 def q_rel_mc(sc):
     for rel in map(str, sc.rng.permutation(list(RELATIONS))):
-        for b in sc.rng.permutation(len(sc.refs)):
-            b = sc.refs[b]
-            if not _rel_ok(b, rel):
-                continue
-            others = [o for o in sc.refs if o is not b]
-            pos = [o for o in others if _holds(o, b, rel) and _margin(o, b, rel) >= REL_MARGIN]
-            neg = [o for o in others if not _holds(o, b, rel) and _margin(o, b, rel) <= -REL_MARGIN]
-            if len(pos) >= 1 and neg:
+        for b in (sc.refs[i] for i in sc.rng.permutation(len(sc.refs))):
+            others = [o for o in sc.refs if o is not b] if _rel_ok(b, rel) else []
+            pos = [o for o in others if _clear(o, b, rel) is True]
+            neg = [o for o in others if _clear(o, b, rel) is False]
+            if pos and neg:  # one true option, the others clearly false
                 a = sc.pick(pos)
-                opts, letter = _choices(sc, a, neg)
-                names = [o["name"] for o in opts]
+                opts, letter = _choices(sc, a["name"], [o["name"] for o in neg])
                 q, held = sc.template("rel_mc", b=b["name"], rel=RELATIONS[rel],
-                                      choices=" ".join(f"{L}. {n}" for L, n in zip(LETTERS, names)))
-                return q, letter, dict(answer=letter, choices=names, obj=a["id"], ref=b["id"], rel=rel,
-                                       heldout_template=held)
+                                      choices=" ".join(f"{L}. {n}" for L, n in zip(LETTERS, opts)))
+                return q, letter, dict(answer=letter, choices=opts, obj=a["id"], ref=b["id"], rel=rel, heldout_template=held)
     return None
 
 
