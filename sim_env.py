@@ -501,8 +501,13 @@ class TabletopEnv:
         self.goals_done = int(d.get("goals_done", 0))
         self.role = {m["role"]: i for i, m in enumerate(self.meta)}
         self._movable = [i for i, m in enumerate(self.meta) if m["shape"] in SHAPES]
-        self._static, self._seg = None, None   # cached render of everything not held (re-made when it moves)
         self._setup_camera()
+        # The cached render of everything not held survives a set_state that leaves it where it was (replays).
+        keep = [i for i in range(len(self.meta)) if i != self.held]
+        sig = (self._cam_key, json.dumps(self.meta), self.P[keep].tobytes(), self.Yaw[keep].tobytes(), self.Hf.tobytes())
+        if sig != getattr(self, "_static_sig", None):
+            self._static, self._static_sig = None, sig
+        self._seg = None
 
     def objects(self):
         """Current object dicts (the format the predicates take)."""
@@ -568,7 +573,7 @@ class TabletopEnv:
             changed |= self._push(near)    # the jaws closing / opening can push too
         if changed:
             self._settle()
-            self._static = None
+            self._static = self._static_sig = None
         self.t += 1
         ok = self._goals()
         while self.goals_done < len(ok) and ok[self.goals_done]:
@@ -657,7 +662,7 @@ class TabletopEnv:
     # ---- rendering
     def _setup_camera(self):
         aug = self.aug or {}
-        key = (self.image_size, str(aug.get("cam")), str(aug.get("look")))
+        key = (self.image_size, json.dumps(aug, sort_keys=True))   # camera, light and colours of this episode
         if key != self._cam_key:
             self.K, self.pose = camera(self.image_size, aug.get("cam", CAM_POS), aug.get("look", CAM_LOOK))
             self._dirs = _ray_dirs(self.K, self.pose, self.image_size)
@@ -670,7 +675,6 @@ class TabletopEnv:
         self._rgb = [np.array(COLOURS.get(m["colour"]) or RECEPTACLE_RGB[m["shape"]], float) * gains[i]
                      for i, m in enumerate(self.meta)]
         self._bg_rgb = {k: np.array(v, float) * gains[-1 - n] for n, (k, v) in enumerate(BG_RGB.items())}
-        self._bg = None
 
     def _background(self):
         """Table (a box down to the floor), back wall and floor: rendered once per camera (it never moves)."""
