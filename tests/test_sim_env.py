@@ -263,3 +263,17 @@ def test_gymnasium_env_checker():
     gym_utils.check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=3)
     assert env.observation_space.contains(obs)
+
+
+def test_ball_and_can_depth_on_surface():
+    ball, can = np.array([-0.08, 0.0, 0.026]), np.array([0.08, 0.02, 0.035])
+    env = _env_with([{"shape": "ball", "pos": ball, "role": "cube"}, {"shape": "can", "pos": can, "role": "plate"}], size=128)
+    obs, info = env.render(), env._info()
+    P = _unproject(obs["depth"].astype(np.float64), info["K"], info["cam_pose"])
+    mb, mc = obs["seg"] == 1, obs["seg"] == 2
+    assert mb.sum() > 50 and mc.sum() > 50
+    assert np.abs(np.linalg.norm(P[mb] - ball, axis=1) - S.HALF["ball"][0]).max() < 1e-3
+    r = np.linalg.norm(P[mc][:, :2] - can[:2], axis=1)
+    on_side = np.abs(r - S.HALF["can"][0]) < 1e-3
+    on_top = (np.abs(P[mc][:, 2] - 2 * S.HALF["can"][2]) < 1e-3) & (r <= S.HALF["can"][0] + 1e-3)
+    assert np.all(on_side | on_top) and on_top.sum() > 5 and on_side.sum() > 5
