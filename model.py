@@ -301,8 +301,6 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(c.dim, c.eps)
         # tied: the output projection reuses embed.weight (no separate tensor, so no duplicate key on save)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def head(self, h):  # (B, T, D) final-normed -> (B, T, V) logits
         return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
@@ -345,7 +343,10 @@ class LanguageModel(nn.Module):
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
         else:
             pos = torch.arange(past, past + T, device=x.device)[None]  # (1, T)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        # RoPE frequencies in fp32, computed here (not a buffer) so model.to(bfloat16) cannot round them
+        hd = self.cfg.head_dim
+        inv_freq = self.cfg.rope_theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float) / hd)
+        freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask, is_causal = self._mask(attention_mask, T, past, x.device)

@@ -72,6 +72,20 @@ def test_siglip_vision_parity(tmp_path):
         assert torch.allclose(ours.features(px), ref(pixel_values=px).last_hidden_state, atol=1e-4)
 
 
+def test_gem_from_hf(tmp_path):
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tr.SiglipVisionModel(tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tmp_path / "v")
+    tr.Qwen3ForCausalLM(tr.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       tie_word_embeddings=True)).save_pretrained(tmp_path / "l")
+    g = M.GEM.from_hf(str(tmp_path / "v"), str(tmp_path / "l"), image_pad_id=5)
+    ids = _ids(g.cfg)
+    assert g.cfg.n_image_tokens == 4 and g(ids, torch.randn(2, 3, 32, 32))["logits"].shape == (2, 12, 64)
+    assert torch.equal(g.llm.embed.weight, M.load_hf_qwen3(str(tmp_path / "l")).embed.weight)
+
+
 def test_merger_layout():
     """Merged token j depends exactly on the 2x2 block of patches at (row j // g, col j % g), row-major."""
     torch.manual_seed(0)
