@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -259,6 +260,12 @@ def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
+def text_ce_sum(logits, labels):
+    """Summed next-token CE over assistant tokens (token t predicts t+1; -100 ignored)."""
+    lg = logits[:, :-1].float()  # (B, T-1, V)
+    return F.cross_entropy(lg.reshape(-1, lg.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
 class Bundle(nn.Module):
     """VLM + head as one module, so DDP sees one forward; returns the weighted loss to backpropagate."""
 
@@ -274,9 +281,7 @@ class Bundle(nn.Module):
         loss = torch.zeros((), device=b["input_ids"].device)
         text_sum = flow = torch.zeros((), device=loss.device)
         if use_text:  # token-summed CE: the caller's weight makes it a mean over the global batch's tokens
-            logits, labels = out["logits"][:, :-1].float(), b["labels"][:, 1:]
-            text_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
-                                       reduction="sum")
+            text_sum = text_ce_sum(out["logits"], b["labels"])
             loss = loss + w_text * text_sum
         if use_flow:
             hidden = out["image_hidden"] if spec["vlm"] else out["image_hidden"].detach()
@@ -319,6 +324,7 @@ def lr_at(step: int, total: int, peak: float, tc: TrainConfig) -> float:
 
 @torch.no_grad()
 def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
+    was_training = gem.training
     gem.eval()
     spec = STAGES[stage]
     text_sum = n_tok = flow_sum = n_flow = 0.0
@@ -331,10 +337,8 @@ def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
             b = make_batch(ds, idx, pad_id, target, device)
             with amp:
                 out = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
-                lg, lb = out["logits"][:, :-1].float(), b["labels"][:, 1:]
-                text_sum += F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=-100,
-                                            reduction="sum").item()
-                n_tok += (lb != -100).sum().item()
+                text_sum += text_ce_sum(out["logits"], b["labels"]).item()
+                n_tok += (b["labels"][:, 1:] != -100).sum().item()
                 if head is not None and spec["flow"]:
                     nv = b["depth_valid"].sum().item()
                     flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["depth_valid"]).item() * nv
@@ -344,7 +348,7 @@ def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
         res["val_flow"] = flow_sum / n_flow
     if tc.val_gen and spec["text"]:
         res.update(val_answers(gem, ds, tc, pad_id, device))
-    gem.train()
+    gem.train(was_training)
     return res
 
 
@@ -381,6 +385,7 @@ def val_answers(gem, ds, tc, pad_id, device, show=2):
 def depth_grid(gem, head, ds, tc, pad_id, target, device, path, n=4):
     """PNG grid, one row per val image: RGB | true target | target sampled from the current features."""
     from PIL import Image
+    was_training = gem.training
     gem.eval()
     b = make_batch(ds, list(range(min(n, len(ds)))), pad_id, target, device)
     hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
@@ -396,7 +401,7 @@ def depth_grid(gem, head, ds, tc, pad_id, target, device, path, n=4):
             for i in range(len(gen))]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray(np.concatenate(rows, 0)).save(path)
-    gem.train()
+    gem.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,13 +469,14 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
                 loss.backward()
             stats += torch.stack([text_sum.float(), flow.float() * b["depth_valid"].sum()])
         stats = all_sum(stats, ddp)
-        text_l = (stats[0] / counts[0].clamp(min=1)).item()
-        flow_l = (stats[1] / counts[1].clamp(min=1)).item()
-        total_l = (text_l if spec["text"] else 0.0) + ((tc.lam if stage == 3 else 1.0) * flow_l if head is not None and spec["flow"] else 0.0)
+        terms = {"text": (stats[0] / counts[0].clamp(min=1)).item()} if spec["text"] else {}
+        if head is not None and spec["flow"]:
+            terms["flow"] = (stats[1] / counts[1].clamp(min=1)).item()
+        total_l = terms.get("text", 0.0) + (tc.lam if stage == 3 else 1.0) * terms.get("flow", 0.0)
         gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
         if not (math.isfinite(total_l) and math.isfinite(gnorm)):  # stop before the update touches the weights
-            die(f"non-finite loss at stage {stage} step {step} (text {text_l}, flow {flow_l}, grad norm {gnorm}); "
-                f"stopping without saving; last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
+            die(f"non-finite loss at stage {stage} step {step} ({terms}, grad norm {gnorm}); stopping without "
+                f"saving; last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -478,15 +484,11 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches))), ddp).item())
         if rank == 0:
             bar.update(1)
-            post = {"text": text_l} if spec["text"] else {}
-            if head is not None and spec["flow"]:
-                post["flow"] = flow_l
-            bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()}, refresh=False)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
         if step % tc.log_every == 0 or step == total:
             dt = time.time() - t0
-            rec = dict(stage=stage, step=step, loss=total_l, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
-                       tokens_per_s=seen_t / dt, **({"text": text_l} if spec["text"] else {}),
-                       **({"flow": flow_l} if head is not None and spec["flow"] else {}))
+            rec = dict(stage=stage, step=step, loss=total_l, **terms, lr=lr, grad_norm=gnorm,
+                       samples_per_s=seen_s / dt, tokens_per_s=seen_t / dt)
             if device.type == "cuda":  # 6 N flops per token (fwd + bwd), all ranks together
                 rec["mfu"] = 6 * n_params * seen_t / dt / (tc.peak_tflops * 1e12 * world)
             logf(rec)
@@ -500,7 +502,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         if rank == 0 and head is not None and spec["flow"] and ((tc.viz_every and step % tc.viz_every == 0) or last_step):
             png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
             depth_grid(gem, head, val, tc, pad_id, target, device, png)
-            depth_grid(gem, head, val, tc, pad_id, target, device, os.path.join(tc.out, "depth_latest.png"))
+            shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
         ctx["steps_run"] += 1
         stop = tc.stop_after and ctx["steps_run"] >= tc.stop_after
         if (tc.ckpt_every and step % tc.ckpt_every == 0) or last_step or stop:
