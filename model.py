@@ -19,16 +19,22 @@ Paper -> code map (PAPER.md "Architecture")
   visual tokens spliced at <|image_pad|>     GEM.embed
   condition = last-layer hidden at image     GEM.forward -> out["image_hidden"] (B, n_image_tokens, dim)
   tokens (for the depth head)
-  L_CE on assistant tokens                   GEM.forward (labels == -100 are ignored; shift by one)
+  L_CE on assistant tokens                   lm_loss, called by GEM.forward (labels == -100 ignored)
   hidden states of every layer (GEM-VLA:     GEM.forward(output_hidden_states=True) -> out["hidden_states"]
   block i cross-attends to layer i)          (n_layers + 1 entries, Hugging Face convention: embeddings,
                                               layer outputs, the last one final-normed)
-  inference                                  GEM.generate (KV cache, greedy or temperature)
+  inference                                  GEM.generate -> LanguageModel.generate (KVCache, greedy or
+                                              temperature; left-padded batches)
   real backbones (hf preset)                 load_hf_qwen3, load_hf_siglip_vision, GEM.from_hf
+Speed notes: attention is F.scaled_dot_product_attention with native GQA; no padding or right padding
+takes the is_causal fast path (no mask tensor); q/k/v and gate/up projections are fused matmuls; the
+KV cache is preallocated. `SDPA = False` switches to a plain softmax path (tests check they agree).
+bench/bench_llm.py times the LLM against Hugging Face transformers' Qwen3ForCausalLM.
+
 Shared utilities (bottom of the file)
   parse_config(cls, argv, presets)  dataclass config from --key=value flags and a named --preset
   save_checkpoint / load_checkpoint  atomic checkpoint directories (DESIGN.md section 3)
-  load_tensors(module, tensors, source)  strict, shape-checked weight loading with one-line errors
+  load_tensors(module, tensors, source)  (after GEM) strict, shape-checked loading, one-line errors
 """
 from __future__ import annotations
 
