@@ -1021,8 +1021,29 @@ def generate_demos(cfg: DemoConfig) -> dict:
     return compute_norm_stats(cfg.out)
 
 
+class _LazyList:
+    """A JSON list parsed on first use (parsing demo sim_states is most of a demo folder's load time)."""
+
+    def __init__(self, text: str):
+        self.text, self.value = text, None
+
+    def _get(self) -> list:
+        if self.value is None:
+            self.value = json.loads(self.text)
+        return self.value
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self):
+        return len(self._get())
+
+    def __iter__(self):
+        return iter(self._get())
+
+
 def load_episode(path: str, parse_states: bool = True) -> dict:
-    """One demo episode; sim_states stays a JSON string with parse_states=False (parsed when needed)."""
+    """One demo episode; with parse_states=False, sim_states is parsed on first access."""
     try:
         z = np.load(path, allow_pickle=False)
         ep = {k: z[k] for k in z.files}
@@ -1031,7 +1052,7 @@ def load_episode(path: str, parse_states: bool = True) -> dict:
     for k in ("actions", "states", "sim_states", "instruction", "suite", "task_id"):
         if k not in ep:
             raise ValueError(f"{path}: demo episode lacks field {k!r}")
-    ep["sim_states"] = json.loads(str(ep["sim_states"])) if parse_states else str(ep["sim_states"])
+    ep["sim_states"] = json.loads(str(ep["sim_states"])) if parse_states else _LazyList(str(ep["sim_states"]))
     ep["instruction"], ep["suite"], ep["task_id"] = str(ep["instruction"]), str(ep["suite"]), int(ep["task_id"])
     return ep
 
@@ -1096,7 +1117,7 @@ class DemoDataset(torch.utils.data.Dataset):
     def __init__(self, root, tok, image_size, horizon, head_size, n_image_tokens, image_first=True, stats=None,
                  cache=True):
         self.files = episode_files(root)
-        self.eps = [load_episode(p, parse_states=False) for p in self.files]  # states parsed on first render
+        self.eps = [load_episode(p, parse_states=False) for p in self.files]
         path = os.path.join(root, "norm_stats.json")
         self.stats = stats if stats is not None else (json.load(open(path)) if os.path.isfile(path) else compute_norm_stats(root))
         self.cfg = dataclasses.make_dataclass("C", ["image_size", "n_image_tokens", "image_first"])(
@@ -1114,8 +1135,6 @@ class DemoDataset(torch.utils.data.Dataset):
         if self.cache is not None and (e, t) in self.cache:
             return self.cache[(e, t)]
         ep = self.eps[e]
-        if isinstance(ep["sim_states"], str):
-            ep["sim_states"] = json.loads(ep["sim_states"])
         env = _env(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
         env.set_state(ep["sim_states"][t])
         obs = env.render()
