@@ -892,6 +892,17 @@ def generate(cfg: GenConfig) -> dict:
     for d in ("images", "depth", "states", "shards"):
         os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
     c = dataclasses.asdict(cfg)
+    # finished shards are only reused by the same recipe: refuse to mix two configs in one folder
+    recipe = {k: v for k, v in c.items() if k not in ("out", "workers", "preset")}
+    cfg_path = os.path.join(cfg.out, "gen_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in recipe if old.get(k) != recipe[k])
+        if diff:
+            raise SystemExit(f"error: {cfg_path}: {cfg.out} holds data generated with other settings "
+                             f"({', '.join(f'{k}: {old.get(k)!r} there, {recipe[k]!r} now' for k in diff)}); use another --out")
+    _write_atomic(cfg_path, json.dumps(recipe, indent=1))
     jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(c[f"{s}_rollouts"] / cfg.shard))]
     shard_file = lambda s, k: os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")
     todo = [j for j in jobs if not os.path.isfile(shard_file(j[1], j[2]))]  # finished shards are kept
