@@ -206,7 +206,7 @@ def load_depth_png(path: str) -> np.ndarray:
     """16-bit PNG in millimetres -> float32 metres (0 stays 0 = invalid)."""
     with Image.open(path) as im:
         a = np.array(im)
-    if a.ndim != 2 or a.dtype not in (np.uint16, np.int32, np.uint8):
+    if a.ndim != 2 or a.dtype not in (np.uint16, np.int32):  # PIL reads 16-bit PNGs as uint16 or int32
         raise ValueError(f"{path}: not a single-channel 16-bit depth PNG (got {a.dtype} {a.shape})")
     return a.astype(np.float32) / 1000.0
 
