@@ -1036,7 +1036,10 @@ def main(argv):
         png_step: int = 0      # ... the frame after this many expert steps
         scale: int = 2         # nearest-neighbour upscaling of the saved frames
     cfg = parse_config(CLI, argv)
-    env = TabletopEnv(cfg.suite, cfg.task, cfg.image_size)
+    try:
+        env = TabletopEnv(cfg.suite, cfg.task, cfg.image_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     obs, info = env.reset(options={"start_id": cfg.start_id})
     lo, hi = np.percentile(obs["depth"], 2), np.percentile(obs["depth"], 98)
     frames, term, trunc = [], False, False
