@@ -424,11 +424,12 @@ def _in_view(objs, margin=0.02):
 
 
 def _push_clear(by_role, g):
-    """The pushed object's path (plus room behind it for the gripper) is free of other objects."""
+    """The pushed object's path (plus room behind it for the gripper) is free of other objects (plates too:
+    a can pushed onto the plate would block a later "put X on the plate")."""
     a = by_role[g[1]]; d = np.array(DIRS[g[2]]); p = _get(a, "pos")[:2]
     ea = _ext(a["shape"], a["half_extents"], a["yaw"])[:2]
     for o in by_role.values():
-        if o is a or o["shape"] == "plate":
+        if o is a:
             continue
         q, e = _get(o, "pos")[:2], _ext(o["shape"], o["half_extents"], o["yaw"])[:2]
         for s in np.linspace(-0.05, PUSH_DIST + 0.03, 12):

@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python bench/expert_success.py            # report
       .venv/bin/python bench/expert_success.py --write    # regenerate sim_eval_starts.json, then report
+      .venv/bin/python bench/expert_success.py --suite=long   # one suite
 Two numbers per task: `raw` = success over the first 50 candidate eval seeds (EVAL_SEED_BASE + k, k < 50,
 before any filtering: the honest expert success rate), and `fixed` = success over the 50 fixed start states
 (candidates are kept only where the expert succeeds, so this is 100% unless the simulator changed since the
@@ -32,7 +33,10 @@ if __name__ == "__main__":
             json.dump(table, f, separators=(",", ":"))
         S._EVAL_CACHE.clear()
         print(f"wrote {S.EVAL_FILE}")
+    only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--suite=")]
     for suite, tasks in S.SUITES.items():
+        if only and suite not in only:
+            continue
         raw_all, fixed_all, lens = 0, 0, []
         for tid in range(len(tasks)):
             raw = [run(suite, tid, S.EVAL_SEED_BASE + k) for k in range(S.N_EVAL)]
