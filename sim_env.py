@@ -5,6 +5,9 @@ receptacles (plate, tray) and a floating parallel-jaw gripper, seen by one fixed
 Every step returns RGB, exact metric z-depth and an instance mask rendered in one ray-casting pass.
 
 Run:  python sim_env.py --suite goal --task 3 --gif out.gif     (expert rollout, RGB | colourised depth)
+      README picture: python sim_env.py --suite long --task 0 --image_size 128 --png docs/scene.png --png_step 22
+      --gif /tmp/scene.gif ; GIF: python sim_env.py --suite goal --task 5 --image_size 64 --start_id 1 --gif docs/scene.gif
+      speed: python bench/bench_sim.py ; expert success: python bench/expert_success.py
 Use:  env = TabletopEnv("goal", 3); obs, info = env.reset(options={"start_id": 0})
       obs, r, term, trunc, info = env.step(env.expert_action())
 
