@@ -119,7 +119,7 @@ def _hit_boxes(o, D, C, yaw, H):
     tn, tf = lo.max(1), np.maximum(t1, t2).min(1)                               # (k,h,w)
     tk = np.where((tn <= tf) & (tn > 0), tn, np.inf)
     kb = tk.argmin(0) if len(C) > 1 else np.zeros(tk.shape[1:], int)            # (h,w) nearest box
-    t = np.take_along_axis(tk, kb[None], 0)[0]
+    t = tk.min(0)
 
     def normals(m):
         M = int(m.sum())
