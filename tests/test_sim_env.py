@@ -277,3 +277,18 @@ def test_ball_and_can_depth_on_surface():
     on_side = np.abs(r - S.HALF["can"][0]) < 1e-3
     on_top = (np.abs(P[mc][:, 2] - 2 * S.HALF["can"][2]) < 1e-3) & (r <= S.HALF["can"][0] + 1e-3)
     assert np.all(on_side | on_top) and on_top.sum() > 5 and on_side.sum() > 5
+
+
+def test_expert_recovers_from_perturbed_states():
+    rng = np.random.default_rng(3)
+    for suite, tid in [("spatial", 5), ("object", 3), ("goal", 4), ("long", 6)]:
+        env = S.TabletopEnv(suite, tid, render_images=False)
+        env.reset(seed=77)
+        for t in range(2 * env.max_steps):
+            a = env.expert_action()
+            if 10 <= t < 16:                       # a burst of noise mid-episode (a drifting policy)
+                a = np.clip(a + rng.normal(0, 0.7, 7), -1, 1)
+            _, _, term, _, _ = env.step(a)
+            if term:
+                break
+        assert term, (suite, tid)
