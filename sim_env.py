@@ -18,8 +18,13 @@ Conventions
   action (7,) in [-1, 1]: [dx, dy, dz, droll, dpitch, dyaw, grip], 1.0 = 2 cm / 0.25 rad, grip > 0 closes
     (roll and pitch are accepted and ignored).  state (8,): see STATE_NAMES.  seg: 0 = table/wall/floor,
     k = object id (1..n, info["objects"]), GRIPPER_ID = the gripper.
-  info["n_subgoals"] / ["subgoals_done"] count the task's goal predicates (task.goal_texts); task.subgoals is
-    the finer pick / place / push step list and env.expert_subgoal indexes it.
+  state = [x, y, z, yaw, opening, grasped, sin yaw, cos yaw] of the gripper (x, y, z = point between the jaws).
+  success (reward 1, terminated) = all of the task's goal predicates hold now; truncated at info["max_steps"].
+  info["n_subgoals"] / ["subgoals_done"] count the task's goal predicates (task.goal_texts; done = achieved in
+    order, latched); task.subgoals is the finer pick / place / push step list, env.expert_subgoal indexes it.
+  reset options: {"start_id": k} fixed eval start state, {"state": d} restore, {"heldout": True} instruction
+    from the held-out paraphrase. augment=True: per-episode colour / light / camera jitter (its own random
+    stream: the scene is the same). render_images=False: state-only observations (fast expert rollouts).
   seeds: a scene is drawn from default_rng([suite index, task id, seed]). Training uses seeds in
     [0, TRAIN_SEEDS); the 50 evaluation start states use seeds EVAL_SEED_BASE + k (kept only where the
     expert succeeds; the kept seeds are cached in sim_eval_starts.json, regenerated if missing).
@@ -27,7 +32,7 @@ Conventions
 Paper -> code map (GEM uses LIBERO in MuJoCo; we mirror it at toy scale)
   LIBERO suites spatial/object/goal/long         SUITES (10 tasks each), Task
   50 fixed initial states per task               eval_start_states
-  RGB + depth observations (depth = GEM target)  TabletopEnv._render (ray casting, z-buffer, Lambert shading)
+  RGB + depth observations (depth = GEM target)  TabletopEnv.render (ray casting, z-buffer, Lambert shading)
   success predicates (on / in / relations)       on, inside, left_of, ..., relation_margin, lifted
   scripted demonstrations for VLA training       TabletopEnv.expert_action (waypoint state machine)
 """
