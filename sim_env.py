@@ -293,11 +293,12 @@ def _spatial_tasks():
             ("behind the green ball", rel("behind", "ball")), ("in front of the green ball", rel("in_front_of", "ball")),
             ("closest to the plate", closer("plate")), ("farthest from the plate", closer("plate", True)),
             ("next to the blue can", closer("can")),
-            ("on the left", lambda o: relation_margin(o["t"], o["d"], "left_of") > 0.08),
-            ("nearest the front", lambda o: relation_margin(o["t"], o["d"], "in_front_of") > 0.06),
+            ("LEFTMOST", lambda o: relation_margin(o["t"], o["d"], "left_of") > 0.08),
+            ("FRONTMOST", lambda o: relation_margin(o["t"], o["d"], "in_front_of") > 0.06),
             ("between the blue can and the green ball", between)]
-    return [Task("spatial", f"red cube {w} -> plate", lm, [("on", "t", "plate")],
-                 desc={"t": f"the red cube {w}"}, valid=v) for w, v in spec]
+    name = lambda w: f"the {w[:-4].lower()} red cube" if w.endswith("MOST") else f"the red cube {w}"
+    return [Task("spatial", f"{name(w)[4:]} -> plate", lm, [("on", "t", "plate")],
+                 desc={"t": name(w)}, valid=v) for w, v in spec]
 
 
 CATALOGUE = [("cube", "red"), ("can", "blue"), ("ball", "green"), ("block", "yellow"), ("can", "orange"),
