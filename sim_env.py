@@ -749,24 +749,23 @@ class TabletopEnv:
                 ("box", wrist_c, g[3], np.array([0.012, 0.012, 0.025]))]
 
     def _draw(self, prims, col, sid, buf):
-        """Ray cast one object's primitives (boxes batched in one test) inside their projected pixel window."""
-        o = self.pose[:3, 3]
-        boxes = [p for p in prims if p[0] == "box"]
-        if boxes:
-            C, H = np.array([p[1] for p in boxes]), np.array([p[3] for p in boxes])
-            w = self._window(C, np.array([_ext("cube", h, boxes[0][2]) for h in H]))
-            D = self._dirs[w[0]:w[1], w[2]:w[3]]
-            if D.size:
-                self._paint(*buf, *_hit_boxes(o, D, C, boxes[0][2], H), col, sid, w)
-            return w
-        for kind, c, yaw, h in prims:
-            if kind == "box":
-                continue
-            w = self._window(c[None], h[None])
-            D = self._dirs[w[0]:w[1], w[2]:w[3]]
-            if D.size:
-                t, nf = _hit_cyl(o, D, c, h[0], h[2]) if kind == "cyl" else _hit_sphere(o, D, c, h[0])
-                self._paint(*buf, t, nf, col, sid, w)
+        """Ray cast one object's primitives (all boxes, tested in one batch, or one cylinder / sphere) inside
+        their projected pixel window; returns the window."""
+        kind, yaw = prims[0][0], prims[0][2]
+        C, H = np.array([p[1] for p in prims]), np.array([p[3] for p in prims])
+        w = self._window(C, np.array([_ext("cube", h, yaw) for h in H]) if kind == "box" else H)
+        D = self._dirs[w[0]:w[1], w[2]:w[3]]
+        if D.size:
+            o = self.pose[:3, 3]
+            hit = (_hit_boxes(o, D, C, yaw, H) if kind == "box" else
+                   _hit_cyl(o, D, C[0], H[0, 0], H[0, 2]) if kind == "cyl" else _hit_sphere(o, D, C[0], H[0, 0]))
+            self._paint(*buf, *hit, col, sid, w)
+        return w
+
+    def _draw_object(self, i, buf):
+        """Draw object i; remember its whole-object pixel window (for box2d / visibility in _info)."""
+        self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
+        self._draw(self._object_prims(i), self._rgb[i], i + 1, buf)
 
     def render(self):
         """Observation of the current state. Static objects are cached over the background; only what moved
@@ -780,14 +779,11 @@ class TabletopEnv:
             self._boxes = {}
             for i in range(len(self.meta)):
                 if i != self.held:
-                    self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
-                    self._draw(self._object_prims(i), self._rgb[i], i + 1, buf)
+                    self._draw_object(i, buf)
             self._static, self._vis_static = buf, {}
         depth, rgb, seg = (a.copy() for a in self._static)
         if self.held >= 0:
-            i = self.held
-            self._boxes[i] = self._window(self.P[i][None], _ext(self.meta[i]["shape"], self.Hf[i], self.Yaw[i])[None])
-            self._draw(self._object_prims(i), self._rgb[i], i + 1, (depth, rgb, seg))
+            self._draw_object(self.held, (depth, rgb, seg))
         self._dyn = [self._boxes[self.held]] if self.held >= 0 else []
         self._dyn.append(self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, (depth, rgb, seg)))
         self._seg = seg
