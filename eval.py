@@ -352,7 +352,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     from train_pretrain import build_head, depth_grid
     pad = special_ids(tok)["pad_id"]
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=tc.max_len)
+              head_size=tc.head_size, image_first=tc.image_first, max_len=4096)
 
     def frames(split, n):  # one item per distinct image with depth
         ds = GemDataset(tc.data, split, **kw)
@@ -399,12 +399,12 @@ def eval_vlm(cfg) -> dict:
     from data import GemDataset
     from train_pretrain import load_pretrained
     from tqdm import tqdm
-    torch.set_num_threads(max(1, cfg.workers))
+    torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)
     tc.data = cfg.data or tc.data
     gem.eval()
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=tc.max_len)
+              head_size=tc.head_size, image_first=tc.image_first, max_len=4096)
     test = GemDataset(tc.data, cfg.split, **kw)
     train_recs = GemDataset(tc.data, "train", **kw).records
     items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth",)]
@@ -415,17 +415,23 @@ def eval_vlm(cfg) -> dict:
         t = (r.get("meta") or {}).get("type", r["task"])
         answers_by_type.setdefault(t, []).append(next((c["value"] for c in r["conversations"] if c["from"] == "gpt"), ""))
     const = {t: constant_answer(KIND.get(t, "exact"), a) for t, a in answers_by_type.items()}
-    preds = []
-    for s in tqdm(range(0, len(items), cfg.batch_size), desc="answering"):
-        preds += greedy_answers(gem, tok, items[s:s + cfg.batch_size], tc.image_first, cfg.batch_size, cfg.max_new_tokens)
-    rows = []
+    # per-type answer budget: the longest train answer of the type + 8 tokens (digits are single tokens)
+    cap = {t: min(cfg.max_new_tokens, 8 + max(len(tok.encode(a).ids) for a in ans)) for t, ans in answers_by_type.items()}
+    items.sort(key=lambda it: it["type"])  # batches of one type stop together
+    preds, bar = [], tqdm(total=len(items), desc="answering")
+    for t in sorted({it["type"] for it in items}):
+        group = [it for it in items if it["type"] == t]
+        preds += greedy_answers(gem, tok, group, tc.image_first, cfg.batch_size, cap.get(t, cfg.max_new_tokens))
+        bar.update(len(group))
+    bar.close()
+    rows, scenes = [], {}
     for it, p in zip(items, preds):
         kind = KIND.get(it["type"], "exact")
         shape = tuple(it["pixel_values"].shape[-2:])
         sc, extra = score_answer(kind, p, it["answer"], it["meta"], shape)
         ch, _ = score_answer(kind, const.get(it["type"], ""), it["answer"], it["meta"], shape)
         rows.append({"id": it["id"], "type": it["type"], "family": it["task"], "score": sc, "chance": ch,
-                     "extra": extra, "pred": p, "answer": it["answer"], "tags": heldout_tags(it)})
+                     "extra": extra, "pred": p, "answer": it["answer"], "tags": heldout_tags(it, tc.data, scenes)})
     res = {"kind": "vlm", "ckpt": cfg.ckpt, "split": cfg.split, "config": vars(cfg), "all": score_table(rows)}
     for tag in ("seen", "heldout_template", "heldout_combo"):
         sub = [r for r in rows if tag in r["tags"]]
@@ -435,13 +441,18 @@ def eval_vlm(cfg) -> dict:
     return write_results(cfg.out, res, vlm_markdown(res))
 
 
-def heldout_tags(item: dict) -> list[str]:
-    """Test-split parts: a held-out question template (meta flag), a held-out colour x shape combination
-    (data.HELDOUT_COMBOS named in the question or answer), or neither ("seen")."""
+def heldout_tags(item: dict, root: str, cache: dict) -> list[str]:
+    """Test-split parts: a held-out question template (meta flag); a held-out colour x shape combination
+    (data.HELDOUT_COMBOS, never in train/val) in the scene (states/<frame>.json) or named in the text; else "seen"."""
     from data import HELDOUT_COMBOS
+    frame = item["meta"].get("frame")
+    if frame not in cache:
+        path = os.path.join(root, "states", f"{frame}.json")
+        objs = json.load(open(path))["state"].get("objects", []) if frame and os.path.isfile(path) else []
+        cache[frame] = any((o.get("colour"), o.get("shape")) in HELDOUT_COMBOS for o in objs)
     text = (item["question"] + " " + item["answer"]).lower()
     tags = ["heldout_template"] if item["meta"].get("heldout_template") else []
-    tags += ["heldout_combo"] if any(f"{c} {s}" in text for c, s in HELDOUT_COMBOS) else []
+    tags += ["heldout_combo"] if cache[frame] or any(f"{c} {s}" in text for c, s in HELDOUT_COMBOS) else []
     return tags or ["seen"]
 
 
@@ -477,58 +488,69 @@ _WORKER = {}  # per-process policy, loaded once by _init_worker
 
 
 def _init_worker(ckpt: str):
-    import torch
     torch.set_num_threads(1)  # one core per worker; the pool supplies the parallelism
     _WORKER.clear()
-    if ckpt not in ("expert", "random"):
-        from train_vla import Policy
-        _WORKER["policy"] = Policy(ckpt)
     _WORKER["ckpt"] = ckpt
 
 
-def run_episode(job: tuple) -> dict:
-    """One rollout from fixed start state `start_id`: (suite, task_id, start_id, keep_frames) -> outcome dict."""
+def _policy():
+    """The worker's policy, loaded on first use (an error then fails the job instead of respawning workers)."""
+    if _WORKER["ckpt"] not in ("expert", "random") and "policy" not in _WORKER:
+        from train_vla import Policy
+        _WORKER["policy"] = Policy(_WORKER["ckpt"])
+    return _WORKER.get("policy")
+
+
+def run_episodes(job: tuple) -> list[dict]:
+    """Rollouts of one task from fixed start states, in lockstep so the policy answers them in one batch:
+    (suite, task_id, start_ids, keep_frames) -> one outcome dict per start state."""
     from sim_env import TabletopEnv
-    suite, task_id, start_id, keep_frames = job
-    kind, policy = _WORKER["ckpt"], _WORKER.get("policy")
-    env = TabletopEnv(suite, task_id, image_size=policy.gcfg.image_size if policy is not None else 64)
-    obs, info = env.reset(options={"start_id": start_id})
-    rng = np.random.default_rng([task_id, start_id, sum(suite.encode())])  # stable across processes
+    suite, task_id, starts, keep_frames = job
+    kind, policy = _WORKER["ckpt"], _policy()
+    size = policy.model.vlm.cfg.image_size if policy is not None else 64
+    envs = [TabletopEnv(suite, task_id, image_size=size) for _ in starts]
+    obs, infos = map(list, zip(*[e.reset(options={"start_id": k}) for e, k in zip(envs, starts)]))
+    rngs = [np.random.default_rng([task_id, k, sum(suite.encode())]) for k in starts]  # stable across processes
+    steps, done = [0] * len(envs), [bool(i.get("success")) for i in infos]
+    frames = [[o["rgb"]] if keep_frames and j == 0 else None for j, o in enumerate(obs)]
     if policy is not None:
-        policy.reset()
-    frames, steps, done = [obs["rgb"]] if keep_frames else [], 0, bool(info.get("success", False))
-    while not done and steps < info["max_steps"]:
+        policy.reset(len(envs))
+    while not all(done):
+        live = [None if d else o for o, d in zip(obs, done)]
         if kind == "expert":
-            action = env.expert_action()
+            acts = [None if d else e.expert_action() for e, d in zip(envs, done)]
         elif kind == "random":
-            action = rng.uniform(-1, 1, 7)
+            acts = [None if d else g.uniform(-1, 1, 7) for g, d in zip(rngs, done)]
         else:
-            action = policy.act(obs)
-        obs, _, terminated, truncated, info = env.step(np.asarray(action, np.float32))
-        steps += 1
-        done = bool(info["success"]) or terminated or truncated
-        if keep_frames:
-            frames.append(obs["rgb"])
-    return {"suite": suite, "task_id": task_id, "start_id": start_id, "success": bool(info["success"]),
-            "steps": steps, "subgoals_done": int(info.get("subgoals_done", 0)),
-            "n_subgoals": int(info.get("n_subgoals", 0)), "task": env.task.name, "frames": frames}
+            acts = policy.act_batch(live)
+        for j, (e, a) in enumerate(zip(envs, acts)):
+            if done[j]:
+                continue
+            obs[j], _, term, trunc, infos[j] = e.step(np.asarray(a, np.float32))
+            steps[j] += 1
+            done[j] = bool(infos[j]["success"]) or term or trunc or steps[j] >= infos[j]["max_steps"]
+            if frames[j] is not None:
+                frames[j].append(obs[j]["rgb"])
+    return [{"suite": suite, "task_id": task_id, "start_id": k, "success": bool(i["success"]), "steps": n,
+             "subgoals_done": int(i.get("subgoals_done", 0)), "n_subgoals": int(i.get("n_subgoals", 0)),
+             "task": e.task.name, "frames": f} for k, i, n, e, f in zip(starts, infos, steps, envs, frames)]
 
 
 def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers: int = 2, gif_dir: str = "") -> list[dict]:
-    """All episodes (suite x task x start 0..episodes-1), parallel over `workers` processes."""
+    """All episodes (suite x task x start 0..episodes-1); one job per task, jobs spread over `workers` processes."""
     from sim_env import SUITES
     from tqdm import tqdm
-    jobs = [(s, t, k, bool(gif_dir) and k == 0) for s in suites for t in range(len(SUITES[s]))
-            if task_ids is None or t in task_ids for k in range(episodes)]
+    jobs = [(s, t, list(range(episodes)), bool(gif_dir)) for s in suites for t in range(len(SUITES[s]))
+            if task_ids is None or t in task_ids]
     desc = f"rollouts {os.path.basename(os.path.normpath(ckpt))}"
-    if workers <= 1:
+    if workers <= 1 or len(jobs) == 1:
         _init_worker(ckpt)
-        out = [run_episode(j) for j in tqdm(jobs, desc=desc)]
+        out = [r for j in tqdm(jobs, desc=desc) for r in run_episodes(j)]
     else:
         import multiprocessing as mp
         # spawn: a forked torch process can deadlock in its thread pool
         with mp.get_context("spawn").Pool(workers, _init_worker, (ckpt,)) as pool:
-            out = list(tqdm(pool.imap(run_episode, jobs), total=len(jobs), desc=desc))
+            out = [r for rs in tqdm(pool.imap(run_episodes, jobs), total=len(jobs), desc=desc) for r in rs]
     for r in out:
         if r["frames"] and gif_dir:
             from PIL import Image
@@ -571,7 +593,7 @@ def vla_markdown(summaries: dict[str, dict]) -> str:
     """One row per policy: success % [95% Wilson] per suite and the average; then mean subgoals on long."""
     suites = ["spatial", "object", "goal", "long"]
     lines = ["| policy | " + " | ".join(suites) + " | avg | mean subgoals on long | steps to success |",
-             "|---" * 7 + "|"]
+             "|---" * 8 + "|"]
     for name, sm in summaries.items():
         ps = sm["per_suite"]
         cells = [f"{_pct(ps[s]['rate'])} [{_pct(ps[s]['lo'])}, {_pct(ps[s]['hi'])}]" if s in ps else "-" for s in suites]
@@ -635,7 +657,7 @@ class EvalConfig:
     split: str = "test"
     max_questions: int = 0      # 0 = every question of the split
     batch_size: int = 32
-    max_new_tokens: int = 48
+    max_new_tokens: int = 200     # hard cap; each type gets its longest train answer + 8
     depth_frames: int = 32      # held-out frames for the depth probe (0 = skip the probe)
     probe_steps: int = 200      # budget to fit a head on frozen features (checkpoints without one)
     sample_steps: int = 30      # Euler steps of the depth head (paper: 30, CFG 5.0)
@@ -647,6 +669,7 @@ class EvalConfig:
     workers: int = 2
     gif: bool = False
     refs: bool = True           # add the scripted-expert and random-policy reference rows
+    threads: int = 1            # torch threads for vlm (1 avoids thread thrash on a shared 2-core CPU)
     seed: int = 0
 
 

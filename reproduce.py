@@ -30,6 +30,7 @@ import numpy as np
 from model import parse_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUITES = ("spatial", "object", "goal", "long")
 RECIPES = ["sft", "gem", "rgb", "direct", "regress"]
 VLAS = {"vla_sft": ("sft", 0.0), "vla_gem": ("gem", 0.1)}  # name -> (VLM recipe, depth loss weight)
 
@@ -46,7 +47,9 @@ class ReproConfig:
     episodes: int = 5           # fixed eval start states per task
     ref_episodes: int = 10      # for the expert / random reference rows
     vlm_eval: str = ""          # extra eval.py vlm flags, space separated
-    workers: int = 2
+    workers: int = 2            # processes for VLA rollouts
+    jobs: int = 2               # steps run at once
+    threads: int = 1            # torch threads per training step
 
 
 PRESETS = {
@@ -57,61 +60,85 @@ PRESETS = {
 }
 
 
-def plan(c: ReproConfig) -> list[tuple[str, str, list[str]]]:
-    """Every step as (name, output directory, argv); the order is the order of execution."""
+def plan(c: ReproConfig) -> list[dict]:
+    """Every step: name, output directory, argv and the steps it needs (listed in a valid order)."""
     py, p, D, R = sys.executable, c.preset, c.data, c.runs
-    demos = D + "-demos"
-    tasks = [] if c.demo_tasks == "all" else [f"--tasks={c.demo_tasks}"]
-    vtasks = [] if c.demo_tasks == "all" else [",".join(f"{s}:{t}" for s in ("spatial", "object", "goal", "long")
-                                                        for t in c.demo_tasks.split(","))]
-    steps = [("data", D, [py, "data.py", f"--out={D}", f"--preset={p}"]),
-             ("demos", demos, [py, "data.py", "demos", "--suite=all", f"--per-task={c.demos_per_task}", f"--out={demos}"] + tasks),
-             ("stage 0 (base VLM)", f"{R}/base", [py, "train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"])]
+    demos, thr = D + "-demos", [f"--threads={c.threads}"]
+    some = c.demo_tasks != "all"  # a subset of tasks per suite (micro)
+    vtasks = [f"--tasks={','.join(f'{s}:{t}' for s in SUITES for t in c.demo_tasks.split(','))}"] if some else []
+    etasks = [f"--tasks={c.demo_tasks}"] if some else []
+    steps = []
+
+    def add(name, out, argv, deps=()):
+        steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
+    add("data", D, ["data.py", f"--out={D}", f"--preset={p}"])
+    add("demos", demos, ["data.py", "demos", "--suite=all", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
+    add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr, ["data"])
+    for ref in ("expert", "random"):
+        add(f"reference {ref}", f"{R}/ref_{ref}", ["eval.py", "vla", f"--ckpt={ref}", "--refs=false", f"--episodes={c.ref_episodes}",
+                                                   f"--out={R}/ref_{ref}", f"--workers={c.workers}"] + etasks)
     for s in c.seeds:
         S = f"{R}/seed{s}"
         for r in RECIPES:
-            steps.append((f"seed {s}: recipe {r}", f"{S}/{r}", [py, "train_pretrain.py", f"--preset={p}", f"--recipe={r}",
-                          f"--init={R}/base", f"--data={D}", f"--out={S}/{r}", f"--seed={s}"]))
+            add(f"s{s} {r}", f"{S}/{r}", ["train_pretrain.py", f"--preset={p}", f"--recipe={r}", f"--init={R}/base",
+                                          f"--data={D}", f"--out={S}/{r}", f"--seed={s}"] + thr, ["stage 0"])
         for v, (r, w) in VLAS.items():
-            steps.append((f"seed {s}: {v}", f"{S}/{v}", [py, "train_vla.py", f"--preset={p}", f"--init={S}/{r}", f"--demos={demos}",
-                          f"--out_dir={S}/{v}", f"--depth_weight={w}", f"--seed={s}"] + ([f"--tasks={vtasks[0]}"] if vtasks else [])))
+            add(f"s{s} {v}", f"{S}/{v}", ["train_vla.py", f"--preset={p}", f"--init={S}/{r}", f"--demos={demos}", f"--out={S}/{v}",
+                                          f"--depth_weight={w}", f"--seed={s}"] + thr + vtasks, [f"s{s} {r}", "demos"])
+            add(f"s{s} eval {v}", f"{S}/{v}/eval_vla", ["eval.py", "vla", f"--ckpt={S}/{v}/ckpt", "--refs=false", f"--seed={s}",
+                f"--episodes={c.episodes}", f"--out={S}/{v}/eval_vla", f"--workers={c.workers}"] + etasks
+                + (["--gif"] if v == "vla_gem" else []), [f"s{s} {v}"])
         for r in RECIPES:
-            steps.append((f"seed {s}: eval {r}", f"{S}/{r}/eval_test", [py, "eval.py", "vlm", f"--ckpt={S}/{r}",
-                          f"--out={S}/{r}/eval_test", f"--seed={s}"] + c.vlm_eval.split()))
-        for v in VLAS:
-            steps.append((f"seed {s}: eval {v}", f"{S}/{v}/eval_vla", [py, "eval.py", "vla", f"--ckpt={S}/{v}/ckpt", "--refs=false",
-                          f"--episodes={c.episodes}", f"--out={S}/{v}/eval_vla", f"--workers={c.workers}", f"--seed={s}"]
-                          + ([f"--tasks={c.demo_tasks}"] if c.demo_tasks != "all" else []) + (["--gif"] if v == "vla_gem" else [])))
-    for ref in ("expert", "random"):
-        steps.append((f"reference: {ref}", f"{R}/ref_{ref}", [py, "eval.py", "vla", f"--ckpt={ref}", "--refs=false",
-                      f"--episodes={c.ref_episodes}", f"--out={R}/ref_{ref}", f"--workers={c.workers}"]
-                      + ([f"--tasks={c.demo_tasks}"] if c.demo_tasks != "all" else [])))
+            add(f"s{s} eval {r}", f"{S}/{r}/eval_test", ["eval.py", "vlm", f"--ckpt={S}/{r}", f"--out={S}/{r}/eval_test",
+                                                         f"--seed={s}"] + c.vlm_eval.split(), [f"s{s} {r}"])
     return steps
 
 
 def run_steps(c: ReproConfig) -> list[dict]:
-    steps, log = plan(c), []
-    t_all = time.time()
-    for k, (name, out, argv) in enumerate(steps, 1):
-        marker = os.path.join(out, ".done")
-        head = f"[{k}/{len(steps)} {time.time() - t_all:6.0f}s] {name}"
-        if os.path.isfile(marker):
-            print(f"{head}: done earlier, skipped", flush=True)
-            log.append(json.load(open(marker)) | {"name": name, "skipped": True})
-            continue
-        if argv[1].startswith("train_") and os.path.isdir(out) and any(
-                d.startswith("stage") or d == "ckpt" for d in os.listdir(out)):
-            argv = argv + ["--resume"]  # an interrupted training continues from its last checkpoint
-        print(f"{head}: {' '.join(argv[1:])}", flush=True)
-        t = time.time()
-        rc = subprocess.call(argv, cwd=HERE)
-        if rc != 0:
-            raise SystemExit(f"error: step '{name}' failed (exit {rc}): {' '.join(argv)}")
-        rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": argv[1:]}
-        os.makedirs(out, exist_ok=True)
-        with open(marker, "w") as f:
-            json.dump(rec, f)
-        log.append(rec)
+    """Run the plan, `jobs` steps at a time (single-threaded torch each: on a small CPU two 1-thread
+    processes outrun one 2-thread process). Each step logs to <out>.log; a status line shows progress."""
+    steps, log, running = plan(c), [], {}
+    done = {st["name"] for st in steps if os.path.isfile(os.path.join(st["out"], ".done"))}
+    for st in steps:
+        if st["name"] in done:
+            print(f"{st['name']}: done earlier, skipped", flush=True)
+            log.append(json.load(open(os.path.join(st["out"], ".done"))) | {"skipped": True})
+    todo, t0, last = [st for st in steps if st["name"] not in done], time.time(), 0.0
+    while todo or running:
+        for st in [st for st in todo if all(d in done for d in st["deps"])][:max(0, c.jobs - len(running))]:
+            todo.remove(st)
+            argv = st["argv"]
+            if argv[1].startswith("train_") and os.path.isdir(st["out"]) and any(
+                    d.startswith("stage") or d == "ckpt" for d in os.listdir(st["out"])):
+                argv = argv + ["--resume"]  # an interrupted training continues from its last checkpoint
+            os.makedirs(os.path.dirname(st["out"]), exist_ok=True)
+            f = open(st["out"] + ".log", "w")
+            print(f"[{time.time() - t0:5.0f}s] start {st['name']}: {' '.join(argv[1:])}", flush=True)
+            running[st["name"]] = (st, subprocess.Popen(argv, cwd=HERE, stdout=f, stderr=subprocess.STDOUT), time.time(), f)
+        time.sleep(0.5)
+        for name, (st, proc, t, f) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            f.close()
+            del running[name]
+            if proc.returncode != 0:
+                for _, p2, _, _ in running.values():
+                    p2.terminate()
+                tail = open(st["out"] + ".log").read().splitlines()[-15:]
+                raise SystemExit("\n".join(tail) + f"\nerror: step '{name}' failed (exit {proc.returncode}); log: {st['out']}.log")
+            rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": st["argv"][1:]}
+            os.makedirs(st["out"], exist_ok=True)
+            with open(os.path.join(st["out"], ".done"), "w") as fd:
+                json.dump(rec, fd)
+            done.add(name)
+            log.append(rec)
+            print(f"[{time.time() - t0:5.0f}s] done  {name} ({rec['seconds']:.0f} s); {len(done)}/{len(steps)} steps", flush=True)
+        if running and time.time() - last > 15:  # progress: the last line (e.g. a tqdm bar) of each running step
+            last = time.time()
+            for name, (st, _, t, _) in running.items():
+                with open(st["out"] + ".log", "rb") as fl:
+                    txt = fl.read()[-400:].decode(errors="replace").replace("\r", "\n").strip().splitlines()
+                print(f"[{time.time() - t0:5.0f}s]   {name} ({time.time() - t:.0f} s): {txt[-1][:110] if txt else ''}", flush=True)
     return log
 
 
@@ -141,7 +168,7 @@ def _part(part, types):  # mean score of the question types present, with a Wils
         return None
     n, v = sum(t["n"] for t in ts), float(np.mean([t["score"] for t in ts]))
     lo, hi = wilson(v * n, n)
-    return v, (hi - lo) / 2, float(np.mean([t["chance"] for t in ts]))
+    return v, (hi - lo) / 2, float(np.mean([t["chance"] for t in ts])), lo, hi
 
 
 def vlm_cells(res: dict) -> dict:
@@ -158,13 +185,15 @@ def vlm_cells(res: dict) -> dict:
     for src, name in (("probe", "probe"), ("own head", "own head")):
         m = res.get("depth", {}).get(src)
         for k in ("absrel", "delta1"):
-            cells[f"{name} {'AbsRel' if k == 'absrel' else 'δ1'}"] = (m[k], 1.96 * m.get(k + "_se", 0.0), None) if m else None
+            cells[f"{name} {'AbsRel' if k == 'absrel' else 'δ1'}"] = (m[k], 1.96 * m.get(k + "_se", 0.0), None) if m else \
+                ("no head" if src == "own head" else None)
     return cells
 
 
 def vla_cells(sm: dict) -> dict:
-    cells = {s: (v["rate"], (v["hi"] - v["lo"]) / 2, None) for s, v in sm["per_suite"].items()}
-    cells["avg"] = (sm["average"]["rate"], (sm["average"]["hi"] - sm["average"]["lo"]) / 2, None)
+    cells = {s: (v["rate"], (v["hi"] - v["lo"]) / 2, None, v["lo"], v["hi"]) for s, v in sm["per_suite"].items()}
+    a = sm["average"]
+    cells["avg"] = (a["rate"], (a["hi"] - a["lo"]) / 2, None, a["lo"], a["hi"])
     lg = sm["per_suite"].get("long")
     cells["subgoals on long"] = (lg["subgoals"], 0.0, None) if lg else None
     return cells
@@ -175,11 +204,12 @@ def combine(per_seed: list[dict | None]) -> dict:
     out = {}
     for col in per_seed[0] if per_seed and per_seed[0] else []:
         vals = [c[col] for c in per_seed if c and c.get(col) is not None]
-        if not vals:
-            out[col] = None
+        if not vals or isinstance(vals[0], str):  # missing, or a note such as "no head"
+            out[col] = vals[0] if vals else None
             continue
         v = np.array([x[0] for x in vals], float)
-        out[col] = dict(mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        lo, hi = (vals[0][3], vals[0][4]) if len(vals) == 1 and len(vals[0]) > 3 else (None, None)
+        out[col] = dict(mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0, lo=lo, hi=hi,
                         half=float(np.mean([x[1] for x in vals])), n=len(v), chance=vals[0][2])
     return out
 
@@ -195,10 +225,12 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
     f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
 
     def cell(c, col):
-        if c is None:
-            return "n/a"
+        if c is None or isinstance(c, str):
+            return c or "n/a"
         scale = 1 if col.endswith("AbsRel") or col == "subgoals on long" else 100
         g = (lambda x: f"{x:.3f}") if col.endswith("AbsRel") else (lambda x: f"{x:.2f}") if scale == 1 else f
+        if c["n"] == 1 and c["lo"] is not None:  # one seed: the (asymmetric) 95% Wilson interval
+            return f"{g(c['mean'])} ({g(c['lo'])}–{g(c['hi'])})"
         return f"{g(c['mean'])} ±{g(c['sd'] if c['n'] > 1 else c['half'])}"
     lines = [f"| | {' | '.join(cols)} | {paper_head} |", "|---" * (len(cols) + 2) + "|"]
     if chance:
@@ -211,8 +243,8 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
         cs = []
         for col in cols:
             x, y = rows[a].get(col), rows[b].get(col)
-            if x is None or y is None:
-                cs.append("n/a")
+            if x is None or y is None or isinstance(x, str) or isinstance(y, str):
+                cs.append("—" if isinstance(x, str) or isinstance(y, str) else "n/a")
                 continue
             d = x["mean"] - y["mean"]
             s = "*" if significant(x, y) else ""
@@ -221,7 +253,7 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
     return "\n".join(lines) + "\n"
 
 
-def write_readme(c: ReproConfig, log: list[dict]) -> str:
+def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     R, S = c.runs, [f"{c.runs}/seed{s}" for s in c.seeds]
     vlm = {r: combine([vlm_cells(_load(f"{d}/{r}/eval_test/results.json")) for d in S]) for r in RECIPES}
     vla = {v: combine([vla_cells(next(iter(_load(f"{d}/{v}/eval_vla/results.json")["results"].values()))) for d in S])
@@ -247,8 +279,8 @@ def write_readme(c: ReproConfig, log: list[dict]) -> str:
           f"Command: `python reproduce.py --preset={c.preset} --seeds={','.join(map(str, c.seeds))}` · commit `{commit}` · "
           f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
           f"torch {torch.__version__} · summed step time {total / 60:.1f} min\n",
-          "Cells: % (or AbsRel) ± the 95% interval half-width (one seed: Wilson over questions / episodes; depth: "
-          "over frames) or ± the standard deviation over seeds (several seeds). Δ rows: `*` marks a significant "
+          "Cells with one seed: % (95% Wilson interval over questions / episodes), depth ± the 95% half-width over "
+          "frames; with several seeds: mean ± the standard deviation over seeds. Δ rows: `*` marks a significant "
           "difference: larger than the 95% half-width of the difference (one seed) or than the sum of the two "
           "spreads over seeds (several seeds). Chance: the best constant answer from the train split "
           "(VLM) and the random policy (VLA). Paper columns: the paper's numbers for the matching row.\n",
@@ -266,7 +298,8 @@ def write_readme(c: ReproConfig, log: list[dict]) -> str:
           f"vla_sft: VLA on the `sft` VLM, no depth loss; vla_gem: VLA on the `gem` VLM with the depth loss x0.1 (GEM-VLA). "
           f"{c.episodes} start states per task ({c.ref_episodes} for the reference rows).\n",
           "## Depth from the features (RGB | true depth | generated depth)\n", "\n\n".join(figs) + "\n",
-          "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)]
+          "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)
+          + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time).\n"]
     text = "\n".join(md)
     with open(f"{c.results}/README.md.tmp", "w") as f:
         f.write(text)
@@ -280,7 +313,7 @@ def main(argv: list[str]) -> str:
                                                               c.results or f"results/{c.preset}"))
     t = time.time()
     log = run_steps(c)
-    text = write_readme(c, log)
+    text = write_readme(c, log, time.time() - t)
     print(text)
     print(f"reproduce: done in {time.time() - t:.0f} s -> {c.results}/README.md")
     return text

@@ -24,18 +24,23 @@ def test_combine_and_significance_rule():
     assert rp.significant(a, c)  # diff 0.20 > 0.03
 
 
-def test_plan_has_every_step_once():
+def test_plan_has_every_step_once_after_its_dependencies():
     c = rp.ReproConfig(preset="micro", seeds=(0, 1), data="/d", runs="/r", results="/o")
-    names = [n for n, _, _ in rp.plan(c)]
+    steps = rp.plan(c)
+    names = [st["name"] for st in steps]
     assert len(names) == len(set(names))
-    assert names[:3] == ["data", "demos", "stage 0 (base VLM)"]  # stage 0 once, before every recipe
+    for i, st in enumerate(steps):  # listed in a valid order; every dependency exists
+        assert all(d in names[:i] for d in st["deps"]), st
+    assert sum(st["argv"][1:3] == ["train_pretrain.py", "--preset=micro"] and "--recipe=base" in st["argv"]
+               for st in steps) == 1  # stage 0 once, shared by every seed
     for s in (0, 1):
         for r in rp.RECIPES:
-            assert f"seed {s}: recipe {r}" in names and f"seed {s}: eval {r}" in names
+            assert f"s{s} {r}" in names and f"s{s} eval {r}" in names
         for v in rp.VLAS:
-            assert names.index(f"seed {s}: {v}") > names.index(f"seed {s}: recipe {rp.VLAS[v][0]}")
-    vla_gem = next(a for n, _, a in rp.plan(c) if n == "seed 0: vla_gem")
-    assert "--depth_weight=0.1" in vla_gem and "--init=/r/seed0/gem" in vla_gem
+            assert f"s{s} eval {v}" in names
+    vla_gem = next(st for st in steps if st["name"] == "s0 vla_gem")
+    assert "--depth_weight=0.1" in vla_gem["argv"] and "--init=/r/seed0/gem" in vla_gem["argv"]
+    assert "s0 gem" in vla_gem["deps"] and "demos" in vla_gem["deps"]
 
 
 def _table_rows(text: str) -> list[str]:
