@@ -33,10 +33,13 @@ Paper -> code map
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -216,10 +219,6 @@ def to_1000(v, size: int) -> int:
     return int(min(999, max(0, round(float(v) * 1000.0 / size))))
 
 
-def from_1000(c, size: int) -> float:
-    return float(c) * size / 1000.0
-
-
 def fmt_point(p) -> str:
     return f"({p[0]}, {p[1]})"
 
@@ -311,9 +310,7 @@ class GemDataset(torch.utils.data.Dataset):
     def sample_weights(self, mixture: dict | None = None) -> torch.Tensor:
         """Per-item weights so family f gets mixture[f] of the draws (for WeightedRandomSampler)."""
         mixture = MIXTURE if mixture is None else mixture
-        counts = {}
-        for r in self.records:
-            counts[r["task"]] = counts.get(r["task"], 0) + 1
+        counts = Counter(r["task"] for r in self.records)
         return torch.tensor([mixture.get(r["task"], 0.0) / counts[r["task"]] for r in self.records], dtype=torch.double)
 
     def __getitem__(self, i):
@@ -354,7 +351,7 @@ def collate(batch, pad_id: int) -> dict:
         if "labels" in b:
             out["labels"][i, :n] = b["labels"]
     for k, v in batch[0].items():
-        if k in out or (k == "labels"):
+        if k in out:
             continue
         if isinstance(v, torch.Tensor):
             out[k] = torch.stack([b[k] for b in batch])
@@ -878,16 +875,13 @@ def gen_shard(job):
             for rec in frame_records(sc, fid, types, out):
                 rec["meta"].update(suite=suite, task_id=int(task_id), t=t)
                 records.append(rec)
-    path = os.path.join(out, "shards", f"{split}-{k:04d}.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)  # a shard file exists only once the shard is complete
+    # a shard file exists only once the shard is complete
+    _write_atomic(os.path.join(out, "shards", f"{split}-{k:04d}.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     return split, k, len(records)
 
 
 def generate(cfg: GenConfig) -> dict:
     """Generate (or finish generating) a dataset; returns the stats also written to stats.json."""
-    from tqdm import tqdm
     import sim_env
     for d in ("images", "depth", "states", "shards"):
         os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
@@ -906,15 +900,7 @@ def generate(cfg: GenConfig) -> dict:
     jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(c[f"{s}_rollouts"] / cfg.shard))]
     shard_file = lambda s, k: os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")
     todo = [j for j in jobs if not os.path.isfile(shard_file(j[1], j[2]))]  # finished shards are kept
-    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="shards", disable=cfg.preset == "micro") as bar:
-        if cfg.workers > 1 and len(todo) > 1:
-            with _pool(cfg.workers) as pool:
-                for _ in pool.imap_unordered(gen_shard, todo):
-                    bar.update()
-        else:
-            for j in todo:
-                gen_shard(j)
-                bar.update()
+    _run_jobs(gen_shard, todo, cfg.workers, total=len(jobs), desc="shards", disable=cfg.preset == "micro")
     stats, texts = {"config": c, "splits": {}}, []
     for s in SPLITS:
         recs = []
@@ -922,11 +908,9 @@ def generate(cfg: GenConfig) -> dict:
             with open(shard_file(s, k)) as f:
                 recs += [json.loads(line) for line in f]
         _write_atomic(os.path.join(cfg.out, f"{s}.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
-        fam, typ = {}, {}
-        for r in recs:
-            fam[r["task"]] = fam.get(r["task"], 0) + 1
-            typ[r["meta"]["type"]] = typ.get(r["meta"]["type"], 0) + 1
-        stats["splits"][s] = dict(samples=len(recs), images=len({r["image"] for r in recs}), families=fam, types=typ)
+        stats["splits"][s] = dict(samples=len(recs), images=len({r["image"] for r in recs}),
+                                  families=dict(Counter(r["task"] for r in recs)),
+                                  types=dict(Counter(r["meta"]["type"] for r in recs)))
         if s == "train":
             texts = [t["value"].replace(IMAGE, "") for r in recs for t in r["conversations"]]
     # the VLA's training instructions must tokenize compactly too
@@ -936,10 +920,20 @@ def generate(cfg: GenConfig) -> dict:
     return stats
 
 
-def _pool(workers: int):
-    """Worker processes: fork where available (cheap, inherits imports), else spawn."""
-    import multiprocessing as mp
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+def _run_jobs(fn, jobs, workers: int, total: int, **bar_kw) -> None:
+    """fn(job) for every job, in worker processes when workers > 1, with a tqdm bar over `total` jobs."""
+    from tqdm import tqdm
+    with tqdm(total=total, initial=total - len(jobs), **bar_kw) as bar:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp  # fork where available (cheap, inherits imports), else spawn
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers) as pool:
+                for _ in pool.imap_unordered(fn, jobs):
+                    bar.update()
+        else:
+            for j in jobs:
+                fn(j)
+                bar.update()
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -1010,7 +1004,6 @@ def demo_task(job):
 
 def generate_demos(cfg: DemoConfig) -> dict:
     import sim_env
-    from tqdm import tqdm
     suites = list(sim_env.SUITES) if cfg.suite == "all" else [cfg.suite]
     for s in suites:
         if s not in sim_env.SUITES:
@@ -1019,38 +1012,25 @@ def generate_demos(cfg: DemoConfig) -> dict:
     c = dataclasses.asdict(cfg)
     jobs = [(c, s, t) for s in suites for t in range(len(sim_env.SUITES[s]))
             if cfg.tasks == "all" or str(t) in cfg.tasks.split(",")]
-    bar = tqdm(total=len(jobs), desc="demo tasks", disable=len(jobs) < 4)
-    if cfg.workers > 1 and len(jobs) > 1:
-        with _pool(cfg.workers) as pool:
-            for _ in pool.imap_unordered(demo_task, jobs):
-                bar.update()
-    else:
-        for j in jobs:
-            demo_task(j)
-            bar.update()
-    bar.close()
+    _run_jobs(demo_task, jobs, cfg.workers, total=len(jobs), desc="demo tasks", disable=len(jobs) < 4)
     return compute_norm_stats(cfg.out)
 
 
-class _LazyList:
+class _LazyList(Sequence):
     """A JSON list parsed on first use (parsing demo sim_states is most of a demo folder's load time)."""
 
     def __init__(self, text: str):
-        self.text, self.value = text, None
+        self.text = text
 
-    def _get(self) -> list:
-        if self.value is None:
-            self.value = json.loads(self.text)
-        return self.value
+    @functools.cached_property
+    def value(self) -> list:
+        return json.loads(self.text)
 
     def __getitem__(self, i):
-        return self._get()[i]
+        return self.value[i]
 
     def __len__(self):
-        return len(self._get())
-
-    def __iter__(self):
-        return iter(self._get())
+        return len(self.value)
 
 
 def load_episode(path: str, parse_states: bool = True) -> dict:
@@ -1086,10 +1066,7 @@ def compute_norm_stats(root: str) -> dict:
         stats[key] = dict(mean=x.mean(0).tolist(), std=np.where(std < 1e-6, 1.0, std).tolist(),
                           min=x.min(0).tolist(), max=x.max(0).tolist())
     stats["episodes"], stats["steps"] = len(eps), int(sum(len(e["actions"]) for e in eps))
-    tmp = os.path.join(root, "norm_stats.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(tmp, os.path.join(root, "norm_stats.json"))
+    _write_atomic(os.path.join(root, "norm_stats.json"), json.dumps(stats, indent=1))
     return stats
 
 
