@@ -244,15 +244,18 @@ DIRS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "back": (0.0, 1.0), "front": (
 
 class Task:
     """One task: which objects to spawn (role, shape, colour, spawn region), goal list, language.
-    goals: ("on", a, b) | ("in", a, "tray") | ("lift", a) | ("push", a, "left"|"right"|"back"|"front")."""
+    goals: ("on", a, b) | ("in", a, "tray") | ("lift", a) | ("push", a, "left"|"right"|"back"|"front").
+    Objects with shape None are filled from `distractors` ((shape, colour) pairs, drawn per scene); `valid`
+    is an extra scene predicate (on the objects by role); the name defaults to the goal texts."""
 
-    def __init__(self, suite, name, objects, goals, desc=None, valid=None):
-        self.suite, self.name, self.objects, self.goals, self.valid = suite, name, objects, goals, valid
+    def __init__(self, suite, name, objects, goals, desc=None, valid=None, distractors=None):
+        self.suite, self.objects, self.goals, self.valid, self.distractors = suite, objects, goals, valid, distractors
         self.desc = {r: f"the {c + ' ' if c else ''}{s}" for r, s, c, _ in objects}
         self.desc.update(desc or {})
         texts = [self._text(k) for k in range(4)]
         self.templates, self.heldout_templates = texts[:3], texts[3:]
         self.goal_texts = [PHRASES[g[0]][0].format(a=self.desc[g[1]], b=self._b(g)) for g in goals]
+        self.name = name or "; ".join(self.goal_texts)
         self.subgoals, self.subgoal_base = [], []
         for g in goals:
             self.subgoal_base.append(len(self.subgoals))
@@ -307,13 +310,10 @@ TRAY = ("tray", "tray", "", (0.11, 0.15, 0.08, 0.12))
 PLATE = ("plate", "plate", "", (-0.17, -0.13, 0.08, 0.12))
 
 
-def _object_tasks():
-    tasks = []
-    for k, (s, c) in enumerate(CATALOGUE):
-        objs = [("t", s, c, None), ("d0", None, None, None), ("d1", None, None, None), ("d2", None, None, None), TRAY]
-        tasks.append(Task("object", f"{c} {s} -> tray", objs, [("in", "t", "tray")]))
-        tasks[-1].distractors = [x for x in CATALOGUE if x != (s, c)]
-    return tasks
+def _object_tasks():   # the target, three distractors from the rest of the catalogue, the tray
+    spare = [("d0", None, None, None), ("d1", None, None, None), ("d2", None, None, None)]
+    return [Task("object", f"{c} {s} -> tray", [("t", s, c, None)] + spare + [TRAY], [("in", "t", "tray")],
+                 distractors=[x for x in CATALOGUE if x != (s, c)]) for s, c in CATALOGUE]
 
 
 def _goal_tasks():
@@ -324,10 +324,7 @@ def _goal_tasks():
     goals = [[("on", "cube", "plate")], [("in", "can", "tray")], [("on", "ball", "plate")], [("in", "block", "tray")],
              [("push", "can", "back")], [("on", "cube", "block")], [("lift", "ball")], [("push", "ball", "left")],
              [("in", "cube", "tray")], [("on", "can", "plate")]]
-    tasks = [Task("goal", "", objs, g) for g in goals]
-    for t in tasks:
-        t.name = t.goal_texts[0]
-    return tasks
+    return [Task("goal", "", objs, g) for g in goals]
 
 
 def _long_tasks():
@@ -347,9 +344,7 @@ def _long_tasks():
         used = {r for goal in g for r in goal[1:]}
         spare = [o for o in base if o[0] not in used][:1]         # one distractor besides the used objects
         objs = two if g[0][2] == "lplate" else [o for o in base if o[0] in used] + spare
-        t = Task("long", "", objs, g, desc={"lplate": "the left plate", "rplate": "the right plate"})
-        t.name = t.goal_texts[0] + "; " + "; ".join(t.goal_texts[1:])
-        out.append(t)
+        out.append(Task("long", "", objs, g, desc={"lplate": "the left plate", "rplate": "the right plate"}))
     return out
 
 
@@ -378,7 +373,7 @@ def sample_scene(suite, task_id, seed):
     task = SUITES[suite][task_id]
     rng = np.random.default_rng([SUITE_NAMES.index(suite), task_id, int(seed)])
     for _ in range(2000):
-        extra = [task.distractors[k] for k in rng.permutation(len(task.distractors))] if hasattr(task, "distractors") else []
+        extra = [task.distractors[k] for k in rng.permutation(len(task.distractors))] if task.distractors else []
         objs, boxes = [], []
         for role, shape, colour, region in task.objects:
             if shape is None:
