@@ -1,6 +1,6 @@
 """GEM-VLA: a flow-matching action expert on the (depth-supervised) GEM VLM, its training, and the Policy.
 
-Run (CPU, tiny):   python train_vla.py --preset=tiny --init=runs/tiny/gem/ckpt --demos=data/demos --out_dir=runs/tiny/vla-gem
+Run (CPU, tiny):   python train_vla.py --preset=tiny --init=runs/tiny/gem/ckpt --demos=data/demos --out=runs/tiny/vla-gem
 No depth loss:     ... --depth_weight=0        Frozen VLM: ... --freeze_vlm        Resume: ... --resume
 Several GPUs:      torchrun --nproc_per_node=N train_vla.py --preset=small ...
 Use the policy:    pol = Policy("runs/tiny/vla-gem/ckpt"); pol.reset(); action = pol.act(obs)   # obs from sim_env
@@ -62,8 +62,7 @@ class ExpertBlock(nn.Module):
         self.q, self.kv, self.xproj = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.ada = nn.Linear(dim, 9 * dim)  # shift/scale/gate for each of the three sub-layers
-        nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)  # AdaLN-Zero: block starts as identity
+        self.mod_table = nn.Parameter(torch.zeros(9 * dim))  # this block's offset to the shared modulation
 
     def split(self, x):  # (B, T, D) -> (B, heads, T, hd)
         B, T, D = x.shape
@@ -72,11 +71,13 @@ class ExpertBlock(nn.Module):
     def context(self, h, mask):
         """VLM hidden states (B, L, C) + mask (B, L) -> cached K, V (B, heads, L, hd) and attention mask."""
         k, v = self.kv(self.ctx_norm(h)).chunk(2, dim=-1)
-        return self.split(k), self.split(v), mask[:, None, None, :]  # mask (B,1,1,L), True = attend
+        bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill(~mask, float("-inf"))
+        return self.split(k), self.split(v), bias[:, None, None, :]  # additive mask (B,1,1,L): -inf = padding
 
-    def forward(self, x, c, ctx):
+    def forward(self, x, mod, ctx):
+        """x (B, 1+H, D); mod (B, 9D) = shared AdaLN shift/scale/gate for the three sub-layers."""
         B, T, D = x.shape
-        s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.ada(c).chunk(9, dim=-1)
+        s1, c1, g1, s2, c2, g2, s3, c3, g3 = (mod + self.mod_table).chunk(9, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(x), s1, c1)).chunk(3, dim=-1)
         y = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v))  # (B, heads, T, hd)
         x = x + g1[:, None] * self.proj(y.transpose(1, 2).reshape(B, T, D))
@@ -103,8 +104,10 @@ class ActionExpert(nn.Module):
         self.s_mlp = nn.Sequential(nn.Linear(state_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(ExpertBlock(dim, heads, ctx_dim, mlp_ratio) for _ in range(n_blocks))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False)
-        self.ada_out, self.out = nn.Linear(dim, 2 * dim), nn.Linear(dim, action_dim)
-        for m in (self.ada_out, self.out):  # zero-init the output: the initial velocity is 0
+        # adaLN-single (PixArt-alpha): one modulation (9 D) for all blocks plus a learned per-block offset, instead
+        # of a D x 9D linear per block: those weights would dominate the expert's size and its batch-1 latency
+        self.ada, self.out = nn.Linear(dim, 11 * dim), nn.Linear(dim, action_dim)
+        for m in (self.ada, self.out):  # AdaLN-Zero: blocks start as identity, the initial velocity is 0
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
 
     def context(self, hidden_states: list, mask):
@@ -114,10 +117,11 @@ class ActionExpert(nn.Module):
     def forward(self, x_t, t, state, ctx):
         """x_t (B,H,A), t (B,), state (B,S), ctx from context() -> velocity (B,H,A)."""
         c = F.silu(self.t_mlp(timestep_embedding(t, self.dim)) + self.s_mlp(state))  # (B, D)
+        mod, mod_out = self.ada(c).split([9 * self.dim, 2 * self.dim], dim=-1)  # (B, 9D) blocks, (B, 2D) output
         x = torch.cat([self.state_in(state)[:, None], self.action_in(x_t)], dim=1) + self.pos  # (B, 1+H, D)
         for blk, kv in zip(self.blocks, ctx):
-            x = blk(x, c, kv)
-        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+            x = blk(x, mod, kv)
+        shift, scale = mod_out.chunk(2, dim=-1)
         return self.out(modulate(self.norm_out(x[:, 1:]), shift, scale))  # drop the state token: (B, H, A)
 
     @torch.no_grad()
@@ -131,11 +135,6 @@ class ActionExpert(nn.Module):
         return x
 
 
-def expand_ctx(ctx, n: int):
-    """Repeat each sample's cached context n times (several flow samples per VLM forward)."""
-    return [tuple(z.repeat_interleave(n, dim=0) for z in kv) for kv in ctx]
-
-
 def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 1, t_mu: float = 0.0,
                        t_sigma: float = 1.0, generator=None):
     """Rectified flow on the chunk: x_t = t a + (1-t) eps, regress a - eps; t = sigmoid(N(mu, sigma)).
@@ -143,9 +142,9 @@ def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 
     actions (B,H,A) normalised, state (B,S), action_mask (B,H) bool (False past the episode end).
     `repeats` draws several (t, eps) per sample: the VLM forward is shared, so this is nearly free.
     """
-    if repeats > 1:
-        ctx, actions, state, action_mask = (expand_ctx(ctx, repeats), actions.repeat_interleave(repeats, 0),
-                                            state.repeat_interleave(repeats, 0), action_mask.repeat_interleave(repeats, 0))
+    if repeats > 1:  # (B, ...) -> (B * repeats, ...), each sample's copies adjacent
+        ctx = [tuple(z.repeat_interleave(repeats, 0) for z in kv) for kv in ctx]
+        actions, state, action_mask = (z.repeat_interleave(repeats, 0) for z in (actions, state, action_mask))
     B = actions.shape[0]
     noise = torch.randn(actions.shape, generator=generator, device=actions.device)
     t = torch.sigmoid(t_mu + t_sigma * torch.randn(B, generator=generator, device=actions.device))
@@ -170,7 +169,7 @@ class VLAConfig:
     horizon: int = 8                # H actions per chunk
     expert_dim: int = 128
     expert_heads: int = 4
-    expert_blocks: int = 0          # block i <- VLM hidden_states[i]; 0 = all (embedding + every LLM layer)
+    expert_blocks: int = 4          # block i <- VLM hidden_states[i] (paper: the first 14 of 29); 0 = all
     expert_mlp_ratio: float = 4.0
     flow_steps: int = 5             # Euler steps at inference
     flow_repeats: int = 4           # (t, noise) draws per sample and step; the VLM forward is shared
@@ -178,23 +177,23 @@ class VLAConfig:
     t_sigma: float = 1.0
     replan_k: int = 4               # the Policy executes k of the H actions, then re-plans
     # optimisation
-    steps: int = 600
-    batch_size: int = 32            # global batch (split over DDP ranks)
+    steps: int = 500
+    batch_size: int = 16            # global batch (split over DDP ranks)
     lr: float = 1e-3                # action expert
     vlm_lr: float = 2e-4            # VLM and depth head when trained jointly (paper: 1e-5 at 2B)
     freeze_vlm: bool = False
     depth_weight: float = 0.1       # L = L_action + depth_weight * L_flow(depth); 0 = no depth term at all
-    depth_batch: int = 0            # depth loss on the first n samples of each (shuffled) batch; 0 = all
+    depth_batch: int = 4            # depth loss on the first n samples of each (shuffled) batch; 0 = all
     weight_decay: float = 0.01
     warmup: float = 0.05            # fraction of the steps
     min_lr_frac: float = 0.1        # cosine decays to this fraction of the peak
     grad_clip: float = 1.0
     val_episodes: int = 1           # demo episodes per task held out for the validation action L1
-    val_max: int = 256              # at most this many validation chunks (evenly spaced)
+    val_max: int = 128              # at most this many validation chunks (evenly spaced)
     # bookkeeping
     log_every: int = 10
-    eval_every: int = 200
-    ckpt_every: int = 200
+    eval_every: int = 250
+    ckpt_every: int = 250
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     compile: bool = False
@@ -203,11 +202,11 @@ class VLAConfig:
 
 
 PRESETS = {
-    "micro": dict(horizon=4, expert_dim=32, expert_heads=2, steps=6, batch_size=4, flow_repeats=2, log_every=1,
-                  eval_every=3, ckpt_every=3, val_max=8),
+    "micro": dict(horizon=4, expert_dim=32, expert_heads=2, expert_blocks=0, steps=6, batch_size=4, depth_batch=0,
+                  flow_repeats=2, log_every=1, eval_every=3, ckpt_every=3, val_max=8),
     "tiny": dict(),
-    "small": dict(horizon=16, expert_dim=384, expert_heads=6, steps=20000, batch_size=64, lr=3e-4, vlm_lr=3e-5,
-                  eval_every=1000, ckpt_every=1000, log_every=50, val_max=1024),
+    "small": dict(horizon=16, expert_dim=384, expert_heads=6, expert_blocks=7, steps=20000, batch_size=64, depth_batch=0,
+                  lr=3e-4, vlm_lr=3e-5, replan_k=8, eval_every=1000, ckpt_every=1000, log_every=50, val_max=1024),
 }
 
 
@@ -422,7 +421,10 @@ def main(argv=None):
     pad_id = D.special_ids(tok)["pad_id"]
 
     # demos: the last --val_episodes episodes of every task are held out for the validation action L1
-    stats = D.compute_norm_stats(cfg.demos)
+    stats = [D.compute_norm_stats(cfg.demos) if rank == 0 else None]  # rank 0 (re)writes norm_stats.json
+    if ddp:
+        torch.distributed.broadcast_object_list(stats, src=0)
+    stats = stats[0]
     ds = D.DemoDataset(cfg.demos, tok, vlm.cfg.image_size, cfg.horizon, head.cfg.out_size if head else 32,
                        vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats=stats)
     train_idx, val_idx = split_demos(ds, cfg.tasks, cfg.val_episodes)
