@@ -536,12 +536,16 @@ def run_episodes(job: tuple) -> list[dict]:
              "task": e.task.name, "frames": f} for k, i, n, e, f in zip(starts, infos, steps, envs, frames)]
 
 
-def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers: int = 2, gif_dir: str = "") -> list[dict]:
-    """All episodes (suite x task x start 0..episodes-1); one job per task, jobs spread over `workers` processes."""
+def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers: int = 2, gif_dir: str = "",
+             strip: str = "") -> list[dict]:
+    """All episodes (suite x task x start 0..episodes-1); one job per task, jobs spread over `workers` processes.
+    gif_dir: a GIF of start state 0 of every task; strip: a PNG, one row of 6 frames per suite (first task)."""
+    from PIL import Image
     from sim_env import SUITES
     from tqdm import tqdm
-    jobs = [(s, t, list(range(episodes)), bool(gif_dir)) for s in suites for t in range(len(SUITES[s]))
-            if task_ids is None or t in task_ids]
+    tasks = [(s, t) for s in suites for t in range(len(SUITES[s])) if task_ids is None or t in task_ids]
+    firsts = {s: min(t for s2, t in tasks if s2 == s) for s in suites}
+    jobs = [(s, t, list(range(episodes)), bool(gif_dir) or (bool(strip) and t == firsts[s])) for s, t in tasks]
     desc = f"rollouts {os.path.basename(os.path.normpath(ckpt))}"
     if workers <= 1 or len(jobs) == 1:
         _init_worker(ckpt)
@@ -551,14 +555,19 @@ def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers
         # spawn: a forked torch process can deadlock in its thread pool
         with mp.get_context("spawn").Pool(workers, _init_worker, (ckpt,)) as pool:
             out = [r for rs in tqdm(pool.imap(run_episodes, jobs), total=len(jobs), desc=desc) for r in rs]
+    rows = []
     for r in out:
-        if r["frames"] and gif_dir:
-            from PIL import Image
+        fr = r.pop("frames")
+        if fr and gif_dir:
             os.makedirs(gif_dir, exist_ok=True)
-            ims = [Image.fromarray(f).resize((128, 128), Image.NEAREST) for f in r["frames"]]
+            ims = [Image.fromarray(f).resize((128, 128), Image.NEAREST) for f in fr]
             ims[0].save(os.path.join(gif_dir, f"{r['suite']}_{r['task_id']:02d}_{'ok' if r['success'] else 'fail'}.gif"),
                         save_all=True, append_images=ims[1:], duration=60, loop=0)
-        r.pop("frames")
+        if fr and strip and r["task_id"] == firsts[r["suite"]]:
+            rows.append(np.concatenate([fr[i] for i in np.linspace(0, len(fr) - 1, 6).round().astype(int)], 1))
+    if rows:
+        os.makedirs(os.path.dirname(strip) or ".", exist_ok=True)
+        Image.fromarray(np.concatenate(rows, 0)).save(strip)
     return out
 
 
@@ -616,8 +625,9 @@ def eval_vla(cfg) -> dict:
     results = {}
     for name in names:
         gif = os.path.join(cfg.out, "gifs", os.path.basename(os.path.normpath(name))) if cfg.gif and name == cfg.ckpt else ""
-        rows = rollouts(name, suites, cfg.episodes, task_ids, cfg.workers, gif)
         label = name if name in ("expert", "random") else os.path.normpath(name)
+        strip = os.path.join(cfg.out, f"rollouts_{name if name in ('expert', 'random') else 'policy'}.png")
+        rows = rollouts(name, suites, cfg.episodes, task_ids, cfg.workers, gif, strip)
         results[label] = {**summarise_vla(rows), "episodes": rows}
     md = (f"# VLA closed-loop success ({cfg.episodes} fixed start states per task)\n\n"
           "Success % with 95% Wilson intervals; avg = mean of the suite rates (LIBERO convention).\n\n"
