@@ -379,7 +379,8 @@ def sample_scene(suite, task_id, seed):
             if shape is None:
                 shape, colour = extra.pop()
             h = HALF[shape]
-            yaw = 0.0 if shape in ROUND + ("tray",) else float(rng.uniform(-math.pi / 2, math.pi / 2) if shape == "block" else rng.uniform(-math.pi / 4, math.pi / 4))
+            spin = 0.0 if shape in ROUND + ("tray",) else math.pi / 2 if shape == "block" else math.pi / 4
+            yaw = float(rng.uniform(-spin, spin)) if spin else 0.0
             e = _ext(shape, h, yaw)
             x0, x1, y0, y1 = region or (WORK[0] + e[0], WORK[1] - e[0], WORK[2] + e[1], WORK[3] - e[1])
             xy = rng.uniform((x0, y0), (x1, y1), (64, 2))          # 64 candidates tested at once
@@ -395,14 +396,9 @@ def sample_scene(suite, task_id, seed):
             objs.append({"id": len(objs) + 1, "role": role, "name": task.desc[role][4:] if shape in ("plate", "tray") else f"{colour} {shape}",
                          "shape": shape, "colour": colour or ("grey" if shape == "plate" else "brown"), "size": "medium",
                          "pos": [x, y, h[2]], "yaw": yaw, "half_extents": list(h)})
-        if len(objs) < len(task.objects):
-            continue
-        if not _in_view(objs):
-            continue
         by_role = {o["role"]: o for o in objs}
-        if task.valid is not None and not task.valid(by_role):
-            continue
-        if all(_push_clear(by_role, g) for g in task.goals if g[0] == "push"):
+        if (len(objs) == len(task.objects) and _in_view(objs) and (task.valid is None or task.valid(by_role))
+                and all(_push_clear(by_role, g) for g in task.goals if g[0] == "push")):
             return objs, rng
     raise RuntimeError(f"sim_env: could not sample a scene for {suite}/{task_id} seed {seed}")
 
