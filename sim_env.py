@@ -517,13 +517,11 @@ class TabletopEnv:
     # ---- goals
     def _goal_ok(self, g, objs):
         a = objs[self.role[g[1]]]
-        if g[0] == "on":
-            return on(a, objs[self.role[g[2]]])
-        if g[0] == "in":
-            return inside(a, objs[self.role[g[2]]])
         if g[0] == "lift":
             return lifted(a)
-        return pushed(a, self.start[self.role[g[1]]], DIRS[g[2]])
+        if g[0] == "push":
+            return pushed(a, self.start[self.role[g[1]]], DIRS[g[2]])
+        return (on if g[0] == "on" else inside)(a, objs[self.role[g[2]]])
 
     def _goals(self):
         objs = self.objects()
@@ -580,9 +578,7 @@ class TabletopEnv:
         while self.goals_done < len(ok) and ok[self.goals_done]:
             self.goals_done += 1
         success = all(ok)
-        obs = self.render() if self.render_images else self._state_obs()
-        info = self._info(ok)
-        return obs, float(success), success, (not success) and self.t >= self.max_steps, info
+        return self.render(), float(success), success, (not success) and self.t >= self.max_steps, self._info(ok)
 
     def _between_jaws(self):
         """Object whose centre lies between the open jaws (and its width along the jaw axis), else (-1, 0)."""
@@ -590,11 +586,7 @@ class TabletopEnv:
         for i in self._movable:
             rel = _rot(-self.g[3]) @ (self.P[i] - self.g[:3])
             h = self.Hf[i]
-            if self.meta[i]["shape"] in ROUND:
-                w = 2 * h[0]
-            else:
-                dy = self.Yaw[i] - self.g[3]
-                w = 2 * (abs(math.cos(dy)) * h[0] + abs(math.sin(dy)) * h[1])
+            w = 2 * _ext(self.meta[i]["shape"], h, self.Yaw[i] - self.g[3])[0]     # width along the jaw axis
             if (abs(rel[1]) <= 0.015 and abs(rel[0]) + w / 2 <= self.g[4] / 2 + 0.004 and abs(rel[2]) <= h[2] + 0.006
                     and w < GRIP_OPEN - 0.004 and abs(rel[0]) < d_best):
                 best, w_best, d_best = i, w, abs(rel[0])
@@ -920,20 +912,15 @@ EVAL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim_eval_s
 _EVAL_CACHE = {}
 
 
-def _expert_solves(suite, task_id, seed, max_steps=None):
-    env = TabletopEnv(suite, task_id, render_images=False)
-    env.reset(seed=seed)
-    for _ in range(max_steps or env.max_steps):
-        _, _, term, trunc, _ = env.step(env.expert_action())
-        if term or trunc:
-            return term
-    return False
-
-
 def _generate_eval_seeds(suite, task_id):
-    seeds, k = [], EVAL_SEED_BASE
+    """The first N_EVAL seeds from EVAL_SEED_BASE on whose scene the expert solves (no rendering)."""
+    env, seeds, k = TabletopEnv(suite, task_id, render_images=False), [], EVAL_SEED_BASE
     while len(seeds) < N_EVAL:
-        if _expert_solves(suite, task_id, k):
+        env.reset(seed=k)
+        term = trunc = False
+        while not (term or trunc):
+            _, _, term, trunc, _ = env.step(env.expert_action())
+        if term:
             seeds.append(k)
         k += 1
     return seeds
