@@ -16,6 +16,14 @@ Recipes (stage 3 has the same number of VLM updates and the same data order in e
     direct   stage 3 only, depth head untrained at the start (no progressive warm-up; paper's ablation)
     regress  stages 1, 2, 3 with the regression head (is "generative" what matters?)
 
+Making `tiny` learn (2-core CPU, ~2-4 min per recipe): the hard part is binding the question's words to
+image regions. Choices: the question comes BEFORE the image (--image_first=false), so the image tokens,
+attending causally, see the question and can become question-conditioned features (a multiplicative
+binding, like FiLM); 8-px patches merged 2x2 give only 16 image tokens (cheap; each covers 16x16 px);
+learned ViT positions + RoPE in the LLM; stage 0 150 steps on captions (its loss plateaus by ~step 60);
+stage 3 300 steps at lr 1e-3 (5% warmup, cosine); batches split by length (length_chunks) so the few
+long answers (object lists, trajectories) do not pad every batch to 3x its mean length.
+
 Paper -> code map
     Stage 1 connector initialisation (VLM + generator frozen, L_flow)   STAGES[1], trainable()
       (our head starts untrained unless --head_init, so stage 1 then trains connector + head, logged)
@@ -75,7 +83,7 @@ class TrainConfig:
     hf_vision: Optional[str] = None  # hf preset: local SiglipVisionModel dir (config.json + safetensors)
     hf_llm: Optional[str] = None     # hf preset: local Qwen3ForCausalLM dir (its tokenizer.json is used)
     # generative head (recipes with a head)
-    head_width: int = 64
+    head_width: int = 32             # conv channels of the head: 64 doubles a tiny GEM step on CPU
     cond_dim: int = 64
     head_size: int = 32              # target resolution of the generated depth
     lam: float = 0.1                 # L = L_text + lam * L_flow in stage 3
