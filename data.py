@@ -365,6 +365,7 @@ def collate(batch, pad_id: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Question makers: one per type. Each reads a Scene (one rendered frame + simulator state) and returns
 # (question, answer, meta) or None when no unambiguous question of that type exists in this frame.
+# The question comes from sc.template, called last (it records in sc.held whether it drew a held-out one).
 
 RELATIONS = {"left_of": "left of", "right_of": "right of", "in_front_of": "in front of", "behind": "behind",
              "on": "on", "inside": "in"}
@@ -407,10 +408,13 @@ class Scene:
         self.all_visible = len(self.visible) == len(self.objs)
         self.refs = [o for o in self.visible if names.count(o["name"]) == 1]  # unambiguous by name
 
-    def template(self, typ, **kw):
+    def template(self, typ, **kw) -> str:
         train, held = TEMPLATES[typ]
-        pool = held if self.split == "test" and self.rng.random() < 0.5 else train
-        return pool[self.rng.integers(len(pool))].format(**kw), pool is held
+        self.held = self.split == "test" and self.rng.random() < 0.5
+        return self.one(held if self.held else train).format(**kw)
+
+    def one(self, seq):
+        return seq[self.rng.integers(len(seq))]
 
     def pick(self, seq, k=1):
         idx = self.rng.choice(len(seq), size=k, replace=False)
@@ -421,6 +425,9 @@ class Scene:
 
     def point(self, px) -> list[int]:
         return [to_1000(px[0], self.S), to_1000(px[1], self.S)]
+
+    def box(self, o) -> list[int]:
+        return [to_1000(v, self.S) for v in o["box2d"]]
 
     def cam_z(self, p_world) -> float:
         """Camera z-depth (metres) of a world point: the quantity "closer to the camera" compares."""
@@ -450,10 +457,8 @@ def q_box(sc):
     if not sc.refs:
         return None
     o = sc.pick(sc.refs)
-    x1, y1, x2, y2 = o["box2d"]
-    box = [to_1000(x1, sc.S), to_1000(y1, sc.S), to_1000(x2, sc.S), to_1000(y2, sc.S)]
-    q, held = sc.template("box", a=o["name"])
-    return q, fmt_box(box), dict(answer=box, obj=o["id"], name=o["name"], heldout_template=held)
+    box = sc.box(o)
+    return sc.template("box", a=o["name"]), fmt_box(box), dict(answer=box, obj=o["id"], name=o["name"])
 
 
 def q_point(sc, typ="point"):
@@ -473,19 +478,14 @@ def q_point(sc, typ="point"):
         k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
         px = (xs[k] + 0.5, ys[k] + 0.5)
     pt = sc.point(px)
-    q, held = sc.template(typ, a=o["name"])
-    return q, fmt_point(pt), dict(answer=pt, obj=o["id"], name=o["name"], mask_rle=rle_encode(m), heldout_template=held)
-
-
-def q_grasp(sc):
-    return q_point(sc, "grasp")
+    return sc.template(typ, a=o["name"]), fmt_point(pt), dict(answer=pt, obj=o["id"], name=o["name"], mask_rle=rle_encode(m))
 
 
 def place_region(sc, a, b, rel) -> np.ndarray:
     """Pixels where `a` could stand on the table: free of other objects and clearly `rel` of b."""
     xyz = sc.backproject()
     ra = max(a["half_extents"][:2]) + 0.01
-    ok = (np.abs(xyz[..., 2]) < 0.004) & np.isin(sc.seg, [0])  # table surface, nothing on it
+    ok = (np.abs(xyz[..., 2]) < 0.004) & (sc.seg == 0)  # table surface, nothing on it
     for o in sc.objs:
         if o["id"] != a["id"]:
             hx, hy = o["half_extents"][:2]
@@ -512,18 +512,16 @@ def q_place(sc):
     bx, by = sim_env.project(sc.K, sc.pose, np.asarray([b["pos"]], float))[0]
     k = np.argmin((xs + 0.5 - bx) ** 2 + (ys + 0.5 - by) ** 2)
     pt = sc.point((xs[k] + 0.5, ys[k] + 0.5))
-    q, held = sc.template("place", a=a["name"], b=b["name"], rel=RELATIONS[rel])
-    return q, fmt_point(pt), dict(answer=pt, obj=a["id"], ref=b["id"], rel=rel, mask_rle=rle_encode(region),
-                                  heldout_template=held)
+    q = sc.template("place", a=a["name"], b=b["name"], rel=RELATIONS[rel])
+    return q, fmt_point(pt), dict(answer=pt, obj=a["id"], ref=b["id"], rel=rel, mask_rle=rle_encode(region))
 
 
 def q_list(sc):
     if not sc.all_visible or len(sc.refs) != len(sc.objs):
         return None
-    objs = sorted(sc.objs, key=lambda o: (o["box2d"][0] + o["box2d"][2]))  # left to right
-    items = [dict(name=o["name"], obj=o["id"], box=[to_1000(v, sc.S) for v in o["box2d"]]) for o in objs]
-    q, held = sc.template("list")
-    return q, "; ".join(f"{it['name']} {fmt_box(it['box'])}" for it in items), dict(answer=items, heldout_template=held)
+    objs = sorted(sc.objs, key=lambda o: o["box2d"][0] + o["box2d"][2])  # left to right
+    items = [dict(name=o["name"], obj=o["id"], box=sc.box(o)) for o in objs]
+    return sc.template("list"), "; ".join(f"{it['name']} {fmt_box(it['box'])}" for it in items), dict(answer=items)
 
 
 def q_rel_yn(sc):
@@ -531,10 +529,9 @@ def q_rel_yn(sc):
     for rel in map(str, sc.rng.permutation(list(RELATIONS))):
         pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and _rel_ok(b, rel) and _clear(a, b, rel) is want]
         if pairs:
-            a, b = pairs[sc.rng.integers(len(pairs))]
-            q, held = sc.template("rel_yn", a=a["name"], b=b["name"], rel=RELATIONS[rel])
-            ans = "yes" if want else "no"
-            return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], rel=rel, heldout_template=held)
+            a, b = sc.one(pairs)
+            q, ans = sc.template("rel_yn", a=a["name"], b=b["name"], rel=RELATIONS[rel]), "yes" if want else "no"
+            return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], rel=rel)
     return None
 
 
@@ -547,6 +544,10 @@ def _choices(sc, correct, others):
     return opts, LETTERS[k]
 
 
+def _lettered(opts) -> str:
+    return " ".join(f"{L}. {o}" for L, o in zip(LETTERS, opts))
+
+
 def q_rel_mc(sc):
     for rel in map(str, sc.rng.permutation(list(RELATIONS))):
         for b in (sc.refs[i] for i in sc.rng.permutation(len(sc.refs))):
@@ -556,28 +557,22 @@ def q_rel_mc(sc):
             if pos and neg:  # one true option, the others clearly false
                 a = sc.pick(pos)
                 opts, letter = _choices(sc, a["name"], [o["name"] for o in neg])
-                q, held = sc.template("rel_mc", b=b["name"], rel=RELATIONS[rel],
-                                      choices=" ".join(f"{L}. {n}" for L, n in zip(LETTERS, opts)))
-                return q, letter, dict(answer=letter, choices=opts, obj=a["id"], ref=b["id"], rel=rel, heldout_template=held)
+                q = sc.template("rel_mc", b=b["name"], rel=RELATIONS[rel], choices=_lettered(opts))
+                return q, letter, dict(answer=letter, choices=opts, obj=a["id"], ref=b["id"], rel=rel)
     return None
 
 
 def q_closer(sc):
     want = bool(sc.rng.random() < 0.5)
-    pairs = []
-    for a in sc.refs:
-        for b in sc.refs:
-            za, zb = sc.cam_z(a["pos"]), sc.cam_z(b["pos"])
-            # the centres' depths must differ clearly AND agree with what the visible pixels show
-            ma, mb = np.median(sc.depth[sc.mask(a)]), np.median(sc.depth[sc.mask(b)])
-            if a is not b and zb - za >= 0.03 and mb - ma >= 0.01:
-                pairs.append((a, b) if want else (b, a))
+    # the centres' depths must differ clearly AND agree with what the visible pixels show
+    z = {o["id"]: (sc.cam_z(o["pos"]), np.median(sc.depth[sc.mask(o)])) for o in sc.refs}
+    pairs = [(a, b) if want else (b, a) for a in sc.refs for b in sc.refs if a is not b
+             and z[b["id"]][0] - z[a["id"]][0] >= 0.03 and z[b["id"]][1] - z[a["id"]][1] >= 0.01]
     if not pairs:
         return None
-    a, b = pairs[sc.rng.integers(len(pairs))]
-    q, held = sc.template("closer", a=a["name"], b=b["name"])
-    ans = "yes" if want else "no"
-    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], heldout_template=held)
+    a, b = sc.one(pairs)
+    q, ans = sc.template("closer", a=a["name"], b=b["name"]), "yes" if want else "no"
+    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"])
 
 
 def marker_size(S: int) -> int:
@@ -607,9 +602,9 @@ def q_marked(sc):
         return None
     sc.marked = draw_markers(sc.rgb, [(xa, ya), (xb, yb)])
     ans = "A" if da < db else "B"
-    q, held = sc.template("marked")
-    return q, ans, dict(answer=ans, points_px=[[int(xa), int(ya)], [int(xb), int(yb)]], depths=[da, db],
-                        points=[sc.point((xa + 0.5, ya + 0.5)), sc.point((xb + 0.5, yb + 0.5))], heldout_template=held)
+    pts = [sc.point((xa + 0.5, ya + 0.5)), sc.point((xb + 0.5, yb + 0.5))]
+    return sc.template("marked"), ans, dict(answer=ans, points_px=[[int(xa), int(ya)], [int(xb), int(yb)]],
+                                            depths=[da, db], points=pts)
 
 
 def q_distance(sc):
@@ -617,8 +612,7 @@ def q_distance(sc):
         return None
     a, b = sc.pick(sc.refs, 2)
     cm = int(round(100 * math.hypot(a["pos"][0] - b["pos"][0], a["pos"][1] - b["pos"][1])))
-    q, held = sc.template("distance", a=a["name"], b=b["name"])
-    return q, str(cm), dict(answer=cm, obj=a["id"], ref=b["id"], heldout_template=held)
+    return sc.template("distance", a=a["name"], b=b["name"]), str(cm), dict(answer=cm, obj=a["id"], ref=b["id"])
 
 
 def q_height(sc):
@@ -628,8 +622,7 @@ def q_height(sc):
     cm = int(round(200 * o["half_extents"][2]))
     if cm < 1:
         return None
-    q, held = sc.template("height", a=o["name"])
-    return q, str(cm), dict(answer=cm, obj=o["id"], heldout_template=held)
+    return sc.template("height", a=o["name"]), str(cm), dict(answer=cm, obj=o["id"])
 
 
 def q_count(sc):
@@ -638,16 +631,14 @@ def q_count(sc):
     kinds = [("objects", lambda o: True)]
     kinds += [(f"{c} objects", lambda o, c=c: o["colour"] == c) for c in sorted({o["colour"] for o in sc.objs})]
     kinds += [(plural(s), lambda o, s=s: o["shape"] == s) for s in sorted({o["shape"] for o in sc.objs})]
-    what, f = kinds[sc.rng.integers(len(kinds))]
+    what, f = sc.one(kinds)
     n = sum(map(f, sc.objs))
-    q, held = sc.template("count", what=what)
-    return q, str(n), dict(answer=n, what=what, heldout_template=held)
+    return sc.template("count", what=what), str(n), dict(answer=n, what=what)
 
 
 def fits(a, b):
     """True / False when a's footprint clearly fits within b's (any orientation) or clearly cannot; else None."""
-    amax, amin = 2 * max(a["half_extents"][:2]), 2 * min(a["half_extents"][:2])
-    bmax, bmin = 2 * max(b["half_extents"][:2]), 2 * min(b["half_extents"][:2])
+    (amin, amax), (bmin, bmax) = (sorted(2 * h for h in o["half_extents"][:2]) for o in (a, b))
     if amax + 0.005 <= bmin:
         return True
     if amin >= bmax + 0.005:
@@ -660,16 +651,14 @@ def q_fit(sc):
     pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and fits(a, b) is want]
     if not pairs:
         return None
-    a, b = pairs[sc.rng.integers(len(pairs))]
-    q, held = sc.template("fit", a=a["name"], b=b["name"], prep="in" if b["shape"] == "tray" else "on")
-    ans = "yes" if want else "no"
-    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], heldout_template=held)
+    a, b = sc.one(pairs)
+    q, ans = sc.template("fit", a=a["name"], b=b["name"], prep="in" if b["shape"] == "tray" else "on"), "yes" if want else "no"
+    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"])
 
 
 def q_decompose(sc):
     steps = list(sc.task.subgoals)
-    q, held = sc.template("decompose", instr=sc.instr)
-    return q, "; ".join(steps), dict(answer=steps, heldout_template=held)
+    return sc.template("decompose", instr=sc.instr), "; ".join(steps), dict(answer=steps)
 
 
 def q_next_step(sc):
@@ -678,14 +667,13 @@ def q_next_step(sc):
         return None
     correct = steps[sc.subgoal]
     opts, letter = _choices(sc, correct, [s for s in steps if s != correct])
-    q, held = sc.template("next_step", instr=sc.instr, choices=" ".join(f"{L}. {s}" for L, s in zip(LETTERS, opts)))
-    return q, letter, dict(answer=letter, choices=opts, subgoal=int(sc.subgoal), heldout_template=held)
+    q = sc.template("next_step", instr=sc.instr, choices=_lettered(opts))
+    return q, letter, dict(answer=letter, choices=opts, subgoal=int(sc.subgoal))
 
 
 def q_done(sc):
-    q, held = sc.template("done", instr=sc.instr)
     ans = "yes" if sc.success else "no"
-    return q, ans, dict(answer=ans, heldout_template=held)
+    return sc.template("done", instr=sc.instr), ans, dict(answer=ans)
 
 
 def q_trajectory(sc):
@@ -696,8 +684,8 @@ def q_trajectory(sc):
     idx = np.round(np.linspace(0, len(sc.future) - 1, n)).astype(int)
     px = sim_env.project(sc.K, sc.pose, np.asarray(sc.future, float)[idx])
     pts = [sc.point(np.clip(p, 0, sc.S - 1e-3)) for p in px]
-    q, held = sc.template("trajectory", n=n, instr=sc.instr)
-    return q, "[" + ", ".join(map(fmt_point, pts)) + "]", dict(answer=pts, n=n, heldout_template=held)
+    q = sc.template("trajectory", n=n, instr=sc.instr)
+    return q, "[" + ", ".join(map(fmt_point, pts)) + "]", dict(answer=pts, n=n)
 
 
 def caption_order(o):
@@ -710,14 +698,13 @@ def q_caption(sc):
     if not sc.visible:
         return None
     names = [o["name"] for o in sorted(sc.visible, key=caption_order)]
-    q, held = sc.template("caption")
-    return q, ", ".join(names), dict(answer=names, heldout_template=held)
+    return sc.template("caption"), ", ".join(names), dict(answer=names)
 
 
-MAKERS = {"box": q_box, "point": q_point, "place": q_place, "grasp": q_grasp, "list": q_list, "rel_yn": q_rel_yn,
-          "rel_mc": q_rel_mc, "closer": q_closer, "marked": q_marked, "distance": q_distance, "height": q_height,
-          "count": q_count, "fit": q_fit, "decompose": q_decompose, "next_step": q_next_step, "done": q_done,
-          "trajectory": q_trajectory, "caption": q_caption}
+MAKERS = {"box": q_box, "point": q_point, "place": q_place, "grasp": functools.partial(q_point, typ="grasp"),
+          "list": q_list, "rel_yn": q_rel_yn, "rel_mc": q_rel_mc, "closer": q_closer, "marked": q_marked,
+          "distance": q_distance, "height": q_height, "count": q_count, "fit": q_fit, "decompose": q_decompose,
+          "next_step": q_next_step, "done": q_done, "trajectory": q_trajectory, "caption": q_caption}
 TYPE_FAMILY = {t: f for f, ts in FAMILY_TYPES.items() for t in ts}
 
 
@@ -826,7 +813,7 @@ def frame_records(sc, fid, types, out):
             rec["image"] = f"images/{sid}.png"
             Image.fromarray(sc.marked).save(os.path.join(out, rec["image"]))
         rec.update(conversations=[{"from": "human", "value": f"{IMAGE}\n{q}"}, {"from": "gpt", "value": a}],
-                   meta=dict(type=alt, frame=fid, **meta))
+                   meta=dict(type=alt, frame=fid, **meta, heldout_template=sc.held))
         recs.append(rec)
     return recs
 
