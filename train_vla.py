@@ -1,18 +1,23 @@
 """GEM-VLA: a flow-matching action expert on the (depth-supervised) GEM VLM, its training, and the Policy.
 
-Run (CPU, tiny):   python train_vla.py --preset=tiny --init=runs/tiny/gem/ckpt --demos=data/demos --out=runs/tiny/vla-gem
-No depth loss:     ... --depth_weight=0        Frozen VLM: ... --freeze_vlm        Resume: ... --resume
-Several GPUs:      torchrun --nproc_per_node=N train_vla.py --preset=small ...
-Use the policy:    pol = Policy("runs/tiny/vla-gem/ckpt"); pol.reset(); action = pol.act(obs)   # obs from sim_env
+Run (CPU, tiny):  python train_vla.py --preset=tiny --init=runs/tiny/seed0/gem --demos=data/tiny-demos --out=runs/tiny/vla_gem
+  no depth loss: --depth_weight=0   frozen VLM: --freeze_vlm   one task: --tasks=goal:6   continue: --resume
+  several GPUs:  torchrun --nproc_per_node=N train_vla.py --preset=small ...      every flag: --help
+Use the policy:   pol = Policy("runs/tiny/vla_gem"); pol.reset(); action = pol.act(obs)    # obs from sim_env
+Output: <out>/run.json, log.jsonl (action, depth, loss, lr, samples/s; val_action_l1), ckpt/ = a pretraining-style
+checkpoint (config.json, model.safetensors with VLM + "head." + "expert." tensors, pretrain.json, tokenizer.json)
+plus vla.json and norm_stats.json; train_pretrain.load_pretrained reads it too (VLM + head).
 
 Paper -> code map (PAPER.md, "GEM-VLA")
-  RDT-style DiT action expert, AdaLN on flow time + state  ActionExpert, ExpertBlock, ActionExpert.cond
-  block i cross-attends to VLM layer i (embedding + LLM)  ActionExpert.context (K/V of hidden_states[i])
-  x_t = t a + (1 - t) eps, target a - eps, t logit-normal  flow_matching_loss
-  5 Euler steps at inference                               ActionExpert.sample
-  L = L_action + 0.1 L_flow (depth, first camera)          GEMVLA.forward (--depth_weight)
-  VLM trained jointly (own lr) / frozen                    build_optimizer (--vlm_lr, --freeze_vlm)
-  action chunk executed k of H, then re-plan               Policy.act (--replan_k)
+  RDT-style DiT expert, AdaLN on flow time + state      ActionExpert (adaLN-single), ExpertBlock
+  block i cross-attends to VLM layer i (embedding = 0)  ActionExpert.context: K/V of hidden_states[i], padding masked
+  x_t = t a + (1 - t) eps, target a - eps, t logit-norm flow_matching_loss
+  5 Euler steps at inference                            ActionExpert.sample (--flow_steps)
+  L = L_action + 0.1 L_flow(depth), first camera        GEMVLA.forward (--depth_weight; 0 = no depth term)
+  VLM trains jointly at its own lr (or frozen)          build_optimizer (--vlm_lr, --freeze_vlm)
+  action chunk, executed k of H then re-planned         Policy.act / act_batch (--replan_k)
+Toy-scale choices: chunk H=8 (paper 32); 4 expert blocks of width 128 (paper 14 of 1024); no GQA/SwiGLU/registers;
+several (t, noise) draws per VLM forward (--flow_repeats); depth loss on part of each batch (--depth_batch).
 """
 from __future__ import annotations
 
@@ -297,8 +302,7 @@ class Policy:
     (one batched VLM + expert call for every environment whose queue ran out; None = finished env).
     """
 
-    def __init__(self, ckpt: str, device: str = "cpu", replan_k: int | None = None, flow_steps: int | None = None,
-                 seed: int = 0):
+    def __init__(self, ckpt: str, device="cpu", replan_k: int | None = None, flow_steps: int | None = None, seed=0):
         self.model, self.cfg, self.pre_tc, self.tok, self.stats = load_vla(ckpt, device)
         self.model.eval()
         self.pad_id, self.device = D.special_ids(self.tok)["pad_id"], torch.device(device)
