@@ -129,15 +129,12 @@ def _text_ids(tok, text: str) -> list[int]:
 def _user_ids(tok, question: str, n_image_tokens: int, image_first: bool) -> list[int]:
     """`<|im_start|>user\\n<image>\\nQ<|im_end|>\\n` with <image> expanded (or after Q if not image_first)."""
     s = special_ids(tok)
-    has_image = IMAGE in question
     text = question.replace(IMAGE, "").strip("\n")
-    image = [s["vision_start_id"]] + [s["image_pad_id"]] * n_image_tokens + [s["vision_end_id"]] if has_image else []
-    if image and image_first:
-        body = image + _text_ids(tok, "\n" + text if text else "")
-    elif image:
-        body = _text_ids(tok, text + "\n" if text else "") + image
-    else:
-        body = _text_ids(tok, text)
+    body = _text_ids(tok, text)
+    if IMAGE in question:  # the newline between image and text belongs to the text's tokens
+        image = [s["vision_start_id"]] + [s["image_pad_id"]] * n_image_tokens + [s["vision_end_id"]]
+        sep = "\n" if text else ""
+        body = image + _text_ids(tok, sep + text) if image_first else _text_ids(tok, text + sep) + image
     return [s["im_start_id"]] + _text_ids(tok, "user\n") + body + [s["im_end_id"]] + _text_ids(tok, "\n")
 
 
@@ -147,7 +144,7 @@ def _assistant_head(tok) -> list[int]:
 
 def encode_chat(tok, conversations, n_image_tokens: int, image_first: bool = True):
     """Conversations -> (ids, labels); labels are -100 except the assistant's tokens and its <|im_end|>."""
-    im_end = special_ids(tok)["im_end_id"]
+    im_end, tail = special_ids(tok)["im_end_id"], _text_ids(tok, "\n")
     ids, labels = [], []
     for turn in conversations:
         if turn["from"] == "human":
@@ -156,7 +153,6 @@ def encode_chat(tok, conversations, n_image_tokens: int, image_first: bool = Tru
             labels += [-100] * len(part)
         else:
             head, body = _assistant_head(tok), _text_ids(tok, turn["value"]) + [im_end]
-            tail = _text_ids(tok, "\n")
             ids += head + body + tail
             labels += [-100] * len(head) + body + [-100] * len(tail)
     return ids, labels
