@@ -672,32 +672,28 @@ class TabletopEnv:
     def _background(self):
         """Table (a box down to the floor), back wall and floor: rendered once per camera (it never moves)."""
         n = self.image_size
-        depth = np.full((n, n), np.inf); rgb = np.zeros((n, n, 3), np.uint8)
+        buf, full = (np.full((n, n), np.inf), np.zeros((n, n, 3), np.uint8), np.zeros((n, n), np.int16)), (0, n, 0, n)
         o, D = self.pose[:3, 3], self._dirs
         with np.errstate(divide="ignore", invalid="ignore"):
             for name, t, nrm in [("wall", (WALL_Y - o[1]) / D[..., 1], (0.0, -1.0, 0.0)),
                                  ("floor", (FLOOR_Z - o[2]) / D[..., 2], (0.0, 0.0, 1.0))]:
                 t = np.where(t > 0, t, np.inf)
-                self._paint(depth, rgb, None, t, lambda m, nrm=nrm: np.tile(nrm, (int(m.sum()), 1)), self._bg_rgb[name], 0)
+                self._paint(buf, t, lambda m, nrm=nrm: np.tile(nrm, (int(m.sum()), 1)), self._bg_rgb[name], 0, full)
         tb, nb = _hit_boxes(o, D, np.array([[0.0, TABLE_CY, FLOOR_Z / 2]]), 0.0,
                             np.array([[TABLE_HALF[0], TABLE_HALF[1], -FLOOR_Z / 2]]))
-        self._paint(depth, rgb, None, tb, nb, self._bg_rgb["table"], 0)
-        self._bg = (depth, rgb, np.zeros((n, n), np.int16))
+        self._paint(buf, tb, nb, self._bg_rgb["table"], 0, full)
+        self._bg = buf
 
-    def _paint(self, depth, rgb, seg, t, normals, col, sid, win=None):
-        """z-buffer write of one primitive's hits into the (windowed) image buffers."""
-        if win is not None:
-            i0, i1, j0, j1 = win
-            depth, rgb = depth[i0:i1, j0:j1], rgb[i0:i1, j0:j1]
-            seg = None if seg is None else seg[i0:i1, j0:j1]
+    def _paint(self, buf, t, normals, col, sid, win):
+        """z-buffer write of one primitive's hits t (window-sized) into the (depth, rgb, seg) buffers."""
+        depth, rgb, seg = (a[win[0]:win[1], win[2]:win[3]] for a in buf)
         m = t < depth
         if not m.any():
             return
         depth[m] = t[m]
         shade = self._amb + (1 - self._amb) * np.clip(normals(m) @ self._light, 0.0, None)
         rgb[m] = np.clip(col[None, :] * shade[:, None], 0, 255).astype(np.uint8)
-        if seg is not None:
-            seg[m] = sid
+        seg[m] = sid
 
     def _window(self, centres, exts):
         """Pixel window [i0,i1) x [j0,j1) covering the projection of axis-aligned boxes (k,3) (ray culling)."""
@@ -711,20 +707,15 @@ class TabletopEnv:
     def _object_prims(self, i):
         """[(kind, centre, yaw, half)] for object i: box | cyl | sph; the tray is a floor and 4 walls."""
         s, c, y, h = self.meta[i]["shape"], self.P[i], float(self.Yaw[i]), self.Hf[i]
-        if s in ("cube", "block"):
-            return [("box", c, y, h)]
-        if s in ("can", "plate"):
-            return [("cyl", c, y, h)]
-        if s == "ball":
-            return [("sph", c, y, h)]
+        if s != "tray":
+            return [({"can": "cyl", "plate": "cyl", "ball": "sph"}.get(s, "box"), c, y, h)]
         R, w = _rot(y), TRAY_WALL
         parts = [((0, 0, 0.005 - h[2]), (h[0], h[1], 0.005)), ((h[0] - w, 0, 0), (w, h[1], h[2])),
                  ((w - h[0], 0, 0), (w, h[1], h[2])), ((0, h[1] - w, 0), (h[0], w, h[2])), ((0, w - h[1], 0), (h[0], w, h[2]))]
         return [("box", c + R @ np.array(off), y, np.array(hh)) for off, hh in parts]
 
     def _gripper_prims(self):
-        g, R = self.g, _rot(self.g[3])
-        f1, f2 = self._fingers()
+        g, f1, f2 = self.g, *self._fingers()
         palm_c = g[:3] + np.array([0, 0, FL + PALM_H])
         wrist_c = g[:3] + np.array([0, 0, FL + 2 * PALM_H + 0.025])
         return [("box", f1, g[3], np.array([FT, FW, FL])), ("box", f2, g[3], np.array([FT, FW, FL])),
@@ -742,7 +733,7 @@ class TabletopEnv:
             o = self.pose[:3, 3]
             hit = (_hit_boxes(o, D, C, yaw, H) if kind == "box" else
                    _hit_cyl(o, D, C[0], H[0, 0], H[0, 2]) if kind == "cyl" else _hit_sphere(o, D, C[0], H[0, 0]))
-            self._paint(*buf, *hit, col, sid, w)
+            self._paint(buf, *hit, col, sid, w)
         return w
 
     def _draw_object(self, i, buf):
@@ -764,14 +755,13 @@ class TabletopEnv:
                 if i != self.held:
                     self._draw_object(i, buf)
             self._static, self._vis_static = buf, {}
-        depth, rgb, seg = (a.copy() for a in self._static)
+        depth, rgb, seg = buf = tuple(a.copy() for a in self._static)
         if self.held >= 0:
-            self._draw_object(self.held, (depth, rgb, seg))
-        self._dyn = [self._boxes[self.held]] if self.held >= 0 else []
-        self._dyn.append(self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, (depth, rgb, seg)))
+            self._draw_object(self.held, buf)
+        self._dyn = [self._boxes[self.held]] if self.held >= 0 else []      # windows of what moves (for _info)
+        self._dyn.append(self._draw(self._gripper_prims(), np.array(GRIP_RGB, float), GRIPPER_ID, buf))
         self._seg = seg
-        obs = self._state_obs()
-        obs["rgb"] = rgb
+        obs = dict(self._state_obs(), rgb=rgb)
         if self.render_depth:
             obs["depth"] = depth.astype(np.float32)
         if self.render_seg:
