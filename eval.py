@@ -36,17 +36,14 @@ _NUM = r"-?\d+(?:\.\d+)?"
 _WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in re.findall(_NUM, text or "")]
+_BOX = r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]"
 
 
 def parse_box(text: str):
     """'[x1, y1, x2, y2]' (0..1000 image-relative, DESIGN.md 3) -> [x1, y1, x2, y2] floats, corners sorted."""
-    m = re.search(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]", text or "")
-    v = [float(x) for x in m.groups()] if m else _floats(text)[:4]
-    if len(v) < 4:
-        return None
-    return [min(v[0], v[2]), min(v[1], v[3]), max(v[0], v[2]), max(v[1], v[3])]
+    m = re.search(_BOX, text or "")
+    v = [float(x) for x in (m.groups() if m else re.findall(_NUM, text or "")[:4])]
+    return [min(v[0], v[2]), min(v[1], v[3]), max(v[0], v[2]), max(v[1], v[3])] if len(v) == 4 else None
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -55,11 +52,8 @@ def parse_points(text: str) -> list[tuple[float, float]]:
 
 
 def parse_point(text: str):
-    pts = parse_points(text)
-    if pts:
-        return pts[0]
-    v = _floats(text)
-    return (v[0], v[1]) if len(v) >= 2 else None
+    pts = parse_points(text) or [tuple(float(x) for x in re.findall(_NUM, text or "")[:2])]
+    return pts[0] if len(pts[0]) == 2 else None
 
 
 def parse_number(text: str):
@@ -209,10 +203,8 @@ def _region_hit(pt, meta: dict, gt_text: str, shape) -> bool:
     return pt is not None and ref is not None and math.dist(pt, ref) <= 50
 
 
-def _named_boxes(text: str) -> list[tuple[str, list]]:
-    return [(_norm(n), [float(v) for v in b]) for n, *b in
-            re.findall(r"([A-Za-z][A-Za-z ]*?)\s*:?\s*\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM
-                       + r")\s*,\s*(" + _NUM + r")\s*\]", text or "")]
+def _named_boxes(text: str) -> list[tuple[str, list]]:  # 'red cube [1, 2, 3, 4]; plate [...]'
+    return [(_norm(n), [float(v) for v in b]) for n, *b in re.findall(r"([A-Za-z][A-Za-z ]*?)\s*:?\s*" + _BOX, text or "")]
 
 
 def score_answer(kind: str, pred: str, gt: str, meta: dict, shape=None) -> tuple[float, dict]:
@@ -487,17 +479,18 @@ def vlm_markdown(res: dict) -> str:
 _WORKER = {}  # per-process policy, loaded once by _init_worker
 
 
-def _init_worker(ckpt: str):
+def _init_worker(ckpt: str, seed: int = 0):
     torch.set_num_threads(1)  # one core per worker; the pool supplies the parallelism
     _WORKER.clear()
-    _WORKER["ckpt"] = ckpt
+    _WORKER.update(ckpt=ckpt, seed=seed)
 
 
 def _policy():
     """The worker's policy, loaded on first use (an error then fails the job instead of respawning workers)."""
     if _WORKER["ckpt"] not in ("expert", "random") and "policy" not in _WORKER:
         from train_vla import Policy
-        _WORKER["policy"] = Policy(_WORKER["ckpt"])
+        ck = _WORKER["ckpt"]  # a run directory or its ckpt/
+        _WORKER["policy"] = Policy(os.path.join(ck, "ckpt") if os.path.isdir(os.path.join(ck, "ckpt")) else ck, seed=_WORKER["seed"])
     return _WORKER.get("policy")
 
 
@@ -537,7 +530,7 @@ def run_episodes(job: tuple) -> list[dict]:
 
 
 def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers: int = 2, gif_dir: str = "",
-             strip: str = "") -> list[dict]:
+             strip: str = "", seed: int = 0) -> list[dict]:
     """All episodes (suite x task x start 0..episodes-1); one job per task, jobs spread over `workers` processes.
     gif_dir: a GIF of start state 0 of every task; strip: a PNG, one row of 6 frames per suite (first task)."""
     from PIL import Image
@@ -548,12 +541,12 @@ def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers
     jobs = [(s, t, list(range(episodes)), bool(gif_dir) or (bool(strip) and t == firsts[s])) for s, t in tasks]
     desc = f"rollouts {os.path.basename(os.path.normpath(ckpt))}"
     if workers <= 1 or len(jobs) == 1:
-        _init_worker(ckpt)
+        _init_worker(ckpt, seed)
         out = [r for j in tqdm(jobs, desc=desc) for r in run_episodes(j)]
     else:
         import multiprocessing as mp
         # spawn: a forked torch process can deadlock in its thread pool
-        with mp.get_context("spawn").Pool(workers, _init_worker, (ckpt,)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (ckpt, seed)) as pool:
             out = [r for rs in tqdm(pool.imap(run_episodes, jobs), total=len(jobs), desc=desc) for r in rs]
     rows = []
     for r in out:
@@ -598,45 +591,35 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def vla_markdown(summaries: dict[str, dict]) -> str:
-    """One row per policy: success % [95% Wilson] per suite and the average; then mean subgoals on long."""
-    suites = ["spatial", "object", "goal", "long"]
-    lines = ["| policy | " + " | ".join(suites) + " | avg | mean subgoals on long | steps to success |",
-             "|---" * 8 + "|"]
-    for name, sm in summaries.items():
-        ps = sm["per_suite"]
-        cells = [f"{_pct(ps[s]['rate'])} [{_pct(ps[s]['lo'])}, {_pct(ps[s]['hi'])}]" if s in ps else "-" for s in suites]
-        av = sm["average"]
-        lg = ps.get("long", {})
-        sub = f"{lg['subgoals']:.2f} / {lg['n_subgoals']:.0f}" if lg.get("subgoals") is not None else "-"
-        sts = f"{av['steps_to_success']:.0f}" if av["steps_to_success"] is not None else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(av['rate'])} [{_pct(av['lo'])}, {_pct(av['hi'])}] | {sub} | {sts} |")
-    return "\n".join(lines) + "\n"
+def _ci(d: dict) -> str:
+    return f"{_pct(d['rate'])} [{_pct(d['lo'])}, {_pct(d['hi'])}]"
 
 
 def eval_vla(cfg) -> dict:
     from sim_env import SUITES
     suites = list(SUITES) if cfg.suite == "all" else cfg.suite.split(",")
-    for s in suites:
-        if s not in SUITES:
-            raise SystemExit(f"error: --suite={s!r}: valid suites are {', '.join(SUITES)} or all")
+    if any(s not in SUITES for s in suites):
+        raise SystemExit(f"error: --suite={cfg.suite!r}: valid suites are {', '.join(SUITES)} or all")
     task_ids = [int(t) for t in cfg.tasks.split(",")] if cfg.tasks else None
-    names = [cfg.ckpt] + ([r for r in ("expert", "random") if r != cfg.ckpt] if cfg.refs else [])
     results = {}
-    for name in names:
-        gif = os.path.join(cfg.out, "gifs", os.path.basename(os.path.normpath(name))) if cfg.gif and name == cfg.ckpt else ""
-        label = name if name in ("expert", "random") else os.path.normpath(name)
-        strip = os.path.join(cfg.out, f"rollouts_{name if name in ('expert', 'random') else 'policy'}.png")
-        rows = rollouts(name, suites, cfg.episodes, task_ids, cfg.workers, gif, strip)
-        results[label] = {**summarise_vla(rows), "episodes": rows}
-    md = (f"# VLA closed-loop success ({cfg.episodes} fixed start states per task)\n\n"
-          "Success % with 95% Wilson intervals; avg = mean of the suite rates (LIBERO convention).\n\n"
-          + vla_markdown(results) + "\n## Per task\n\n| policy | task | success % [95%] | steps to success |\n|---|---|---|---|\n")
+    for name in [cfg.ckpt] + ([r for r in ("expert", "random") if r != cfg.ckpt] if cfg.refs else []):
+        ref = name in ("expert", "random")
+        gif = os.path.join(cfg.out, "gifs") if cfg.gif and name == cfg.ckpt else ""
+        rows = rollouts(name, suites, cfg.episodes, task_ids, cfg.workers, gif,
+                        os.path.join(cfg.out, f"rollouts_{name if ref else 'policy'}.png"), cfg.seed)
+        results[name if ref else os.path.normpath(name)] = {**summarise_vla(rows), "episodes": rows}
+    md = [f"# VLA closed-loop success ({cfg.episodes} fixed start states per task)\n",
+          "Success % [95% Wilson]; avg = mean of the suite rates (LIBERO convention).\n",
+          "| policy | " + " | ".join(suites) + " | avg | mean subgoals on long | steps to success |", "|---" * (len(suites) + 4) + "|"]
     for name, sm in results.items():
-        for key, t in sm["per_task"].items():
-            sts = "-" if t["steps_to_success"] is None else f"{t['steps_to_success']:.0f}"
-            md += f"| {name} | {key} {t['task']} | {_pct(t['rate'])} [{_pct(t['lo'])}, {_pct(t['hi'])}] | {sts} |\n"
-    return write_results(cfg.out, {"kind": "vla", "ckpt": cfg.ckpt, "config": vars(cfg), "results": results}, md)
+        ps, av, lg = sm["per_suite"], sm["average"], sm["per_suite"].get("long", {})
+        sub = f"{lg['subgoals']:.2f} / {lg['n_subgoals']:.0f}" if lg.get("subgoals") is not None else "-"
+        sts = "-" if av["steps_to_success"] is None else f"{av['steps_to_success']:.0f}"
+        md.append(f"| {name} | " + " | ".join(_ci(ps[s]) for s in suites) + f" | {_ci(av)} | {sub} | {sts} |")
+    md += ["\n## Per task\n", "| policy | task | success % [95%] | steps to success |", "|---|---|---|---|"]
+    md += [f"| {name} | {key} {t['task']} | {_ci(t)} | {'-' if t['steps_to_success'] is None else round(t['steps_to_success'])} |"
+           for name, sm in results.items() for key, t in sm["per_task"].items()]
+    return write_results(cfg.out, {"kind": "vla", "ckpt": cfg.ckpt, "config": vars(cfg), "results": results}, "\n".join(md) + "\n")
 
 
 def write_results(out: str, results: dict, md: str) -> dict:

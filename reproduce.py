@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,13 +48,15 @@ class ReproConfig:
     episodes: int = 5           # fixed eval start states per task
     ref_episodes: int = 10      # for the expert / random reference rows
     vlm_eval: str = ""          # extra eval.py vlm flags, space separated
+    pretrain_flags: str = ""    # extra train_pretrain.py flags for every recipe, e.g. "--steps3=100"
+    vla_flags: str = ""         # extra train_vla.py flags
     workers: int = 2            # processes for VLA rollouts
     jobs: int = 2               # steps run at once
     threads: int = 1            # torch threads per training step
 
 
 PRESETS = {
-    "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1,
+    "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1,
                   vlm_eval="--depth_frames=4 --probe_steps=5 --sample_steps=2 --max_new_tokens=24"),
     "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=200"),
     "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
@@ -73,7 +76,8 @@ def plan(c: ReproConfig) -> list[dict]:
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
     add("data", D, ["data.py", f"--out={D}", f"--preset={p}"])
     add("demos", demos, ["data.py", "demos", "--suite=all", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
-    add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr, ["data"])
+    add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr
+        + c.pretrain_flags.split(), ["data"])
     for ref in ("expert", "random"):
         add(f"reference {ref}", f"{R}/ref_{ref}", ["eval.py", "vla", f"--ckpt={ref}", "--refs=false", f"--episodes={c.ref_episodes}",
                                                    f"--out={R}/ref_{ref}", f"--workers={c.workers}"] + etasks)
@@ -81,10 +85,10 @@ def plan(c: ReproConfig) -> list[dict]:
         S = f"{R}/seed{s}"
         for r in RECIPES:
             add(f"s{s} {r}", f"{S}/{r}", ["train_pretrain.py", f"--preset={p}", f"--recipe={r}", f"--init={R}/base",
-                                          f"--data={D}", f"--out={S}/{r}", f"--seed={s}"] + thr, ["stage 0"])
+                                          f"--data={D}", f"--out={S}/{r}", f"--seed={s}"] + thr + c.pretrain_flags.split(), ["stage 0"])
         for v, (r, w) in VLAS.items():
             add(f"s{s} {v}", f"{S}/{v}", ["train_vla.py", f"--preset={p}", f"--init={S}/{r}", f"--demos={demos}", f"--out={S}/{v}",
-                                          f"--depth_weight={w}", f"--seed={s}"] + thr + vtasks, [f"s{s} {r}", "demos"])
+                                          f"--depth_weight={w}", f"--seed={s}"] + thr + vtasks + c.vla_flags.split(), [f"s{s} {r}", "demos"])
             add(f"s{s} eval {v}", f"{S}/{v}/eval_vla", ["eval.py", "vla", f"--ckpt={S}/{v}/ckpt", "--refs=false", f"--seed={s}",
                 f"--episodes={c.episodes}", f"--out={S}/{v}/eval_vla", f"--workers={c.workers}"] + etasks
                 + (["--gif"] if v == "vla_gem" else []), [f"s{s} {v}"])
@@ -104,41 +108,48 @@ def run_steps(c: ReproConfig) -> list[dict]:
             print(f"{st['name']}: done earlier, skipped", flush=True)
             log.append(json.load(open(os.path.join(st["out"], ".done"))) | {"skipped": True})
     todo, t0, last = [st for st in steps if st["name"] not in done], time.time(), 0.0
-    while todo or running:
-        for st in [st for st in todo if all(d in done for d in st["deps"])][:max(0, c.jobs - len(running))]:
-            todo.remove(st)
-            argv = st["argv"]
-            if argv[1].startswith("train_") and os.path.isdir(st["out"]) and any(
-                    d.startswith("stage") or d == "ckpt" for d in os.listdir(st["out"])):
-                argv = argv + ["--resume"]  # an interrupted training continues from its last checkpoint
-            os.makedirs(os.path.dirname(st["out"]), exist_ok=True)
-            f = open(st["out"] + ".log", "w")
-            print(f"[{time.time() - t0:5.0f}s] start {st['name']}: {' '.join(argv[1:])}", flush=True)
-            running[st["name"]] = (st, subprocess.Popen(argv, cwd=HERE, stdout=f, stderr=subprocess.STDOUT), time.time(), f)
-        time.sleep(0.5)
-        for name, (st, proc, t, f) in list(running.items()):
+    old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill, too
+    try:
+        while todo or running:
+            for st in [st for st in todo if all(d in done for d in st["deps"])][:max(0, c.jobs - len(running))]:
+                todo.remove(st)
+                argv = st["argv"]
+                if argv[1].startswith("train_") and os.path.isdir(st["out"]) and any(
+                        d.startswith("stage") or d == "ckpt" for d in os.listdir(st["out"])):
+                    argv = argv + ["--resume"]  # an interrupted training continues from its last checkpoint
+                os.makedirs(os.path.dirname(st["out"]), exist_ok=True)
+                f = open(st["out"] + ".log", "w")
+                print(f"[{time.time() - t0:5.0f}s] start {st['name']}: {' '.join(argv[1:])}", flush=True)
+                # own process group: stopping reproduce stops the step and its worker processes too
+                proc = subprocess.Popen(argv, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                running[st["name"]] = (st, proc, time.time(), f)
+            time.sleep(0.5)
+            for name, (st, proc, t, f) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                f.close()
+                del running[name]
+                if proc.returncode != 0:
+                    tail = open(st["out"] + ".log").read().splitlines()[-15:]
+                    raise SystemExit("\n".join(tail) + f"\nerror: step '{name}' failed (exit {proc.returncode}); log: {st['out']}.log")
+                rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": st["argv"][1:]}
+                os.makedirs(st["out"], exist_ok=True)
+                with open(os.path.join(st["out"], ".done"), "w") as fd:
+                    json.dump(rec, fd)
+                done.add(name)
+                log.append(rec)
+                print(f"[{time.time() - t0:5.0f}s] done  {name} ({rec['seconds']:.0f} s); {len(done)}/{len(steps)} steps", flush=True)
+            if running and time.time() - last > 15:  # progress: the last line (e.g. a tqdm bar) of each running step
+                last = time.time()
+                for name, (st, _, t, _) in running.items():
+                    with open(st["out"] + ".log", "rb") as fl:
+                        txt = fl.read()[-400:].decode(errors="replace").replace("\r", "\n").strip().splitlines()
+                    print(f"[{time.time() - t0:5.0f}s]   {name} ({time.time() - t:.0f} s): {txt[-1][:110] if txt else ''}", flush=True)
+    finally:
+        for _, proc, _, _ in running.values():
             if proc.poll() is None:
-                continue
-            f.close()
-            del running[name]
-            if proc.returncode != 0:
-                for _, p2, _, _ in running.values():
-                    p2.terminate()
-                tail = open(st["out"] + ".log").read().splitlines()[-15:]
-                raise SystemExit("\n".join(tail) + f"\nerror: step '{name}' failed (exit {proc.returncode}); log: {st['out']}.log")
-            rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": st["argv"][1:]}
-            os.makedirs(st["out"], exist_ok=True)
-            with open(os.path.join(st["out"], ".done"), "w") as fd:
-                json.dump(rec, fd)
-            done.add(name)
-            log.append(rec)
-            print(f"[{time.time() - t0:5.0f}s] done  {name} ({rec['seconds']:.0f} s); {len(done)}/{len(steps)} steps", flush=True)
-        if running and time.time() - last > 15:  # progress: the last line (e.g. a tqdm bar) of each running step
-            last = time.time()
-            for name, (st, _, t, _) in running.items():
-                with open(st["out"] + ".log", "rb") as fl:
-                    txt = fl.read()[-400:].decode(errors="replace").replace("\r", "\n").strip().splitlines()
-                print(f"[{time.time() - t0:5.0f}s]   {name} ({time.time() - t:.0f} s): {txt[-1][:110] if txt else ''}", flush=True)
+                os.killpg(proc.pid, signal.SIGTERM)
+        signal.signal(signal.SIGTERM, old)
     return log
 
 

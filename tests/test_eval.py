@@ -165,7 +165,6 @@ def test_summarise_vla_rates():
     assert sm["per_suite"]["spatial"]["rate"] == 0.5 and sm["per_suite"]["long"]["rate"] == 1.0
     assert sm["average"]["rate"] == 0.75 and sm["average"]["n"] == 4
     assert sm["per_suite"]["long"]["subgoals"] == 1.0
-    assert ev.vla_markdown({"p": sm}).count("|") > 10
 
 
 def test_expert_reference_row_smoke():
