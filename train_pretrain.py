@@ -406,7 +406,13 @@ def depth_grid(gem, head, ds, tc, pad_id, target, device, path, n=4):
     from PIL import Image
     was_training = gem.training
     gem.eval()
-    b = make_batch(ds, list(range(min(n, len(ds)))), pad_id, target, device)
+    idx, seen = [], set()  # distinct images (a frame carries several questions), spread over the split
+    for i, r in enumerate(getattr(ds, "records", None) or [{"image": i} for i in range(len(ds))]):
+        if r["image"] not in seen:
+            seen.add(r["image"])
+            idx.append(i)
+    idx = [idx[int(j)] for j in np.linspace(0, len(idx) - 1, min(n, len(idx)))]
+    b = make_batch(ds, idx, pad_id, target, device)
     hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
     gen = head.sample(hidden.float(), steps=tc.sample_steps, cfg_scale=tc.cfg_scale,
                       generator=torch.Generator(device=device).manual_seed(0))
