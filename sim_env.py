@@ -286,12 +286,14 @@ def _spatial_tasks():
     def closer(ref, far=False):
         s = -1 if far else 1
         return lambda o: s * (_dist(o["d"], o[ref]) - _dist(o["t"], o[ref])) > 0.08
-    def between(o):
-        a, b = _get(o["can"], "pos")[:2], _get(o["ball"], "pos")[:2]
-        def inb(p):
-            u = b - a; s = float((p - a) @ u / (u @ u)); perp = abs(float(u[0] * (p - a)[1] - u[1] * (p - a)[0])) / np.linalg.norm(u)
-            return 0.25 < s < 0.75 and perp < 0.04, (s < -0.1 or s > 1.1 or perp > 0.1)
-        return inb(_get(o["t"], "pos")[:2])[0] and inb(_get(o["d"], "pos")[:2])[1]
+    def between(o):  # target on the middle of the segment can -> ball, the distractor clearly off it
+        a = _get(o["can"], "pos")[:2]
+        u = _get(o["ball"], "pos")[:2] - a
+        def along_across(x):
+            r = _get(x, "pos")[:2] - a
+            return float(r @ u / (u @ u)), abs(float(u[0] * r[1] - u[1] * r[0])) / np.linalg.norm(u)
+        (s, perp), (sd, pd) = along_across(o["t"]), along_across(o["d"])
+        return 0.25 < s < 0.75 and perp < 0.04 and (sd < -0.1 or sd > 1.1 or pd > 0.1)
     spec = [("left of the blue can", rel("left_of", "can")), ("right of the blue can", rel("right_of", "can")),
             ("behind the green ball", rel("behind", "ball")), ("in front of the green ball", rel("in_front_of", "ball")),
             ("closest to the plate", closer("plate")), ("farthest from the plate", closer("plate", True)),
@@ -393,8 +395,9 @@ def sample_scene(suite, task_id, seed):
                 break
             x, y = (float(v) for v in xy[int(np.argmax(ok))])
             boxes.append((x, y, e[0], e[1]))
-            objs.append({"id": len(objs) + 1, "role": role, "name": task.desc[role][4:] if shape in ("plate", "tray") else f"{colour} {shape}",
-                         "shape": shape, "colour": colour or ("grey" if shape == "plate" else "brown"), "size": "medium",
+            name = task.desc[role][4:] if shape in ("plate", "tray") else f"{colour} {shape}"   # desc minus "the "
+            objs.append({"id": len(objs) + 1, "role": role, "name": name, "shape": shape,
+                         "colour": colour or ("grey" if shape == "plate" else "brown"), "size": "medium",
                          "pos": [x, y, h[2]], "yaw": yaw, "half_extents": list(h)})
         by_role = {o["role"]: o for o in objs}
         if (len(objs) == len(task.objects) and _in_view(objs) and (task.valid is None or task.valid(by_role))
