@@ -425,6 +425,11 @@ class Scene:
     def box(self, o) -> list[int]:
         return [to_1000(v, self.S) for v in o["box2d"]]
 
+    def project(self, pts_world) -> np.ndarray:
+        """World points (N,3) -> pixel coordinates (N,2), the simulator's own camera model."""
+        import sim_env
+        return sim_env.project(self.K, self.pose, np.asarray(pts_world, float))
+
     def cam_z(self, p_world) -> float:
         """Camera z-depth (metres) of a world point: the quantity "closer to the camera" compares."""
         R, t = self.pose[:3, :3], self.pose[:3, 3]
@@ -464,9 +469,8 @@ def q_point(sc, typ="point"):
     o = sc.pick(cands)
     m = sc.mask(o)
     if typ == "grasp":  # the top centre of the object, where a top-down grasp closes
-        import sim_env
         top = np.asarray(o["pos"], float) + [0, 0, o["half_extents"][2]]
-        px = sim_env.project(sc.K, sc.pose, top[None])[0]
+        px = sc.project(top[None])[0]
         if not (0 <= px[0] < sc.S and 0 <= px[1] < sc.S) or not m[int(px[1]), int(px[0])]:
             return None  # top hidden (e.g. under the gripper)
     else:  # the mask pixel nearest the mask's centroid (always on the object, even for odd shapes)
@@ -504,8 +508,7 @@ def q_place(sc):
     ys, xs = np.nonzero(region)
     if len(xs) < 3:
         return None
-    import sim_env  # canonical answer: the free pixel nearest to b's projection (just beside b)
-    bx, by = sim_env.project(sc.K, sc.pose, np.asarray([b["pos"]], float))[0]
+    bx, by = sc.project([b["pos"]])[0]  # canonical answer: the free pixel nearest to b's projection (just beside b)
     k = np.argmin((xs + 0.5 - bx) ** 2 + (ys + 0.5 - by) ** 2)
     pt = sc.point((xs[k] + 0.5, ys[k] + 0.5))
     q = sc.template("place", a=a["name"], b=b["name"], rel=RELATIONS[rel])
@@ -675,10 +678,9 @@ def q_done(sc):
 def q_trajectory(sc):
     if sc.future is None or len(sc.future) < 5:
         return None
-    import sim_env
     n = int(sc.rng.integers(5, 9))
     idx = np.round(np.linspace(0, len(sc.future) - 1, n)).astype(int)
-    px = sim_env.project(sc.K, sc.pose, np.asarray(sc.future, float)[idx])
+    px = sc.project(np.asarray(sc.future, float)[idx])
     pts = [sc.point(np.clip(p, 0, sc.S - 1e-3)) for p in px]
     q = sc.template("trajectory", n=n, instr=sc.instr)
     return q, "[" + ", ".join(map(fmt_point, pts)) + "]", dict(answer=pts, n=n)
