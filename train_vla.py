@@ -184,8 +184,8 @@ class VLAConfig:
     # optimisation
     steps: int = 500
     batch_size: int = 16            # global batch (split over DDP ranks)
-    lr: float = 1e-3                # action expert
-    vlm_lr: float = 2e-4            # VLM and depth head when trained jointly (paper: 1e-5 at 2B)
+    lr: float = 2e-3                # action expert
+    vlm_lr: float = 3e-4            # VLM and depth head when trained jointly (paper: 1e-5 at 2B)
     freeze_vlm: bool = False
     depth_weight: float = 0.1       # L = L_action + depth_weight * L_flow(depth); 0 = no depth term at all
     depth_batch: int = 4            # depth loss on the first n samples of each (shuffled) batch; 0 = all
