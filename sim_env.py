@@ -806,13 +806,13 @@ class TabletopEnv:
         """Waypoint: rise to TRAVEL_Z, fly over, line up, then descend to z_low. Returns (target xyz, xy error)."""
         p = self.g[:3]
         d = math.hypot(xy[0] - p[0], xy[1] - p[1])
-        if d > 0.03:
-            if p[2] < TRAVEL_Z - 0.025:
-                return np.array([p[0], p[1], TRAVEL_Z]), d
-            return np.array([xy[0], xy[1], TRAVEL_Z]), d
+        if d > 0.03:   # far: first straight up, then across at TRAVEL_Z
+            at = p if p[2] < TRAVEL_Z - 0.025 else xy
+            return np.array([at[0], at[1], TRAVEL_Z]), d
         return np.array([xy[0], xy[1], p[2] if d > tol else z_low]), d
 
     def _support_at(self, xy, skip):
+        """Support height object `skip` would land on at xy (moved there, high above everything, and back)."""
         keep = self.P[skip].copy()
         self.P[skip, :2], self.P[skip, 2] = xy, 10.0
         top = self._support(skip)
