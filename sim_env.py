@@ -5,8 +5,8 @@ receptacles (plate, tray) and a floating parallel-jaw gripper, seen by one fixed
 Every step returns RGB, exact metric z-depth and an instance mask rendered in one ray-casting pass.
 
 Run:  python sim_env.py --suite goal --task 3 --gif out.gif     (expert rollout, RGB | colourised depth)
-      README picture: python sim_env.py --suite long --task 0 --image_size 128 --png docs/scene.png --png_step 22
-      --gif /tmp/scene.gif ; GIF: python sim_env.py --suite goal --task 5 --image_size 64 --start_id 1 --gif docs/scene.gif
+      README picture: ... --suite long --task 0 --image_size 128 --png docs/scene.png --png_step 22 --gif /tmp/scene.gif
+      README GIF:     ... --suite goal --task 5 --image_size 64 --start_id 1 --gif docs/scene.gif
       speed: python bench/bench_sim.py ; expert success: python bench/expert_success.py
 Use:  env = TabletopEnv("goal", 3); obs, info = env.reset(options={"start_id": 0})
       obs, r, term, trunc, info = env.step(env.expert_action())
@@ -16,9 +16,10 @@ Conventions
   camera: OpenCV frame (x right, y down, z forward); pixel (row i, col j) covers [j, j+1) x [i, i+1), its
     centre is (j + .5, i + .5); `project` returns (u, v) in that continuous frame. depth = camera z (not ray length).
   action (7,) in [-1, 1]: [dx, dy, dz, droll, dpitch, dyaw, grip], 1.0 = 2 cm / 0.25 rad, grip > 0 closes
-    (roll and pitch are accepted and ignored).  state (8,): see STATE_NAMES.  seg: 0 = table/wall/floor,
-    k = object id (1..n, info["objects"]), GRIPPER_ID = the gripper.
-  state = [x, y, z, yaw, opening, grasped, sin yaw, cos yaw] of the gripper (x, y, z = point between the jaws).
+    (roll and pitch are accepted and ignored).  seg: 0 = table/wall/floor, k = object id (1..n,
+    info["objects"]), GRIPPER_ID = the gripper.
+  state (8,) = STATE_NAMES = [x, y, z, yaw, opening, grasped, sin yaw, cos yaw] of the gripper (x, y, z = point
+    between the jaws).
   success (reward 1, terminated) = all of the task's goal predicates hold now; truncated at info["max_steps"].
   info["n_subgoals"] / ["subgoals_done"] count the task's goal predicates (task.goal_texts; done = achieved in
     order, latched); task.subgoals is the finer pick / place / push step list, env.expert_subgoal indexes it.
