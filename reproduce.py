@@ -50,13 +50,14 @@ class ReproConfig:
     vlm_eval: str = ""          # extra eval.py vlm flags, space separated
     pretrain_flags: str = ""    # extra train_pretrain.py flags for every recipe, e.g. "--steps3=100"
     vla_flags: str = ""         # extra train_vla.py flags
+    data_flags: str = ""        # extra data.py flags (VLM data)
     workers: int = 2            # processes for VLA rollouts
     jobs: int = 2               # steps run at once
     threads: int = 1            # torch threads per training step
 
 
 PRESETS = {
-    "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1,
+    "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1, data_flags="--test_rollouts=8",
                   vlm_eval="--depth_frames=4 --probe_steps=5 --sample_steps=2 --max_new_tokens=24"),
     "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=200"),
     "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
@@ -74,7 +75,7 @@ def plan(c: ReproConfig) -> list[dict]:
 
     def add(name, out, argv, deps=()):
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
-    add("data", D, ["data.py", f"--out={D}", f"--preset={p}"])
+    add("data", D, ["data.py", f"--out={D}", f"--preset={p}"] + c.data_flags.split())
     add("demos", demos, ["data.py", "demos", "--suite=all", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
     add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr
         + c.pretrain_flags.split(), ["data"])
@@ -150,7 +151,8 @@ def run_steps(c: ReproConfig) -> list[dict]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         signal.signal(signal.SIGTERM, old)
-    return log
+    order = [st["name"] for st in steps]
+    return sorted(log, key=lambda r: order.index(r["name"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,11 +244,12 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
         g = (lambda x: f"{x:.3f}") if col.endswith("AbsRel") else (lambda x: f"{x:.2f}") if scale == 1 else f
         if c["n"] == 1 and c["lo"] is not None:  # one seed: the (asymmetric) 95% Wilson interval
             return f"{g(c['mean'])} ({g(c['lo'])}–{g(c['hi'])})"
-        return f"{g(c['mean'])} ±{g(c['sd'] if c['n'] > 1 else c['half'])}"
+        spread = c["sd"] if c["n"] > 1 else c["half"]
+        return f"{g(c['mean'])} ±{g(spread)}" if spread else g(c["mean"])
     lines = [f"| | {' | '.join(cols)} | {paper_head} |", "|---" * (len(cols) + 2) + "|"]
     if chance:
         first = next(iter(rows.values()))
-        lines.append("| chance | " + " | ".join("-" if not first.get(c) or first[c]["chance"] is None else f(first[c]["chance"])
+        lines.append("| chance | " + " | ".join("-" if not isinstance(first.get(c), dict) or first[c]["chance"] is None else f(first[c]["chance"])
                                                for c in cols) + " | |")
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(r.get(c), c) for c in cols) + f" | {paper.get(name, '')} |")
