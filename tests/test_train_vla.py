@@ -180,3 +180,12 @@ def test_policy_runs_closed_loop(init, micro_demos, tmp_path):
     assert acts[1] is None and acts[0].shape == (7,)
     acts = pol.act_batch(obs)
     assert calls[-1] == 1 and all(x.shape == (7,) for x in acts)  # only env 1 needed a new chunk
+
+
+def test_freeze_vlm_really_freezes(init, micro_demos, tmp_path):
+    out = str(tmp_path / "frozen")
+    train(init, micro_demos, out, "--steps=2", "--freeze_vlm")
+    before, after = V.load_checkpoint(init)[0], V.load_checkpoint(os.path.join(out, "ckpt"))[0]
+    vlm_keys = [k for k in before if not k.startswith("head.")]
+    assert vlm_keys and all(torch.equal(before[k], after[k]) for k in vlm_keys)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("head."))  # the head still learns depth
