@@ -453,22 +453,17 @@ def vlm_markdown(res: dict) -> str:
     md = [f"# VLM benchmark: {res['ckpt']} ({res['split']} split)\n",
           "score % [95% Wilson] (chance = best constant answer from the train split)\n",
           "| type | family | metric | " + " | ".join(cols) + " | chance |", "|---" * (len(cols) + 4) + "|"]
-    rows = [(t, v["family"], v["metric"]) for t, v in res["all"]["per_type"].items()]
-    rows += [(f"**{f}**", "family", "mean of types") for f in res["all"]["per_family"]] + [("**macro**", "all", "mean of types")]
-    for name, fam, metric in rows:
-        def get(part):
-            if name == "**macro**":
-                return part["macro"]
-            return part["per_family"].get(name.strip("*")) if fam == "family" else part["per_type"].get(name)
-        cells = [get(res[c]) for c in cols]
-        md.append(f"| {name} | {fam} | {metric} | " + " | ".join(
-            "-" if c is None else f"{_pct(c['score'])} [{_pct(c['lo'])}, {_pct(c['hi'])}] (n={c['n']})" for c in cells)
-            + f" | {_pct(get(res['all'])['chance'])} |")
-    for name, m in (res.get("depth") or {}).items():
+    rows = [(t, v["family"], v["metric"], ("per_type", t)) for t, v in res["all"]["per_type"].items()]
+    rows += [(f"**{f}**", "family", "mean of types", ("per_family", f)) for f in res["all"]["per_family"]]
+    for name, fam, metric, (part, key) in rows + [("**macro**", "all", "mean of types", ("macro", None))]:
+        cells = [res[c][part] if key is None else res[c][part].get(key) for c in cols]
+        md.append(f"| {name} | {fam} | {metric} | " + " | ".join("-" if c is None else
+                  f"{_pct(c['score'])} [{_pct(c['lo'])}, {_pct(c['hi'])}] (n={c['n']})" for c in cells) + f" | {_pct(cells[0]['chance'])} |")
+    for name, m in res["depth"].items():
         if isinstance(m, dict):
-            md.append(f"\nDepth ({name}, {m['frames']} frames): AbsRel {m['absrel']:.3f}, delta<1.25 {100 * m['delta1']:.1f}%, "
-                      f"ordinal {100 * m['ordinal']:.1f}% (inverse depth, scale-and-shift aligned)")
-    if res.get("depth", {}).get("note"):
+            md.append(f"\nDepth ({name}, {m['frames']} frames): AbsRel {m['absrel']:.3f}, delta<1.25 {_pct(m['delta1'])}%, "
+                      f"ordinal {_pct(m['ordinal'])}% (inverse depth, scale-and-shift aligned)")
+    if res["depth"].get("note"):
         md.append(f"\n{res['depth']['note']}; figures depth_*.png: RGB | true depth | generated depth")
     return "\n".join(md) + "\n"
 

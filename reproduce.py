@@ -267,6 +267,26 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
     return "\n".join(lines) + "\n"
 
 
+def verdicts(vlm: dict, vla: dict, refs: dict) -> list[str]:
+    """The paper's claims, one line each: our difference, and whether it clears the noise."""
+    out = []
+    for name, rows, a, b, col in [("depth supervision (gem vs sft), VLM macro", vlm, "gem", "sft", "macro"),
+                                  ("depth vs RGB reconstruction (gem vs rgb), reasoning", vlm, "gem", "rgb", "reasoning (VSI-like)"),
+                                  ("progressive vs direct (gem vs direct), reasoning", vlm, "gem", "direct", "reasoning (VSI-like)"),
+                                  ("features know depth (gem vs sft), probe δ1", vlm, "gem", "sft", "probe δ1"),
+                                  ("GEM-VLA vs VLA without depth, average success", vla, "vla_gem", "vla_sft", "avg")]:
+        x, y = rows[a].get(col), rows[b].get(col)
+        if isinstance(x, dict) and isinstance(y, dict):
+            d, sig = 100 * (x["mean"] - y["mean"]), significant(x, y)
+            out.append(f"- {name}: {d:+.1f} points, " + ("**significant**" if sig else "within the noise (not significant)"))
+    for r in ("sft", "gem"):
+        m = vlm[r].get("macro")
+        if isinstance(m, dict):
+            out.append(f"- `{r}` macro score {100 * m['mean']:.1f} vs chance {100 * m['chance']:.1f} "
+                       f"({'above' if (m['lo'] if m['n'] == 1 and m['lo'] is not None else m['mean'] - m['sd']) > m['chance'] else 'not clearly above'} chance)")
+    return out
+
+
 def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     R, S = c.runs, [f"{c.runs}/seed{s}" for s in c.seeds]
     vlm = {r: combine([vlm_cells(_load(f"{d}/{r}/eval_test/results.json")) for d in S]) for r in RECIPES}
@@ -311,6 +331,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
                 "paper LIBERO: S / O / G / L / avg", [("vla_gem", "vla_sft")], chance=False),
           f"vla_sft: VLA on the `sft` VLM, no depth loss; vla_gem: VLA on the `gem` VLM with the depth loss x0.1 (GEM-VLA). "
           f"{c.episodes} start states per task ({c.ref_episodes} for the reference rows).\n",
+          "## Reading the tables\n", "\n".join(verdicts(vlm, vla, refs)) + "\n",
           "## Depth from the features (RGB | true depth | generated depth)\n", "\n\n".join(figs) + "\n",
           "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)
           + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time).\n"]

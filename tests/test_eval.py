@@ -173,3 +173,12 @@ def test_expert_reference_row_smoke():
     sm = ev.summarise_vla(rows)
     assert len(rows) == 16 and sm["average"]["rate"] >= 0.98, [r for r in rows if not r["success"]]
     assert sm["per_suite"]["long"]["subgoals"] == sm["per_suite"]["long"]["n_subgoals"]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    for argv, needle in [(["nonsense"], "usage"), (["vlm"], "--ckpt"), (["vla", "--ckpt=/no/such/dir"], "no such"),
+                         (["vla", "--ckpt=expert", "--episodez=3"], "--episodez"),
+                         (["vla", "--ckpt=expert", "--suite=kitchen", f"--out={tmp_path}"], "kitchen")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert needle in str(e.value) and "\n" not in str(e.value).strip(), str(e.value)
