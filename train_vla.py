@@ -169,7 +169,7 @@ class VLAConfig:
     demos: str = "data/demos"       # demo episodes (python data.py demos ...)
     out: str = "runs/tiny/vla"      # run directory: run.json, log.jsonl, ckpt/
     resume: bool = False            # continue <out>/ckpt exactly (model, optimizer, step; data order and noise are per-step seeded)
-    tasks: str = ""                 # e.g. "spatial:0,goal:3" trains on those tasks only ("" = every demo)
+    tasks: str = ""                 # "goal" (a suite), "spatial:0,goal:3" (tasks): train on those only; "" = every demo
     # action expert (paper: RDT DiT, width 1024, 14 blocks, chunk 32)
     horizon: int = 8                # H actions per chunk
     expert_dim: int = 128
@@ -359,17 +359,20 @@ def build_optimizer(model: GEMVLA, cfg: VLAConfig):
 
 
 def split_demos(ds, tasks: str, val_episodes: int):
-    """Dataset indices -> (train, val): keep --tasks ("suite:id,..."), hold out each task's last episodes."""
+    """Dataset indices -> (train, val): keep --tasks ("goal" = a whole suite, "spatial:3" = one task, comma
+    separated; "" = all), and hold out each task's last `val_episodes` episodes."""
+    want = [t for t in tasks.split(",") if t]
     try:
-        keep = {(t.split(":")[0], int(t.split(":")[1])) for t in tasks.split(",") if t} if tasks else None
-    except (IndexError, ValueError):
-        die(f"--tasks={tasks!r}: expected suite:task_id pairs, e.g. spatial:0,goal:3")
+        keep = [(t.split(":")[0], int(t.split(":")[1]) if ":" in t else None) for t in want]
+    except ValueError:
+        die(f"--tasks={tasks!r}: expected suite or suite:task_id items, e.g. goal or spatial:0,goal:3")
     by_task = {}
     for e, ep in enumerate(ds.eps):
-        if keep is None or (ep["suite"], ep["task_id"]) in keep:
+        if not keep or any(ep["suite"] == s and tid in (None, ep["task_id"]) for s, tid in keep):
             by_task.setdefault((ep["suite"], ep["task_id"]), []).append(e)
-    if keep and keep - set(by_task):
-        die(f"--tasks: no demos for {sorted(keep - set(by_task))[0]} in {ds.files[0].rsplit(os.sep, 1)[0]}")
+    for s, tid in keep:
+        if not any(s == bs and tid in (None, bt) for bs, bt in by_task):
+            die(f"--tasks: no demos for {s}{'' if tid is None else f':{tid}'} in {os.path.dirname(ds.files[0])}")
     val_eps = {e for eps in by_task.values() for e in (eps[-val_episodes:] if 0 < val_episodes < len(eps) else [])}
     train_eps = {e for eps in by_task.values() for e in eps} - val_eps
     return ([i for i, (e, _) in enumerate(ds.index) if e in train_eps], [i for i, (e, _) in enumerate(ds.index) if e in val_eps])

@@ -149,8 +149,8 @@ def test_nan_loss_stops_with_one_line(init, micro_demos, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(out, "ckpt"))  # nothing written from bad weights
 
 
-@pytest.mark.parametrize("args,needle", [(["--nope=1"], "--nope"), (["--tasks=goal"], "--tasks"),
-                                         (["--tasks=spatial:9"], "spatial"), (["--expert_blocks=9"], "--expert_blocks")])
+@pytest.mark.parametrize("args,needle", [(["--nope=1"], "--nope"), (["--tasks=goal:x"], "--tasks"),
+                                         (["--tasks=spatial:9"], "spatial"), (["--tasks=long"], "long"), (["--expert_blocks=9"], "--expert_blocks")])
 def test_bad_flags_one_line(init, micro_demos, tmp_path, args, needle):
     with pytest.raises(SystemExit) as e:
         train(init, micro_demos, str(tmp_path / "bad"), "--steps=1", *args)
@@ -160,6 +160,10 @@ def test_bad_flags_one_line(init, micro_demos, tmp_path, args, needle):
 def test_policy_runs_closed_loop(init, micro_demos, tmp_path):
     out = str(tmp_path / "vla")
     train(init, micro_demos, out, "--steps=3", "--tasks=goal:6")
+    ds = D.DemoDataset(micro_demos, V.load_pretrained(init)[2], 64, 4, 16, 4)
+    tr, va = V.split_demos(ds, "goal", 1)  # a suite name = all its tasks; one episode per task held out
+    assert {ds.eps[ds.index[i][0]]["task_id"] for i in tr} == {0, 6} == {ds.eps[ds.index[i][0]]["task_id"] for i in va}
+    assert not {ds.index[i][0] for i in tr} & {ds.index[i][0] for i in va}
     pol = V.Policy(out, replan_k=3)  # a run directory resolves to its checkpoint
     calls = []
     predict = pol.predict
