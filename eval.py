@@ -370,19 +370,28 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     probe = build_head(tc, gem, "gem")
     h_tr, t_tr, _ = image_features(gem, train_ds, train_idx, pad)
     heads["probe"] = fit_probe(probe, h_tr, t_tr, cfg.probe_steps, seed=cfg.seed)
-    res, rng = {}, np.random.default_rng(cfg.seed)
-    for name, hd in heads.items():
+    res = {}
+    mean_map = t_tr.float().mean(0)[0].numpy()  # chance: the average train depth map, whatever the image
+    for name, hd in [("chance", None)] + list(heads.items()):
         with torch.no_grad():
-            gen = hd.sample(h_te, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                            generator=torch.Generator().manual_seed(cfg.seed))[:, 0].numpy()  # (N, S, S)
-        ms = [depth_metrics(1.0 - gen[i], gt_inv[i], frac[i, 0].numpy() > 0.999, rng) for i in range(len(gen))]
+            gen = np.broadcast_to(mean_map, gt_inv.shape) if hd is None else hd.sample(
+                h_te, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, generator=torch.Generator().manual_seed(cfg.seed))[:, 0].numpy()
+        rng = np.random.default_rng(cfg.seed)  # the same pixel pairs for every predictor
+        ms = []
+        for i in range(len(gen)):  # whole image, and the foreground: pixels where this frame differs from the
+            ok = frac[i, 0].numpy() > 0.999  # average scene (objects, gripper), which the average map cannot know
+            fg = ok & (np.abs(t_te[i, 0].numpy() - mean_map) > 0.05)
+            m = depth_metrics(1.0 - gen[i], gt_inv[i], ok, rng)
+            m |= {f"fg_{k}": v for k, v in depth_metrics(1.0 - gen[i], gt_inv[i], fg, rng).items()} if fg.sum() >= 8 else {}
+            ms.append(m)
         res[name] = {"frames": len(gen)}
-        for k in ms[0]:  # mean over frames and its standard error (for the 95% interval of table cells)
-            v = np.array([m[k] for m in ms], float)
+        for k in ms[0] | next((m for m in ms if "fg_absrel" in m), {}):  # mean over frames and its standard error
+            v = np.array([m.get(k, np.nan) for m in ms], float)
             res[name] |= {k: float(np.nanmean(v)), k + "_se": float(np.nanstd(v) / math.sqrt(max(1, np.isfinite(v).sum())))}
-        tc_viz = type(tc)(**{**vars(tc), "sample_steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale})
-        sub = torch.utils.data.Subset(test_ds, test_idx[:4])
-        depth_grid(gem, hd, sub, tc_viz, pad, "depth", "cpu", os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
+        if hd is not None:
+            tc_viz = type(tc)(**{**vars(tc), "sample_steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale})
+            sub = torch.utils.data.Subset(test_ds, test_idx[:4])
+            depth_grid(gem, hd, sub, tc_viz, pad, "depth", "cpu", os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
     res["note"] = f"probe: fresh {tc.head_size}x{tc.head_size} head fitted {cfg.probe_steps} steps on {len(train_idx)} frozen train frames"
     return res
 
@@ -399,7 +408,7 @@ def eval_vlm(cfg) -> dict:
               head_size=tc.head_size, image_first=tc.image_first, max_len=4096)
     test = GemDataset(tc.data, cfg.split, **kw)
     train_recs = GemDataset(tc.data, "train", **kw).records
-    items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth",)]
+    items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth", "caption")]  # not benchmark questions
     if cfg.max_questions:
         items = items[::max(1, len(items) // cfg.max_questions)][:cfg.max_questions]  # spread over types
     answers_by_type = {}
@@ -462,7 +471,8 @@ def vlm_markdown(res: dict) -> str:
     for name, m in res["depth"].items():
         if isinstance(m, dict):
             md.append(f"\nDepth ({name}, {m['frames']} frames): AbsRel {m['absrel']:.3f}, delta<1.25 {_pct(m['delta1'])}%, "
-                      f"ordinal {_pct(m['ordinal'])}% (inverse depth, scale-and-shift aligned)")
+                      f"ordinal {_pct(m['ordinal'])}%; foreground: AbsRel {m.get('fg_absrel', float('nan')):.3f}, "
+                      f"delta<1.25 {_pct(m.get('fg_delta1'))}%, ordinal {_pct(m.get('fg_ordinal'))}% (inverse depth, scale-and-shift aligned)")
     if res["depth"].get("note"):
         md.append(f"\n{res['depth']['note']}; figures depth_*.png: RGB | true depth | generated depth")
     return "\n".join(md) + "\n"

@@ -195,10 +195,11 @@ def vlm_cells(res: dict) -> dict:
     for g, types in GROUPS.items():
         cells[g] = _part(a, types)
     cells["reasoning (VSI-like)"] = cells["reasoning"]
+    ch = res.get("depth", {}).get("chance", {})  # the average train depth map predicted for every frame
     for src, name in (("probe", "probe"), ("own head", "own head")):
         m = res.get("depth", {}).get(src)
-        for k in ("absrel", "delta1"):
-            cells[f"{name} {'AbsRel' if k == 'absrel' else 'δ1'}"] = (m[k], 1.96 * m.get(k + "_se", 0.0), None) if m else \
+        for k, label in (("fg_absrel", "AbsRel"), ("fg_delta1", "δ1"), ("fg_ordinal", "ordinal")):  # foreground pixels only
+            cells[f"{name} {label}"] = (m[k], 1.96 * m.get(k + "_se", 0.0), ch.get(k)) if m else \
                 ("no head" if src == "own head" else None)
     return cells
 
@@ -249,7 +250,8 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
     lines = [f"| | {' | '.join(cols)} | {paper_head} |", "|---" * (len(cols) + 2) + "|"]
     if chance:
         first = next(iter(rows.values()))
-        lines.append("| chance | " + " | ".join("-" if not isinstance(first.get(c), dict) or first[c]["chance"] is None else f(first[c]["chance"])
+        lines.append("| chance | " + " | ".join("-" if not isinstance(first.get(c), dict) or first[c]["chance"] is None
+                                               else f"{first[c]['chance']:.3f}" if c.endswith("AbsRel") else f(first[c]["chance"])
                                                for c in cols) + " | |")
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(r.get(c), c) for c in cols) + f" | {paper.get(name, '')} |")
@@ -273,7 +275,7 @@ def verdicts(vlm: dict, vla: dict, refs: dict) -> list[str]:
     for name, rows, a, b, col in [("depth supervision (gem vs sft), VLM macro", vlm, "gem", "sft", "macro"),
                                   ("depth vs RGB reconstruction (gem vs rgb), reasoning", vlm, "gem", "rgb", "reasoning (VSI-like)"),
                                   ("progressive vs direct (gem vs direct), reasoning", vlm, "gem", "direct", "reasoning (VSI-like)"),
-                                  ("features know depth (gem vs sft), probe δ1", vlm, "gem", "sft", "probe δ1"),
+                                  ("features know depth (gem vs sft), probe ordinal", vlm, "gem", "sft", "probe ordinal"),
                                   ("GEM-VLA vs VLA without depth, average success", vla, "vla_gem", "vla_sft", "avg")]:
         x, y = rows[a].get(col), rows[b].get(col)
         if isinstance(x, dict) and isinstance(y, dict):
@@ -293,8 +295,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     vla = {v: combine([vla_cells(next(iter(_load(f"{d}/{v}/eval_vla/results.json")["results"].values()))) for d in S])
            for v in VLAS}
     refs = {ref: combine([vla_cells(_load(f"{R}/ref_{ref}/results.json")["results"][ref])]) for ref in ("random", "expert")}
-    t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "held-out templates", "held-out combos", "probe δ1"]
-    t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "own head δ1"]
+    t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "held-out templates", "held-out combos", "probe ordinal"]
+    t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
     t3 = ["spatial", "object", "goal", "long", "avg", "subgoals on long"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -317,7 +319,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           "frames; with several seeds: mean ± the standard deviation over seeds. Δ rows: `*` marks a significant "
           "difference: larger than the 95% half-width of the difference (one seed) or than the sum of the two "
           "spreads over seeds (several seeds). Chance: the best constant answer from the train split "
-          "(VLM) and the random policy (VLA). Paper columns: the paper's numbers for the matching row.\n",
+          "(VLM), the average train depth map (depth) and the random policy (VLA). Paper columns: the paper's numbers for the matching row.\n",
           "## 1. Embodied reasoning: the same VLM and data, with and without depth supervision\n",
           table({r: vlm[r] for r in ("sft", "gem")}, t1, PAPER_T1, "paper 2B: VSI / MMSI / EmbSpatial", [("gem", "sft")]),
           "## 2. Ablation: what kind of generative supervision, and how it is introduced\n",
@@ -325,7 +327,9 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
                 "paper 2B: CV / VSI-abs / VSI-rel / VSI / RoboSpatial", [("gem", "rgb"), ("gem", "direct"), ("gem", "regress")]),
           "Depth probe: a fresh head fitted on each checkpoint's frozen features for the same budget, then "
           "scale-and-shift aligned on inverse depth (AbsRel lower is better); own head: the checkpoint's "
-          "depth head, where it has one.\n",
+          "depth head, where it has one. Depth columns are on foreground pixels (where a frame differs from the "
+          "average train depth map: objects, gripper): over the whole image the average map alone is nearly "
+          "perfect after alignment (see results.json, key depth.chance), so whole-image numbers say little.\n",
           "## 3. VLA closed-loop success (fixed start states)\n",
           table({"random": refs["random"], **vla, "expert": refs["expert"]}, t3, PAPER_T3,
                 "paper LIBERO: S / O / G / L / avg", [("vla_gem", "vla_sft")], chance=False),
