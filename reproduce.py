@@ -311,6 +311,11 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
         if os.path.isfile(p):
             shutil.copyfile(p, f"{c.results}/depth_{r}_{src}.png")
             figs.append(f"![{r} {src}](depth_{r}_{src}.png) `{r}`, {src.replace('_', ' ')}")
+    strip = f"{S[0]}/vla_gem/eval_vla/rollouts_policy.png"
+    if os.path.isfile(strip):
+        shutil.copyfile(strip, f"{c.results}/rollouts_vla_gem.png")
+        figs.append("![GEM-VLA rollouts](rollouts_vla_gem.png) GEM-VLA rollouts, one row per suite "
+                    f"(GIFs: {os.path.relpath(S[0], HERE)}/vla_gem/eval_vla/gifs/)")
     md = [f"# GEM-mini reproduction: preset `{c.preset}`, seeds {','.join(map(str, c.seeds))}\n",
           f"Command: `python reproduce.py --preset={c.preset} --seeds={','.join(map(str, c.seeds))}` · commit `{commit}` · "
           f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
@@ -336,7 +341,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           f"vla_sft: VLA on the `sft` VLM, no depth loss; vla_gem: VLA on the `gem` VLM with the depth loss x0.1 (GEM-VLA). "
           f"{c.episodes} start states per task ({c.ref_episodes} for the reference rows).\n",
           "## Reading the tables\n", "\n".join(verdicts(vlm, vla, refs)) + "\n",
-          "## Depth from the features (RGB | true depth | generated depth)\n", "\n\n".join(figs) + "\n",
+          "## Figures: depth from the features (RGB | true depth | generated depth), rollouts\n", "\n\n".join(figs) + "\n",
           "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)
           + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time).\n"]
     text = "\n".join(md)
