@@ -59,7 +59,7 @@ class ReproConfig:
 PRESETS = {
     "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1, data_flags="--test_rollouts=8",
                   vlm_eval="--depth_frames=4 --probe_steps=5 --sample_steps=2 --max_new_tokens=24"),
-    "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=200"),
+    "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100"),
     "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
 }
 
