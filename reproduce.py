@@ -200,7 +200,7 @@ def vlm_cells(res: dict) -> dict:
         m = res.get("depth", {}).get(src)
         for k, label in (("fg_absrel", "AbsRel"), ("fg_delta1", "δ1"), ("fg_ordinal", "ordinal")):  # foreground pixels only
             cells[f"{name} {label}"] = (m[k], 1.96 * m.get(k + "_se", 0.0), ch.get(k)) if m else \
-                ("no head" if src == "own head" else None)
+                ("no depth head" if src == "own head" else None)
     return cells
 
 
@@ -218,7 +218,7 @@ def combine(per_seed: list[dict | None]) -> dict:
     out = {}
     for col in per_seed[0] if per_seed and per_seed[0] else []:
         vals = [c[col] for c in per_seed if c and c.get(col) is not None]
-        if not vals or isinstance(vals[0], str):  # missing, or a note such as "no head"
+        if not vals or isinstance(vals[0], str):  # missing, or a note such as "no depth head"
             out[col] = vals[0] if vals else None
             continue
         v = np.array([x[0] for x in vals], float)
