@@ -45,6 +45,7 @@ class ReproConfig:
     results: str = ""           # default results/<preset>
     demos_per_task: int = 20
     demo_tasks: str = "all"     # task ids per suite for demos and VLA evaluation ("all" or "0,1")
+    vla_suites: str = "all"     # suites for demos, VLA training and VLA evaluation ("all" or e.g. "goal")
     episodes: int = 5           # fixed eval start states per task
     ref_episodes: int = 10      # for the expert / random reference rows
     vlm_eval: str = ""          # extra eval.py vlm flags, space separated
@@ -59,7 +60,11 @@ class ReproConfig:
 PRESETS = {
     "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1, data_flags="--test_rollouts=8",
                   vlm_eval="--depth_frames=4 --probe_steps=5 --sample_steps=2 --max_new_tokens=24"),
-    "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100"),
+    # tiny fits ~30 min on 2 cores: pretraining gets half of train_pretrain.py's own tiny step counts, and the
+    # VLAs learn the goal suite only (trained on all 40 tasks, a 300-step tiny VLA succeeds on none of them)
+    "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
+                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=150 --eval_every=0 --val_gen=32",
+                 vla_suites="goal", vla_flags="--steps=300"),
     "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
 }
 
@@ -69,14 +74,16 @@ def plan(c: ReproConfig) -> list[dict]:
     py, p, D, R = sys.executable, c.preset, c.data, c.runs
     demos, thr = D + "-demos", [f"--threads={c.threads}"]
     some = c.demo_tasks != "all"  # a subset of tasks per suite (micro)
-    vtasks = [f"--tasks={','.join(f'{s}:{t}' for s in SUITES for t in c.demo_tasks.split(','))}"] if some else []
-    etasks = [f"--tasks={c.demo_tasks}"] if some else []
+    suites = list(SUITES) if c.vla_suites == "all" else c.vla_suites.split(",")
+    vtasks = ([f"--tasks={','.join(f'{s}:{t}' for s in suites for t in c.demo_tasks.split(','))}"] if some
+              else [] if c.vla_suites == "all" else [f"--tasks={c.vla_suites}"])
+    etasks = ([f"--tasks={c.demo_tasks}"] if some else []) + [f"--suite={c.vla_suites}"]
     steps = []
 
     def add(name, out, argv, deps=()):
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
     add("data", D, ["data.py", f"--out={D}", f"--preset={p}"] + c.data_flags.split())
-    add("demos", demos, ["data.py", "demos", "--suite=all", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
+    add("demos", demos, ["data.py", "demos", f"--suite={c.vla_suites}", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
     add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr
         + c.pretrain_flags.split(), ["data"])
     for ref in ("expert", "random"):
