@@ -83,7 +83,7 @@ def plan(c: ReproConfig) -> list[dict]:
     def add(name, out, argv, deps=()):
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
     add("data", D, ["data.py", f"--out={D}", f"--preset={p}"] + c.data_flags.split())
-    add("demos", demos, ["data.py", "demos", f"--suite={c.vla_suites}", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
+    add("demos", demos, ["data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
     add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr
         + c.pretrain_flags.split(), ["data"])
     for ref in ("expert", "random"):

@@ -4,15 +4,6 @@ import torch
 
 from depth_head import DepthHeadConfig, GenerativeHead, ssi_loss
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a busy 2-core machine a second intra-op thread only adds spin-waiting (40x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MICRO = dict(llm_dim=24, cond_dim=32, width=32, grid=4, out_size=16)
 
 

@@ -6,15 +6,6 @@ import torch.nn.functional as F
 
 import model as M
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a busy 2-core machine a second intra-op thread only adds spin-waiting (40x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MICRO = dict(M.MODEL_PRESETS["micro"], vocab_size=64)
 
 

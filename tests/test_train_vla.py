@@ -14,14 +14,6 @@ import train_vla as V
 from model import parse_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # a shared 2-core box: one thread per test process
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def init(tmp_path_factory, micro_data):
     """A micro pretraining checkpoint (untrained VLM + depth head) in train_pretrain's own format."""
