@@ -290,15 +290,15 @@ def score_table(rows: list[dict]) -> dict:
 def greedy_answers(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
     """Left-padded batched greedy decoding of each item's question (the data.py chat template)."""
     from data import encode_prompt, special_ids
-    sid = special_ids(tok)
+    sid, dev = special_ids(tok), next(gem.parameters()).device
     out = []
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
         prompts = [encode_prompt(tok, "<image>\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in chunk]
         T = max(map(len, prompts))
-        ids = torch.tensor([[sid["pad_id"]] * (T - len(p)) + p for p in prompts])  # (B, T) left padded
-        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
-        gen = gem.generate(ids, torch.stack([it["pixel_values"] for it in chunk]), attention_mask=mask,
+        ids = torch.tensor([[sid["pad_id"]] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T) left padded
+        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=dev)
+        gen = gem.generate(ids, torch.stack([it["pixel_values"] for it in chunk]).to(dev), attention_mask=mask,
                            max_new_tokens=max_new_tokens, eos_id=sid["im_end_id"])
         for g in gen.tolist():
             g = g[:g.index(sid["im_end_id"])] if sid["im_end_id"] in g else g

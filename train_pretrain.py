@@ -373,30 +373,20 @@ def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
 
 @torch.no_grad()
 def val_answers(gem, ds, tc, pad_id, device, show=2):
-    """Greedy answers to the first val_gen questions: exact-match accuracy per type (eval.py does real metrics)."""
-    tok, im_end = ds.tok, D.special_ids(ds.tok)["im_end_id"]
-    hits, counts, shown = {}, {}, []
+    """Greedy answers to val_gen questions spread over the split: exact match per type (eval.py does real metrics)."""
+    from eval import greedy_answers  # imported here: eval.py imports this file
     qs = [i for i, r in enumerate(ds.records) if r["task"] != "depth"]
-    qs = [qs[int(j)] for j in np.linspace(0, len(qs) - 1, min(tc.val_gen, len(qs)))] if qs else []  # spread out
-    for s in range(0, len(qs), tc.batch_size):
-        items = [ds[i] for i in qs[s:s + tc.batch_size]]
-        prompts = [D.encode_prompt(tok, D.IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, tc.image_first)
-                   for it in items]
-        T = max(map(len, prompts))
-        ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)  # left padded
-        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
-        pix = torch.stack([it["pixel_values"] for it in items]).to(device)
-        gen = gem.generate(ids, pix, attention_mask=mask, max_new_tokens=48, eos_id=im_end)
-        for it, g in zip(items, gen.tolist()):
-            g = g[:g.index(im_end)] if im_end in g else g
-            ans = tok.decode(g, skip_special_tokens=True).strip()
-            key = f"{it['task']}/{it['type']}"
-            counts[key] = counts.get(key, 0) + 1
-            hits[key] = hits.get(key, 0) + int(ans == str(it["answer"]).strip())
-            if len(shown) < show:
-                shown.append(f"Q: {it['question'].replace(D.IMAGE, '').strip()} | A: {ans} | true: {it['answer']}")
+    qs = [qs[int(j)] for j in np.linspace(0, len(qs) - 1, min(tc.val_gen, len(qs)))] if qs else []
+    items = [ds[i] for i in qs]
+    answers = greedy_answers(gem, ds.tok, items, tc.image_first, tc.batch_size, max_new_tokens=48)
+    hits, counts = {}, {}
+    for it, ans in zip(items, answers):
+        key = f"{it['task']}/{it['type']}"
+        counts[key] = counts.get(key, 0) + 1
+        hits[key] = hits.get(key, 0) + int(ans == str(it["answer"]).strip())
     res = {f"acc/{k}": hits[k] / counts[k] for k in sorted(counts)}
-    res["val_samples"] = shown
+    res["val_samples"] = [f"Q: {it['question'].replace(D.IMAGE, '').strip()} | A: {a} | true: {it['answer']}"
+                          for it, a in list(zip(items, answers))[:show]]
     return res
 
 
