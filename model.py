@@ -454,7 +454,8 @@ class GEM(nn.Module):
             raise ValueError(f"input_ids: each sample needs exactly {vis.shape[1]} image_pad tokens "
                              f"(id {self.cfg.image_pad_id}), got {counts.tolist()}")
         # masked_scatter fills the True positions in row-major order: sample b gets vis[b] in patch order
-        return x.masked_scatter(is_img[..., None], vis), is_img
+        # (under autocast the ViT output is bf16 while the embedding table is fp32: cast to the text's dtype)
+        return x.masked_scatter(is_img[..., None], vis.to(x.dtype)), is_img
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, output_hidden_states=False):
         x, is_img = self.embed(input_ids, pixel_values)

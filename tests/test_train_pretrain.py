@@ -172,3 +172,24 @@ def test_checkpoint_of_another_shape_and_nan_stop(base, micro_data, tmp_path):
     with pytest.raises(SystemExit, match="non-finite"):  # an infinite lr: stop before anything is saved
         run([f"--data={micro_data}", "--recipe=base", f"--out={tmp_path / 'nan'}", "--lr0=inf", "--ckpt_every=1"])
     assert not (tmp_path / "nan" / "stage0").exists()
+
+
+def test_text_loss_normalisation_against_a_per_sample_loop():
+    """token: CE summed over every answer token; sample: each sample's mean CE, summed. Reference: a loop
+    over samples with log_softmax, independent of the vectorised code."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    labels = torch.full((3, 6), -100)
+    labels[0, 2:6] = torch.tensor([1, 2, 3, 4])  # 4 answer tokens, predicted from positions 1..4
+    labels[1, 5] = 7                             # 1 answer token
+    # sample 2 has none: it must add nothing and not count
+    per = []
+    for b in range(3):
+        terms = [-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 6) if labels[b, t] != -100]
+        per.append(torch.stack(terms) if terms else torch.zeros(0))
+    tok_ref = sum(p.sum() for p in per)
+    smp_ref = sum(p.mean() for p in per if len(p))
+    assert torch.allclose(TP.text_ce_sum(logits, labels), tok_ref, atol=1e-5)
+    assert torch.allclose(TP.text_ce_sum(logits, labels, per_sample=True), smp_ref, atol=1e-5)
+    assert TP.text_count(labels).item() == 5 and TP.text_count(labels, per_sample=True).item() == 2
+    assert not torch.allclose(tok_ref / 5, smp_ref / 2)  # the two means differ here: the test can tell them apart
