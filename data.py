@@ -1055,14 +1055,20 @@ def compute_norm_stats(root: str) -> dict:
     return stats
 
 
+def _mean_std(x, stats: dict, key: str):
+    """x as float32 and the statistics on x's device (a validation batch on the GPU, say)."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    return (x,) + tuple(torch.as_tensor(stats[key][k], dtype=torch.float32, device=x.device) for k in ("mean", "std"))
+
+
 def normalize(x, stats: dict, key: str):
-    m, s = (torch.as_tensor(stats[key][k], dtype=torch.float32) for k in ("mean", "std"))
-    return (torch.as_tensor(x, dtype=torch.float32) - m) / s
+    x, m, s = _mean_std(x, stats, key)
+    return (x - m) / s
 
 
 def unnormalize(x, stats: dict, key: str):
-    m, s = (torch.as_tensor(stats[key][k], dtype=torch.float32) for k in ("mean", "std"))
-    return torch.as_tensor(x, dtype=torch.float32) * s + m
+    x, m, s = _mean_std(x, stats, key)
+    return x * s + m
 
 
 VLA_PROMPT = "What action should the robot take to {instr}?"
