@@ -296,6 +296,32 @@ def verdicts(vlm: dict, vla: dict, refs: dict) -> list[str]:
     return out
 
 
+def curves(runs: dict[str, str]) -> str:
+    """Training curves from each run's log.jsonl: every logged loss term at five points of each stage (first
+    log, 1/4, 1/2, 3/4, last) and the validation numbers at the stage's end. Read them before any table:
+    a loss still falling at the end means an undertrained model. Training text loss follows --loss_norm (mean
+    per sample by default); validation text loss is always the mean per answer token (comparable across runs)."""
+    out = ["| run | stage | steps | training loss terms (5 points) | validation at the end (text: per token) |",
+           "|---|---|---|---|---|"]
+    for name, d in runs.items():
+        if not os.path.isfile(f"{d}/log.jsonl"):
+            continue
+        with open(f"{d}/log.jsonl") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        recs = [r for r in recs if "step" in r]
+        for st in sorted({r.get("stage", "vla") for r in recs}, key=str):
+            rs = [r for r in recs if r.get("stage", "vla") == st]
+            tr, va = [r for r in rs if "loss" in r], [r for r in rs if any(k.startswith("val_") for k in r)]
+            if not tr:
+                continue
+            pts = [tr[round(i * (len(tr) - 1) / 4)] for i in range(5)]
+            terms = [k for k in ("text", "flow", "action", "depth") if k in tr[-1]]
+            cur = "; ".join(f"{k} " + " → ".join(f"{r[k]:.3g}" for r in pts) for k in terms)
+            val = ", ".join(f"{k[4:]} {v:.3g}" for k, v in (va[-1] if va else {}).items() if k.startswith("val_") and isinstance(v, float))
+            out.append(f"| {name} | {st} | {tr[-1]['step']} | {cur} | {val} |")
+    return "\n".join(out) + "\n"
+
+
 def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     R, S = c.runs, [f"{c.runs}/seed{s}" for s in c.seeds]
     vlm = {r: combine([vlm_cells(_load(f"{d}/{r}/eval_test/results.json")) for d in S]) for r in RECIPES}
@@ -305,9 +331,9 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "held-out templates", "held-out combos", "probe ordinal"]
     t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
     t3 = ["spatial", "object", "goal", "long", "avg", "subgoals on long"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
+    try:  # the commit that trained the models (stage 0's run.json), not the one writing this page
+        commit = _load(f"{R}/base/run.json")["git_commit"][:7]
+    except (OSError, KeyError, ValueError):
         commit = "unknown"
     import torch
     total = sum(r.get("seconds", 0) for r in log)
@@ -348,9 +374,13 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           f"vla_sft: VLA on the `sft` VLM, no depth loss; vla_gem: VLA on the `gem` VLM with the depth loss x0.1 (GEM-VLA). "
           f"{c.episodes} start states per task ({c.ref_episodes} for the reference rows).\n",
           "## Reading the tables\n", "\n".join(verdicts(vlm, vla, refs)) + "\n",
+          "## Training curves (seed " + str(c.seeds[0]) + ")\n",
+          curves({"stage 0": f"{R}/base"} | {r: f"{S[0]}/{r}" for r in RECIPES} | {v: f"{S[0]}/{v}" for v in VLAS}),
           "## Figures: depth from the features (RGB | true depth | generated depth), rollouts\n", "\n\n".join(figs) + "\n",
           "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)
-          + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time).\n"]
+          + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time)"
+          + (f"; {sum(1 for r in log if r.get('skipped'))} steps were done by an earlier invocation (their own times are above).\n"
+             if any(r.get("skipped") for r in log) else ".\n")]
     text = "\n".join(md)
     with open(f"{c.results}/README.md.tmp", "w") as f:
         f.write(text)

@@ -381,7 +381,7 @@ def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
                     nv = b["depth_valid"].sum().item()
                     flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["depth_valid"]).item() * nv
                     n_flow += nv
-    res = {"val_text": text_sum / max(n_tok, 1)}
+    res = {"val_text": text_sum / max(n_tok, 1)}  # per answer token whatever --loss_norm: comparable across runs
     if n_flow:
         res["val_flow"] = flow_sum / n_flow
     if tc.val_gen and spec["text"]:
