@@ -731,7 +731,7 @@ class GenConfig:
 GEN_PRESETS = {
     "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=5,
                   round_robin=True, shard=2, workers=1, vocab_size=384),
-    "tiny": dict(image_size=64),
+    "tiny": dict(image_size=64, test_rollouts=80),  # ~45 test questions per reasoning type
     "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
 }
 SPLITS = ("train", "val", "test")

@@ -60,10 +60,10 @@ class ReproConfig:
 PRESETS = {
     "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1, data_flags="--test_rollouts=8",
                   vlm_eval="--depth_frames=4 --probe_steps=5 --sample_steps=2 --max_new_tokens=24"),
-    # tiny fits ~30 min on 2 cores: pretraining gets half of train_pretrain.py's own tiny step counts, and the
-    # VLAs learn the goal suite only (trained on all 40 tasks, a 300-step tiny VLA succeeds on none of them)
+    # tiny fits ~30 min on 2 cores: stages 0-2 get 2/3 to 1/2 of train_pretrain.py's own tiny step counts, stage 3
+    # (where the recipes differ) all 300 steps, and the VLAs learn the goal suite only (trained on all 40 tasks, a 300-step tiny VLA succeeds on none of them)
     "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
-                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=150 --lr3=3e-3 --eval_every=0 --val_gen=32",
+                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0 --val_gen=32",
                  vla_suites="goal", vla_flags="--steps=300"),
     "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
 }

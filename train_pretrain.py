@@ -24,7 +24,7 @@ learned ViT positions + RoPE in the LLM; batches split by length (length_chunks)
 (object lists, trajectories) do not pad every batch to 3x its mean length. The text loss is a mean over
 SAMPLES (--loss_norm=sample; the paper's code averages over tokens): with token averaging the one-token
 reasoning answers get ~5% of the gradient and, after 150 steps, the model answers "B" to yes/no questions
-(val reasoning 44.6 vs chance 53.4, token; 59.6, sample; 63.3, sample at lr 3e-3). What this buys and what
+(val reasoning 44.6 vs chance 53.4, token; 59.6, sample; 63.3, sample at lr 3e-3, the tiny stage-3 lr). What this buys and what
 it does not (closer/fit/height/count learn in a few hundred steps; marked and distance stay at chance even
 after 2,400 steps, with 64 image tokens, image first, 4x the data or reasoning-only training):
 results/tiny/learning_curve.md, made by bench/tiny_learning_curve.sh.
@@ -102,7 +102,7 @@ class TrainConfig:
     lr0: float = 2e-3
     lr1: float = 2e-3
     lr2: float = 2e-3
-    lr3: float = 1e-3
+    lr3: float = 3e-3
     batch_size: int = 32             # per process and micro-step
     grad_accum: int = 1
     warmup: float = 0.05             # fraction of each stage's steps
