@@ -197,7 +197,7 @@ def vlm_cells(res: dict) -> dict:
     for f in ("grounding", "reasoning", "planning", "trajectory"):
         cells[f] = _part(a, a["per_family"][f]["types"]) if f in a["per_family"] else None
     cells["macro"] = _part(a, a["macro"]["types"])
-    for k, name in (("heldout_template", "held-out templates"), ("heldout_combo", "held-out combos")):
+    for k, name in (("seen", "seen"), ("heldout_template", "held-out templates"), ("heldout_combo", "held-out combos")):
         cells[name] = _part(res[k], res[k]["macro"]["types"]) if res.get(k) else None
     for g, types in GROUPS.items():
         cells[g] = _part(a, types)
@@ -280,6 +280,7 @@ def verdicts(vlm: dict, vla: dict, refs: dict) -> list[str]:
     """The paper's claims, one line each: our difference, and whether it clears the noise."""
     out = []
     for name, rows, a, b, col in [("depth supervision (gem vs sft), VLM macro", vlm, "gem", "sft", "macro"),
+                                  ("depth supervision (gem vs sft), seen questions", vlm, "gem", "sft", "seen"),
                                   ("depth vs RGB reconstruction (gem vs rgb), reasoning", vlm, "gem", "rgb", "reasoning (VSI-like)"),
                                   ("progressive vs direct (gem vs direct), reasoning", vlm, "gem", "direct", "reasoning (VSI-like)"),
                                   ("features know depth (gem vs sft), probe ordinal", vlm, "gem", "sft", "probe ordinal"),
@@ -288,10 +289,10 @@ def verdicts(vlm: dict, vla: dict, refs: dict) -> list[str]:
         if isinstance(x, dict) and isinstance(y, dict):
             d, sig = 100 * (x["mean"] - y["mean"]), significant(x, y)
             out.append(f"- {name}: {d:+.1f} points, " + ("**significant**" if sig else "within the noise (not significant)"))
-    for r in ("sft", "gem"):
-        m = vlm[r].get("macro")
+    for r, col in (("sft", "macro"), ("gem", "macro"), ("sft", "seen"), ("gem", "seen")):
+        m = vlm[r].get(col)
         if isinstance(m, dict):
-            out.append(f"- `{r}` macro score {100 * m['mean']:.1f} vs chance {100 * m['chance']:.1f} "
+            out.append(f"- `{r}` {col} {'macro ' if col == 'seen' else ''}score {100 * m['mean']:.1f} vs chance {100 * m['chance']:.1f} "
                        f"({'above' if (m['lo'] if m['n'] == 1 and m['lo'] is not None else m['mean'] - m['sd']) > m['chance'] else 'not clearly above'} chance)")
     return out
 
@@ -328,7 +329,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     vla = {v: combine([vla_cells(next(iter(_load(f"{d}/{v}/eval_vla/results.json")["results"].values()))) for d in S])
            for v in VLAS}
     refs = {ref: combine([vla_cells(_load(f"{R}/ref_{ref}/results.json")["results"][ref])]) for ref in ("random", "expert")}
-    t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "held-out templates", "held-out combos", "probe ordinal"]
+    t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "seen", "held-out templates", "held-out combos",
+          "probe ordinal"]
     t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
     t3 = ["spatial", "object", "goal", "long", "avg", "subgoals on long"]
     try:  # the commit that trained the models (stage 0's run.json), not the one writing this page
@@ -359,6 +361,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           "spreads over seeds (several seeds). Chance: the best constant answer from the train split "
           "(VLM), the average train depth map (depth) and the random policy (VLA). Paper columns: the paper's numbers for the matching row.\n",
           "## 1. Embodied reasoning: the same VLM and data, with and without depth supervision\n",
+          "Macro: every test question; seen: questions in a training template about seen colour x shape pairs; "
+          "held-out templates / combos: paraphrases never trained on / colour x shape pairs never seen.\n",
           table({r: vlm[r] for r in ("sft", "gem")}, t1, PAPER_T1, "paper 2B: VSI / MMSI / EmbSpatial", [("gem", "sft")]),
           "## 2. Ablation: what kind of generative supervision, and how it is introduced\n",
           table({r: vlm[r] for r in ("sft", "direct", "rgb", "regress", "gem")}, t2, PAPER_T2,
