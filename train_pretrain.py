@@ -124,6 +124,7 @@ class TrainConfig:
     compile: bool = False
     peak_tflops: float = 989.0       # for MFU on GPU (H100 bf16 dense)
     threads: int = 0                 # torch CPU threads (0 = torch's default; 1 on a shared 2-core box)
+    workers: int = 0                 # processes loading the next steps' samples (GPU: the data path is the bottleneck)
     stop_after: int = 0              # stop with a checkpoint after this many steps of this invocation (0 = never)
 
 
@@ -136,12 +137,12 @@ PRESETS = {  # model sizes start from model.MODEL_PRESETS; training knobs per pr
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
     # small: one GPU
     "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=4000, steps1=300,
-                  steps2=1500, steps3=6000, lr0=1e-3, lr3=3e-4, batch_size=64, eval_every=1000, viz_every=1000,
+                  steps2=1500, steps3=6000, lr0=1e-3, lr3=3e-4, batch_size=64, workers=6, eval_every=1000, viz_every=1000,
                   ckpt_every=1000, val_gen=256),
     # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm; sizes come from their configs)
     "hf": dict(image_size=224, patch_size=16, head_width=128, cond_dim=512, head_size=64, steps0=2000, steps1=500,
                steps2=2000, steps3=6000, lr0=1e-4, lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4,
-               eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
+               workers=6, eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
 }
 RECIPES = {"base": [0], "sft": [3], "gem": [1, 2, 3], "rgb": [1, 2, 3], "direct": [3], "regress": [1, 2, 3]}
 STAGES = {  # what each stage trains and which losses it uses
@@ -331,6 +332,27 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
+class StepItems(torch.utils.data.Dataset):
+    """Step k -> this rank's micro-batches of samples at step start + k. The sampler is stateless, so worker
+    processes can load steps ahead without changing what any step sees (resume and DDP stay exact)."""
+
+    def __init__(self, ds, seed, start, total, gbatch, world, rank, bs, accum):
+        self.ds, self.seed, self.start, self.total, self.gbatch = ds, seed, start, total, gbatch
+        self.world, self.rank, self.bs, self.accum = world, rank, bs, accum
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __getitem__(self, k):
+        idx = sample_indices(len(self.ds), self.seed, (self.start + k) * self.gbatch, self.gbatch)
+        return [[self.ds[i] for i in idx[(m * self.world + self.rank) * self.bs:(m * self.world + self.rank + 1) * self.bs]]
+                for m in range(self.accum)]
+
+
+def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (module level: picklable)
+    return x
+
+
 def make_batch(ds, idx, pad_id, target, device, items=None):
     b = D.collate(items if items is not None else [ds[i] for i in idx], pad_id)
     b["target"] = b["rgb_target"] if target == "rgb" else b["depth_target"]
@@ -479,17 +501,17 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, leave=True)
     t0, seen_s, seen_t = time.time(), 0, 0
+    steps_items = iter(torch.utils.data.DataLoader(
+        StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum),
+        batch_size=None, collate_fn=_as_is, num_workers=tc.workers, prefetch_factor=4 if tc.workers else None))
     while step < total:
         lr = lr_at(step, total, peak, tc)
         for g in opt.param_groups:
             g["lr"] = lr
         # the step's noise depends on (seed, stage, step, rank) only: resume and recipes stay reproducible
         torch.manual_seed(tc.seed * 1_000_003 + stage * 10_007 + step * 101 + rank)
-        idx = sample_indices(len(ds), tc.seed + 17 * stage, step * gbatch, gbatch)
-        micro = [idx[(m * world + rank) * tc.batch_size:(m * world + rank + 1) * tc.batch_size]
-                 for m in range(tc.grad_accum)]
-        batches = [make_batch(ds, None, pad_id, target, device, ch) for mi in micro
-                   for ch in length_chunks([ds[i] for i in mi])]
+        batches = [make_batch(ds, None, pad_id, target, device, ch) for items in next(steps_items)
+                   for ch in length_chunks(items)]
         # global counts first, so the loss is a mean over every token (or sample) / valid image of the global batch
         counts = all_sum(torch.tensor([float(sum(text_count(b["labels"], tc.loss_norm == "sample") for b in batches)),
                                        float(sum(b["depth_valid"].sum() for b in batches))], device=device), ddp)

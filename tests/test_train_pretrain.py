@@ -105,11 +105,13 @@ def test_each_stage_trains_exactly_its_parameters(base, micro_data, tmp_path):
 
 
 def test_resume_is_exact(base, micro_data, tmp_path):
+    """N steps straight (data loaded in the training process) == N/2, kill, resume (data loaded ahead by two
+    worker processes): the loader may not change which samples a step sees, nor may the restart."""
     args = [f"--data={micro_data}", "--recipe=gem", f"--init={base}", "--steps3=4"]
     run(args + [f"--out={tmp_path / 'straight'}"])
-    run(args + [f"--out={tmp_path / 'split'}", "--stop_after=5"])  # stages 1, 2 and one step of stage 3
+    run(args + [f"--out={tmp_path / 'split'}", "--stop_after=5", "--workers=2"])  # stages 1, 2 and one step of stage 3
     assert json.load(open(tmp_path / "split" / "stage3" / "pretrain.json"))["step"] == 1
-    run(args + [f"--out={tmp_path / 'split'}", "--resume"])
+    run(args + [f"--out={tmp_path / 'split'}", "--resume", "--workers=2"])
     a, b = weights(str(tmp_path / "straight" / "stage3")), weights(str(tmp_path / "split" / "stage3"))
     assert a.keys() == b.keys()
     for k in a:
