@@ -24,10 +24,10 @@ learned ViT positions + RoPE in the LLM; batches split by length (length_chunks)
 (object lists, trajectories) do not pad every batch to 3x its mean length. The text loss is a mean over
 SAMPLES (--loss_norm=sample; the paper's code averages over tokens): with token averaging the one-token
 reasoning answers get ~5% of the gradient and, after 150 steps, the model answers "B" to yes/no questions
-(val reasoning 44.6 vs chance 53.4, token; 59.6, sample; 63.3, sample at lr 3e-3, the tiny stage-3 lr). What this buys and what
-it does not (closer/fit/height/count learn in a few hundred steps; marked and distance stay at chance even
-after 2,400 steps, with 64 image tokens, image first, 4x the data or reasoning-only training):
-results/tiny/learning_curve.md, made by bench/tiny_learning_curve.sh.
+(val reasoning 44.6 vs chance 53.4, token; 59.6, sample; 63.3, sample at lr 3e-3, the tiny stage-3 lr).
+What this buys and what it does not (closer/fit/height/count learn in a few hundred steps; marked and
+distance stay at chance even after 2,400 steps, with 64 image tokens, image first, 4x the data or
+reasoning-only training): results/tiny/learning_curve.md, made by bench/tiny_learning_curve.py.
 
 Paper -> code map
     Stage 1 connector initialisation (VLM + generator frozen, L_flow)   STAGES[1], trainable()
