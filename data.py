@@ -21,7 +21,9 @@ simulator's predicates and are rejected within REL_MARGIN of their threshold. Th
 held-out templates and the HELDOUT_COMBOS (colour x shape never in train/val).
 
 Paper -> code map
-  GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MIXTURE, MAKERS (q_*), gen_shard
+  GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MAKERS (q_*), gen_shard (MIXTURE)
+    training samples records uniformly; shares of records (`python data.py --out /tmp/tinydata --preset tiny`,
+    train): grounding 24%, caption 23%, reasoning 23%, planning 22%, trajectory 5%, depth 3%
   depth for every image (exact here; the paper uses GT or DA3 pseudo-depth)  save_depth_png / load_depth_png
   depth target: inverse depth, 2nd-98th percentile, clip, 1 - x          depth_target
   RGB-reconstruction ablation target                                     rgb_target
@@ -49,9 +51,8 @@ from PIL import Image
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>"]
 IMAGE = "<image>"
-# Share of each family in training (GEM-4M: mostly grounding and spatial reasoning, ~50K planning).
-MIXTURE = {"grounding": 0.33, "reasoning": 0.30, "planning": 0.17, "trajectory": 0.10, "caption": 0.05,
-           "depth": 0.05}
+# Family weights of the extra questions drawn per frame (_draw_types); record shares: module docstring.
+MIXTURE = {"grounding": 0.33, "reasoning": 0.30, "planning": 0.17, "trajectory": 0.10, "depth": 0.05}
 FAMILY_TYPES = {
     "grounding": ["box", "point", "place", "grasp", "list"],
     "reasoning": ["rel_yn", "rel_mc", "closer", "marked", "distance", "height", "count", "fit"],
@@ -286,7 +287,7 @@ class GemDataset(torch.utils.data.Dataset):
     """One record -> model inputs: chat-templated ids/labels, image tensor, depth and RGB targets.
 
     Records without "depth" (GEM-250K style) get depth_valid False and a zero target: the depth loss is
-    masked for them. `families` keeps only those task families; `sample_weights` gives the mixture."""
+    masked for them. `families` keeps only those task families."""
 
     def __init__(self, root, split, tok, image_size, n_image_tokens, head_size, families=None,
                  image_first=True, max_len=512):
@@ -302,12 +303,6 @@ class GemDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.records)
-
-    def sample_weights(self, mixture: dict | None = None) -> torch.Tensor:
-        """Per-item weights so family f gets mixture[f] of the draws (for WeightedRandomSampler)."""
-        mixture = MIXTURE if mixture is None else mixture
-        counts = Counter(r["task"] for r in self.records)
-        return torch.tensor([mixture.get(r["task"], 0.0) / counts[r["task"]] for r in self.records], dtype=torch.double)
 
     def __getitem__(self, i):
         r = self.records[i]
@@ -721,7 +716,7 @@ class GenConfig:
     test_rollouts: int = 40
     frames: int = 5  # images per rollout: the start, frames - 2 mid-rollout frames, the success frame
     reduce: float = 0.7  # share of rollouts whose scene loses some distractors (2-5 objects)
-    questions: int = 3  # questions per image, families drawn from MIXTURE (+ one caption per image)
+    questions: int = 3  # questions per image, families drawn by MIXTURE (+ one caption per image)
     round_robin: bool = False  # cycle through every type instead of drawing (micro: covers all types)
     shard: int = 8  # rollouts per shard: the unit of restart
     workers: int = 2
@@ -735,8 +730,9 @@ GEN_PRESETS = {
     "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
 }
 SPLITS = ("train", "val", "test")
-# simulator seeds: all below sim_env.TRAIN_SEEDS (eval start states live above it), disjoint per split
-SEED_BASE = {"train": 0, "val": 300_000, "test": 600_000}
+# simulator seeds, disjoint by construction (generate refuses more rollouts than fit): split s uses
+# [SEED_BASE[s], + ATTEMPTS * rollouts), below the next split's, then the demos (demo_seed), then the eval states
+SEED_BASE, ATTEMPTS = {"train": 0, "val": 300_000, "test": 600_000}, 20
 
 
 def expert_rollout(env, start: dict):
@@ -825,10 +821,10 @@ def gen_shard(job):
     pairs = [(s, t) for s in sim_env.SUITES for t in range(len(sim_env.SUITES[s]))]
     records, cache, rr = [], {}, {}
     for r in range(k * cfg["shard"], min(cfg[f"{split}_rollouts"], (k + 1) * cfg["shard"])):
-        for attempt in range(20):  # train/val never show a held-out colour x shape combination
+        for attempt in range(ATTEMPTS):  # train/val never show a held-out colour x shape combination
             suite, task_id = pairs[int(rng.integers(len(pairs)))]
             env = _env(cache, suite, task_id, S, render=False)
-            env.reset(seed=SEED_BASE[split] + 20 * r + attempt)
+            env.reset(seed=SEED_BASE[split] + ATTEMPTS * r + attempt)
             start = env.get_state()
             # spatial tasks' instructions name their landmarks and distractors: those scenes stay whole
             if suite != "spatial" and rng.random() < cfg["reduce"]:
@@ -837,6 +833,9 @@ def gen_shard(job):
             combos = {(o["colour"], o["shape"]) for o in start["objects"]}
             if ok and (split == "test" or not combos & HELDOUT_COMBOS):
                 break
+        else:  # never with the real expert; a failed rollout or a held-out combination is never written
+            raise RuntimeError(f"gen_shard: {split} rollout {r}: no successful expert rollout without a held-out colour x "
+                               f"shape in seeds {SEED_BASE[split] + ATTEMPTS * r}..{SEED_BASE[split] + ATTEMPTS * (r + 1) - 1}")
         renv, T = _env(cache, suite, task_id, S), len(states) - 1
         grip = [st["grip"][:3] for st in states]
         ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
@@ -868,9 +867,13 @@ def gen_shard(job):
 def generate(cfg: GenConfig) -> dict:
     """Generate (or finish generating) a dataset; returns the stats also written to stats.json."""
     import sim_env
+    c = dataclasses.asdict(cfg)
+    for s, end in zip(SPLITS, [SEED_BASE["val"], SEED_BASE["test"], DEMO_SEED_BASE]):  # seed ranges stay disjoint
+        if not 0 <= c[f"{s}_rollouts"] <= (end - SEED_BASE[s]) // ATTEMPTS:
+            raise SystemExit(f"error: --{s}_rollouts={c[f'{s}_rollouts']} out of range 0..{(end - SEED_BASE[s]) // ATTEMPTS} "
+                             f"(its simulator seeds would reach the next range)")
     for d in ("images", "depth", "states", "shards"):
         os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
-    c = dataclasses.asdict(cfg)
     # finished shards are only reused by the same recipe: refuse to mix two configs in one folder
     recipe = {k: v for k, v in c.items() if k not in ("out", "workers", "preset")}
     cfg_path = os.path.join(cfg.out, "gen_config.json")
@@ -941,7 +944,19 @@ class DemoConfig:
     workers: int = 2
 
 
-DEMO_SEED_BASE = 900_000  # demo start states: training seeds, disjoint from the VLM data and the eval states
+DEMO_SEED_BASE, DEMO_TASKS, DEMO_TRIES = 900_000, 10, 1000  # demo seed blocks: see demo_seed
+
+
+def demo_seed(seed: int, task_id: int, k: int) -> int:
+    """Scene seed of try k of task task_id under --seed=seed: DEMO_TRIES per task, DEMO_TASKS tasks per --seed,
+    all in [DEMO_SEED_BASE, sim_env.EVAL_SEED_BASE): above the VLM data's seeds, below the eval start states'."""
+    import sim_env
+    top = (sim_env.EVAL_SEED_BASE - DEMO_SEED_BASE) // (DEMO_TASKS * DEMO_TRIES) - 1
+    for v, hi, what in ((seed, top, f"--seed={seed}"), (task_id, DEMO_TASKS - 1, f"demo task id {task_id}"),
+                        (k, DEMO_TRIES - 1, f"demo try {k} (--per_task=n makes 3n + 5 tries)")):
+        if not 0 <= v <= hi:
+            raise ValueError(f"{what} out of range 0..{hi}: demo seeds must stay below the evaluation start states'")
+    return DEMO_SEED_BASE + DEMO_TRIES * (DEMO_TASKS * seed + task_id) + k
 
 
 def _physical(state: dict) -> str:
@@ -962,7 +977,7 @@ def demo_task(job):
         # episodes are re-simulated on a restart (cheap, no rendering) so the seed sequence is the same,
         # but a finished episode file is never rewritten
         path = os.path.join(c["out"], f"{suite}_{task_id:02d}_{kept:03d}.npz")
-        seed = DEMO_SEED_BASE + 10_000 * c["seed"] + 1000 * task_id + tries
+        seed = demo_seed(c["seed"], task_id, tries)
         tries += 1
         obs, info = env.reset(seed=seed)
         acts, states, sims = [], [], []
@@ -993,6 +1008,10 @@ def generate_demos(cfg: DemoConfig) -> dict:
     for s in suites:
         if s not in sim_env.SUITES:
             raise SystemExit(f"error: --suite={s!r} unknown; valid: all, {', '.join(sim_env.SUITES)}")
+    try:  # the largest seed this run can use, checked before any work
+        demo_seed(cfg.seed, max(len(sim_env.SUITES[s]) for s in suites) - 1, 3 * cfg.per_task + 4)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     os.makedirs(cfg.out, exist_ok=True)
     c = dataclasses.asdict(cfg)
     jobs = [(c, s, t) for s in suites for t in range(len(sim_env.SUITES[s]))
@@ -1042,7 +1061,14 @@ def episode_files(root: str) -> list[str]:
 
 def compute_norm_stats(root: str) -> dict:
     """Mean/std of states and actions over all demo steps -> <root>/norm_stats.json."""
-    eps = [load_episode(p, parse_states=False) for p in episode_files(root)]
+    stats = norm_stats([load_episode(p, parse_states=False) for p in episode_files(root)])
+    _write_atomic(os.path.join(root, "norm_stats.json"), json.dumps(stats, indent=1))
+    return stats
+
+
+def norm_stats(eps: list[dict]) -> dict:
+    """Mean/std (and range) of states and actions over the steps of these episodes (train_vla: the training
+    episodes only, never the held-out ones)."""
     stats = {}
     for key, name in (("state", "states"), ("action", "actions")):
         x = np.concatenate([e[name] for e in eps]).astype(np.float64)
@@ -1051,7 +1077,6 @@ def compute_norm_stats(root: str) -> dict:
         stats[key] = dict(mean=x.mean(0).tolist(), std=np.where(std < 1e-6, 1.0, std).tolist(),
                           min=x.min(0).tolist(), max=x.max(0).tolist())
     stats["episodes"], stats["steps"] = len(eps), int(sum(len(e["actions"]) for e in eps))
-    _write_atomic(os.path.join(root, "norm_stats.json"), json.dumps(stats, indent=1))
     return stats
 
 
@@ -1138,7 +1163,7 @@ class DemoDataset(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    from model import parse_config
+    from common import parse_config
     if sys.argv[1:2] == ["demos"]:
         st = generate_demos(parse_config(DemoConfig, sys.argv[2:]))
         print(f"demos: {st['episodes']} episodes, {st['steps']} steps")

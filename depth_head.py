@@ -1,24 +1,30 @@
-"""GEM-mini generative depth head: connector + a small conditional conv generator trained by flow matching.
+"""GEM-mini generative head: connector + a small conditional conv generator, trained by rectified flow.
 
 The LLM's last-layer hidden states at the image tokens (GEM.forward -> out["image_hidden"], (B, N, D))
-pass through the `Connector` and condition `DepthHead`, a small U-Net that generates the image's
-normalised inverse depth (or its RGB, the paper's ablation) at `out_size` pixels. The head is a training
-signal for the VLM; at inference it only visualises what the features know (eval.py's probe).
+pass through the `Connector` and condition the `Generator`, a small U-Net that generates the image's
+normalised inverse depth (or its RGB, the paper's ablation) at `out_size` pixels. `GenerativeHead` is the
+two together: "head" in this project always means connector + generator. The head is a training signal
+for the VLM; at inference it only visualises what the features know (eval.py's probe).
 
 Use:
     head = GenerativeHead(DepthHeadConfig(llm_dim=cfg.dim, grid=cfg.grid, out_size=32))
-    loss = head.loss(out["image_hidden"], batch["depth_target"], batch["depth_valid"])  # L = L_CE + 0.1 * loss
-    depth = head.sample(out["image_hidden"], steps=30, cfg_scale=5.0)                  # (B, 1, 32, 32) in [0, 1]
+    loss = head.loss(out["image_hidden"], batch["target"], batch["target_valid"])  # L_flow (train_pretrain.gem_loss)
+    depth = head.sample(out["image_hidden"], steps=30, cfg_scale=5.0)              # (B, 1, 32, 32) in [0, 1]
+
+Rectified flow, one convention for both generative heads (this one and train_vla's action expert):
+t = 0 is data and t = 1 is noise (SANA / SD3): x_t = (1 - t) x0 + t eps, the network regresses the
+velocity eps - x0, and sampling integrates from t = 1 down to t = 0 (flow_pair, euler_sample). Every
+checkpoint with a head or an action expert records FLOW_CONVENTION in its config.json.
 
 Paper -> code map (PAPER.md "Architecture")
   connector Linear -> GELU(tanh) -> Linear -> RMSNorm        Connector
-  generator (SANA DiT in DC-AE latents; ours: pixels)        DepthHead (conv U-Net, grid -> out_size)
-  condition laid back on the image-token grid                DepthHead.cond_in (added at every resolution)
-  flow time conditioning (AdaLN; ours AdaGN/FiLM)            ResBlock.film, DepthHead.time_mlp
-  x_s = (1 - s) z + s eps, target eps - z, uniform s, MSE    GenerativeHead.loss, objective="flow"
-  condition zeroed for 10% of samples (CFG)                  DepthHeadConfig.cfg_drop
-  30 Euler steps, CFG 5.0                                    GenerativeHead.sample / DepthHead.sample
-  ablations: RGB reconstruction; "is generative needed?"     target="rgb"; objective="regress" (+ ssi_loss)
+  generator (SANA DiT in DC-AE latents; ours: pixels)        Generator (conv U-Net, grid -> out_size)
+  condition laid back on the image-token grid                Generator.cond_in (added at every resolution)
+  flow time conditioning (AdaLN; ours AdaGN/FiLM)            ResBlock.film, Generator.time_mlp
+  x_s = (1 - s) z + s eps, target eps - z, uniform s, MSE    flow_pair, GenerativeHead.loss
+  condition zeroed for 10% of samples (CFG)                  DepthHeadConfig.cfg_drop, null_condition
+  30 Euler steps, CFG 5.0                                    euler_sample, GenerativeHead.sample
+  ablations: RGB reconstruction; "is generative needed?"     modality="rgb"; objective="regress" (plain MSE)
 """
 from __future__ import annotations
 
@@ -31,6 +37,54 @@ import torch.nn.functional as F
 
 from model import RMSNorm
 
+# ----------------------------------------------------------------------------------------------------
+# Rectified flow (shared with train_vla.py's action expert)
+
+FLOW_CONVENTION = "x_t=(1-t)*x0+t*eps; v=eps-x0; sample t=1->0"
+
+
+def flow_pair(x0, noise, t):
+    """-> (x_t, velocity target) for data x0 (B, ...), noise like x0 and flow time t (B,) in [0, 1]."""
+    t = t.view(-1, *[1] * (x0.dim() - 1))  # (B, 1, ...) broadcasts over each sample
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def euler_sample(velocity, noise, steps: int):
+    """Integrate dx/dt = velocity(x, t) from x(1) = noise down to x(0) (data) in `steps` Euler steps."""
+    x = noise
+    for i in range(steps):
+        t = torch.full((x.shape[0],), 1.0 - i / steps, device=x.device)
+        x = x - velocity(x, t) / steps  # a step of -1/steps in t
+    return x
+
+
+def timestep_embedding(t, dim: int):
+    """Sinusoidal embedding of the flow time t in [0, 1] (B,) -> (B, dim); t scaled by 1000 as in DiT."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    a = 1000.0 * t[:, None].float() * freqs  # (B, dim/2)
+    return torch.cat([a.cos(), a.sin()], dim=-1)
+
+
+def null_condition(cond):
+    """The 'no condition' of classifier-free guidance: zeros, in training (the drop) and sampling alike."""
+    return torch.zeros_like(cond)
+
+
+def draw_noise(x0, seeds=None):
+    """Per-sample flow time t ~ U(0, 1) (B,), noise eps like x0, and u ~ U(0, 1) (B,) for the CFG drop.
+
+    seeds (B,) ints, e.g. each sample's global position in the training stream: a sample's draws then
+    depend on its seed alone, so one process and a batch split over DDP processes see the same numbers.
+    Without seeds: the global torch RNG."""
+    B = x0.shape[0]
+    if seeds is None:
+        return torch.rand(B, device=x0.device), torch.randn_like(x0), torch.rand(B, device=x0.device)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    tu = torch.stack([torch.rand(2, generator=g) for g in gens])  # (B, 2)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+    tu = tu.to(x0.device)
+    return tu[:, 0], noise.to(x0.device, x0.dtype), tu[:, 1]
+
 
 @dataclasses.dataclass
 class DepthHeadConfig:
@@ -39,14 +93,14 @@ class DepthHeadConfig:
     width: int = 32  # conv channels at every resolution (multiple of 8); cost ~ width^2: 64 is 3x slower
     grid: int = 4  # image tokens per side (GEMConfig.grid)
     out_size: int = 32  # target H = W; out_size / grid must be a power of two
-    target: str = "depth"  # "depth" (1 channel) | "rgb" (3 channels, the reconstruction ablation)
-    objective: str = "flow"  # "flow" (rectified flow) | "regress" (direct, scale-and-shift-invariant loss)
+    modality: str = "depth"  # what the head generates: "depth" (1 channel) | "rgb" (3, the reconstruction ablation)
+    objective: str = "flow"  # "flow" (rectified flow) | "regress" (one pass, plain MSE: is "generative" needed?)
     cfg_drop: float = 0.1  # fraction of training samples whose condition is zeroed (for CFG)
     blocks: int = 1  # residual blocks per resolution and path
 
     @property
     def channels(self) -> int:
-        return 1 if self.target == "depth" else 3
+        return 1 if self.modality == "depth" else 3
 
 
 class Connector(nn.Module):
@@ -79,14 +133,7 @@ class ResBlock(nn.Module):
         return x + self.c2(F.silu(self.n2(h) * (1 + scale) + shift))
 
 
-def timestep_embedding(t, dim: int):
-    """Sinusoidal embedding of flow time t in [0, 1] -> (B, dim)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    a = 1000.0 * t[:, None].float() * freqs  # (B, dim/2)
-    return torch.cat([a.cos(), a.sin()], dim=-1)
-
-
-class DepthHead(nn.Module):
+class Generator(nn.Module):
     """A small U-Net from out_size down to the token grid and back, conditioned on the connector output.
 
     The condition (B, N, cond) is laid back onto the token grid (B, cond, g, g) and added, through a 1x1
@@ -100,8 +147,8 @@ class DepthHead(nn.Module):
         ratio = c.out_size // c.grid
         if c.out_size % c.grid or ratio & (ratio - 1):
             raise ValueError(f"DepthHeadConfig: out_size / grid = {c.out_size}/{c.grid} must be a power of two")
-        if c.target not in ("depth", "rgb") or c.objective not in ("flow", "regress"):
-            raise ValueError(f"DepthHeadConfig: target {c.target!r} / objective {c.objective!r} unknown")
+        if c.modality not in ("depth", "rgb") or c.objective not in ("flow", "regress"):
+            raise ValueError(f"DepthHeadConfig: modality {c.modality!r} / objective {c.objective!r} unknown")
         self.levels = int(math.log2(ratio))  # stride-2 steps between out_size and grid
         W, E = c.width, 2 * c.width
         self.time_mlp = nn.Sequential(nn.Linear(W, E), nn.SiLU(), nn.Linear(E, E))
@@ -139,75 +186,60 @@ class DepthHead(nn.Module):
                 h = blk(h, emb)
         return self.out(h)
 
-    @torch.no_grad()
-    def sample(self, cond, steps: int = 30, cfg_scale: float = 5.0, generator=None):
-        """Euler integration of the flow from noise (t = 1) to data (t = 0) -> (B, C, S, S) in [-1, 1].
-
-        Classifier-free guidance: v = v(zeroed cond) + cfg_scale * (v(cond) - v(zeroed cond)).
-        """
-        B, C, S = cond.shape[0], self.c.channels, self.c.out_size
-        if self.c.objective == "regress":  # direct prediction: one pass, no noise, no guidance
-            return self(torch.zeros(B, C, S, S, device=cond.device, dtype=cond.dtype),
-                        torch.zeros(B, device=cond.device), cond)
-        x = torch.randn(B, C, S, S, device=cond.device, generator=generator).to(cond.dtype)
-        both = torch.cat([cond, torch.zeros_like(cond)])  # conditional and unconditional in one batch
-        for i in range(steps):
-            t = torch.full((B,), 1.0 - i / steps, device=cond.device)
-            if cfg_scale == 1.0:
-                v = self(x, t, cond)
-            else:
-                vc, vu = self(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                v = vu + cfg_scale * (vc - vu)
-            x = x - v / steps  # dx/dt = noise - x0, integrate t: 1 -> 0
-        return x
-
-
-def ssi_loss(pred, target):
-    """Scale-and-shift-invariant MSE (MiDaS): fit s, b per sample by least squares, then MSE(s*pred+b, target).
-    pred/target (B, C, S, S) -> per-sample loss (B,)."""
-    p, y = pred.flatten(1), target.flatten(1)
-    pm, ym = p.mean(1, keepdim=True), y.mean(1, keepdim=True)
-    s = ((p - pm) * (y - ym)).mean(1, keepdim=True) / ((p - pm).pow(2).mean(1, keepdim=True) + 1e-6)
-    return (s * (p - pm) + ym - y).pow(2).mean(1)
-
 
 class GenerativeHead(nn.Module):
-    """Connector + DepthHead: the GEM auxiliary objective on the VLM's image-token hidden states."""
+    """Connector + Generator: the GEM auxiliary objective on the VLM's image-token hidden states."""
 
     def __init__(self, c: DepthHeadConfig):
         super().__init__()
         self.cfg = c
         self.connector = Connector(c.llm_dim, c.cond_dim)
-        self.head = DepthHead(c)
+        self.generator = Generator(c)
 
-    def loss(self, image_hidden, target, valid=None):
-        """image_hidden (B, N, D), target (B, C, S, S) in [0, 1], valid (B,) bool -> scalar.
+    def loss(self, image_hidden, target, valid=None, seeds=None):
+        """L_flow: image_hidden (B, N, D), target (B, C, S, S) in [0, 1], valid (B,) bool -> scalar.
 
         Mean over valid samples only; a batch without any valid sample gives 0.0 that still has a graph
-        (so DDP / the optimizer see the same parameters every step).
+        (so DDP / the optimizer see the same parameters every step). The CFG drop applies only in
+        training mode. seeds: see draw_noise.
         """
         B, C, S = target.shape[0], self.cfg.channels, self.cfg.out_size
         if tuple(target.shape[1:]) != (C, S, S):
             raise ValueError(f"depth head target: shape {tuple(target.shape)}, expected (B, {C}, {S}, {S}) "
-                             f"for target={self.cfg.target!r}, out_size={S}")
+                             f"for modality={self.cfg.modality!r}, out_size={S}")
         valid = torch.ones(B, dtype=torch.bool, device=target.device) if valid is None else valid.bool()
         cond = self.connector(image_hidden)  # (B, N, cond)
         # invalid samples may carry garbage targets (NaN): zero them so 0 * NaN never reaches a gradient
         x0 = torch.where(valid[:, None, None, None], target.nan_to_num(0.0), 0.0).to(cond.dtype) * 2 - 1
-        if self.cfg.objective == "regress":
-            pred = self.head(torch.zeros_like(x0), torch.zeros(B, device=x0.device), cond)
-            per = ssi_loss(pred.float(), x0.float())  # (B,)
+        if self.cfg.objective == "regress":  # one pass from a blank input, straight onto the target
+            pred = self.generator(torch.zeros_like(x0), torch.zeros(B, device=x0.device), cond)
+            per = (pred - x0).float().pow(2).flatten(1).mean(1)  # (B,)
         else:
-            drop = torch.rand(B, device=x0.device) < self.cfg.cfg_drop
-            cond = cond.masked_fill(drop[:, None, None], 0.0)  # zeroed condition for CFG
-            t = torch.rand(B, device=x0.device)
-            noise = torch.randn_like(x0)
-            xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-            per = (self.head(xt, t, cond) - (noise - x0)).float().pow(2).flatten(1).mean(1)  # (B,)
+            t, noise, u = draw_noise(x0, seeds)
+            if self.training:
+                drop = u < self.cfg.cfg_drop  # (B,)
+                cond = torch.where(drop[:, None, None], null_condition(cond), cond)
+            xt, v = flow_pair(x0, noise, t)
+            per = (self.generator(xt, t, cond) - v).float().pow(2).flatten(1).mean(1)  # (B,)
         return (per * valid).sum() / valid.sum().clamp(min=1)
 
     @torch.no_grad()
     def sample(self, image_hidden, steps: int = 30, cfg_scale: float = 5.0, generator=None):
-        """-> generated target (B, C, S, S) in [0, 1] (for `regress`: defined up to scale and shift)."""
-        x = self.head.sample(self.connector(image_hidden), steps, cfg_scale, generator)
+        """-> generated target (B, C, S, S) in [0, 1]. Classifier-free guidance:
+        v = v(null) + cfg_scale * (v(cond) - v(null)); cfg_scale 1 is the conditional flow alone."""
+        cond = self.connector(image_hidden)
+        B, C, S = cond.shape[0], self.cfg.channels, self.cfg.out_size
+        if self.cfg.objective == "regress":  # direct prediction: one pass, no noise, no guidance
+            x = self.generator(torch.zeros(B, C, S, S, device=cond.device, dtype=cond.dtype),
+                               torch.zeros(B, device=cond.device), cond)
+            return ((x.float() + 1) / 2).clamp(0, 1)
+        both = torch.cat([cond, null_condition(cond)])  # conditional and unconditional in one batch
+
+        def velocity(x, t):
+            if cfg_scale == 1.0:
+                return self.generator(x, t, cond)
+            vc, vu = self.generator(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return vu + cfg_scale * (vc - vu)
+        noise = torch.randn(B, C, S, S, device=cond.device, generator=generator).to(cond.dtype)
+        x = euler_sample(velocity, noise, steps)
         return ((x.float() + 1) / 2).clamp(0, 1)

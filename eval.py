@@ -19,6 +19,7 @@ Paper -> code map
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,8 @@ import sys
 
 import numpy as np
 import torch
+
+from common import parse_config
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -148,10 +151,12 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def align_scale_shift(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Least-squares s, t minimising sum over valid pixels (s * pred + t - gt)^2 (MiDaS protocol); returns s*pred+t."""
+    """Least-squares s >= 0, t minimising sum over valid pixels (s * pred + t - gt)^2 (MiDaS protocol); returns s*pred+t."""
     p, g = pred[valid].astype(np.float64), gt[valid].astype(np.float64)
     A = np.stack([p, np.ones_like(p)], 1)  # (N, 2)
     (s, t), *_ = np.linalg.lstsq(A, g, rcond=None)
+    if s < 0:  # a negative scale would make an inverted prediction look right: the best s >= 0 is then 0
+        s, t = 0.0, g.mean()
     return s * pred + t
 
 
@@ -286,26 +291,6 @@ def score_table(rows: list[dict]) -> dict:
     return {"per_type": per_type, "per_family": fams, "macro": agg(bench) if bench else None}
 
 
-@torch.no_grad()
-def greedy_answers(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Left-padded batched greedy decoding of each item's question (the data.py chat template)."""
-    from data import encode_prompt, special_ids
-    sid, dev = special_ids(tok), next(gem.parameters()).device
-    out = []
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
-        prompts = [encode_prompt(tok, "<image>\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in chunk]
-        T = max(map(len, prompts))
-        ids = torch.tensor([[sid["pad_id"]] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T) left padded
-        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=dev)
-        gen = gem.generate(ids, torch.stack([it["pixel_values"] for it in chunk]).to(dev), attention_mask=mask,
-                           max_new_tokens=max_new_tokens, eos_id=sid["im_end_id"])
-        for g in gen.tolist():
-            g = g[:g.index(sid["im_end_id"])] if sid["im_end_id"] in g else g
-            out.append(tok.decode(g, skip_special_tokens=True).strip())
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # Depth probe (paper Fig. 5: what do the features know about geometry?)
 
@@ -341,18 +326,14 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     frozen features with a fixed budget (every checkpoint, so recipes compare on equal terms)."""
     import torch.nn.functional as F
     from data import GemDataset, special_ids
-    from train_pretrain import build_head, depth_grid
+    from train_pretrain import build_head, depth_grid, distinct_frames
     pad = special_ids(tok)["pad_id"]
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
               head_size=tc.head_size, image_first=tc.image_first, max_len=4096)
 
-    def frames(split, n):  # one item per distinct image with depth
+    def frames(split, n):  # one item per distinct frame with depth
         ds = GemDataset(tc.data, split, **kw)
-        seen, idx = set(), []
-        for i, r in enumerate(ds.records):
-            if r.get("depth") and r["image"] not in seen and len(idx) < n:
-                seen.add(r["image"]), idx.append(i)
-        return ds, idx
+        return ds, distinct_frames(ds.records)[:n]
     test_ds, test_idx = frames(cfg.split, cfg.depth_frames)
     train_ds, train_idx = frames("train", max(4 * cfg.depth_frames, 128))
     if not test_idx or not train_idx:
@@ -364,7 +345,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     frac = F.interpolate((d > 0).float(), (S, S), mode="area")  # share of valid source pixels per cell
     gt_inv = (F.interpolate(inv, (S, S), mode="area") / frac.clamp_min(1e-6))[:, 0].numpy()  # (N, S, S)
     heads = {}
-    if head is not None and head.cfg.target == "depth":
+    if head is not None and head.cfg.modality == "depth":
         heads["own head"] = head.eval()
     torch.manual_seed(cfg.seed)
     probe = build_head(tc, gem, "gem")
@@ -389,16 +370,15 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
             v = np.array([m.get(k, np.nan) for m in ms], float)
             res[name] |= {k: float(np.nanmean(v)), k + "_se": float(np.nanstd(v) / math.sqrt(max(1, np.isfinite(v).sum())))}
         if hd is not None:
-            tc_viz = type(tc)(**{**vars(tc), "sample_steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale})
-            sub = torch.utils.data.Subset(test_ds, test_idx[:4])
-            depth_grid(gem, hd, sub, tc_viz, pad, "depth", "cpu", os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
+            tc_viz = dataclasses.replace(tc, sample_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
+            depth_grid(gem, hd, test_ds, test_idx[:4], tc_viz, pad, "cpu", os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
     res["note"] = f"probe: fresh {tc.head_size}x{tc.head_size} head fitted {cfg.probe_steps} steps on {len(train_idx)} frozen train frames"
     return res
 
 
 def eval_vlm(cfg) -> dict:
     from data import GemDataset
-    from train_pretrain import load_pretrained
+    from train_pretrain import answer_questions, load_pretrained
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)
@@ -422,7 +402,7 @@ def eval_vlm(cfg) -> dict:
     preds, bar = [], tqdm(total=len(items), desc="answering")
     for t in sorted({it["type"] for it in items}):
         group = [it for it in items if it["type"] == t]
-        preds += greedy_answers(gem, tok, group, tc.image_first, cfg.batch_size, cap.get(t, cfg.max_new_tokens))
+        preds += answer_questions(gem, tok, group, tc.image_first, cfg.batch_size, cap.get(t, cfg.max_new_tokens))
         bar.update(len(group))
     bar.close()
     rows, scenes = [], {}
@@ -511,8 +491,10 @@ def run_episodes(job: tuple) -> list[dict]:
     rngs = [np.random.default_rng([task_id, k, sum(suite.encode())]) for k in starts]  # stable across processes
     steps, done = [0] * len(envs), [bool(i.get("success")) for i in infos]
     frames = [[o["rgb"]] if keep_frames and j == 0 else None for j, o in enumerate(obs)]
-    if policy is not None:
-        policy.reset(len(envs))
+    if policy is not None:  # the flow noise is seeded per job (one task's start states), so the results do not
+        policy.reset(len(envs))  # depend on which worker ran the job or what it ran before
+        policy.generator.manual_seed(int(np.random.default_rng([_WORKER["seed"], task_id, sum(suite.encode()), *starts])
+                                         .integers(2 ** 62)))
     while not all(done):
         live = [None if d else o for o, d in zip(obs, done)]
         if kind == "expert":
@@ -531,7 +513,8 @@ def run_episodes(job: tuple) -> list[dict]:
                 frames[j].append(obs[j]["rgb"])
     return [{"suite": suite, "task_id": task_id, "start_id": k, "success": bool(i["success"]), "steps": n,
              "subgoals_done": int(i.get("subgoals_done", 0)), "n_subgoals": int(i.get("n_subgoals", 0)),
-             "task": e.task.name, "frames": f} for k, i, n, e, f in zip(starts, infos, steps, envs, frames)]
+             "task": e.task.name, "final_state": [round(float(x), 6) for x in o["state"]], "frames": f}
+            for k, i, n, e, f, o in zip(starts, infos, steps, envs, frames, obs)]
 
 
 def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers: int = 2, gif_dir: str = "",
@@ -643,10 +626,7 @@ def write_results(out: str, results: dict, md: str) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # CLI
 
-from dataclasses import dataclass  # noqa: E402
-
-
-@dataclass
+@dataclasses.dataclass
 class EvalConfig:
     ckpt: str = ""              # checkpoint directory ("expert" / "random" for the vla reference rows)
     out: str = ""               # default: <ckpt>/eval_<split> or <ckpt>/eval_vla
@@ -672,7 +652,6 @@ class EvalConfig:
 
 
 def main(argv: list[str]) -> dict:
-    from model import parse_config
     if not argv or argv[0] not in ("vlm", "vla"):
         raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...]  (--help lists the flags)")
     cfg = parse_config(EvalConfig, argv[1:])

@@ -24,17 +24,16 @@ Paper -> code map (PAPER.md "Architecture")
   block i cross-attends to layer i)          (n_layers + 1 entries, Hugging Face convention: embeddings,
                                               layer outputs, the last one final-normed)
   inference                                  GEM.generate -> LanguageModel.generate (KVCache, greedy or
-                                              temperature; left-padded batches)
+                                              temperature; left-padded batches); GEM.answer: batched
+                                              greedy answers to prompts of any lengths
   real backbones (hf preset)                 load_hf_qwen3, load_hf_siglip_vision, GEM.from_hf
 Speed notes: attention is F.scaled_dot_product_attention with native GQA; no padding or right padding
 takes the is_causal fast path (no mask tensor); q/k/v and gate/up projections are fused matmuls; the
 KV cache is preallocated. `SDPA = False` switches to a plain softmax path (tests check they agree).
 bench/bench_llm.py times the LLM against Hugging Face transformers' Qwen3ForCausalLM.
 
-Shared utilities (bottom of the file)
-  parse_config(cls, argv, presets)  dataclass config from --key=value flags and a named --preset
-  save_checkpoint / load_checkpoint  atomic checkpoint directories (DESIGN.md section 3)
-  load_tensors(module, tensors, source)  (after GEM) strict, shape-checked loading, one-line errors
+Checkpoints: GEM.save_pretrained / from_pretrained through common.py's atomic checkpoint I/O;
+load_tensors(module, tensors, source) is the strict, shape-checked loader with one-line errors.
 """
 from __future__ import annotations
 
@@ -43,12 +42,12 @@ import glob
 import json
 import math
 import os
-import shutil
-import typing
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import config_from_dict, config_to_dict, load_checkpoint, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -308,11 +307,11 @@ class LanguageModel(nn.Module):
         # tied: the output projection reuses embed.weight (no separate tensor, so no duplicate key on save)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
 
-    def head(self, h):  # (B, T, D) final-normed -> (B, T, V) logits
+    def unembed(self, h):  # (B, T, D) final-normed -> (B, T, V) logits
         return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def logits(self, input_ids, attention_mask=None):
-        return self.head(self(input_ids, attention_mask=attention_mask)[0])
+        return self.unembed(self(input_ids, attention_mask=attention_mask)[0])
 
     def _mask(self, attention_mask, T, past, device):
         """-> (mask (B, 1, T, S) bool or None, is_causal). Fast paths avoid building a mask at all."""
@@ -383,7 +382,7 @@ class LanguageModel(nn.Module):
             raise ValueError("generate: batches must be left-padded (attention_mask[:, -1] all True)")
         cache = KVCache(self.cfg, B, T + max_new_tokens, x.device, x.dtype)
         h, _ = self(inputs_embeds=x, attention_mask=mask, cache=cache)
-        logits = self.head(h[:, -1])  # (B, V): only the last position is needed
+        logits = self.unembed(h[:, -1])  # (B, V): only the last position is needed
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         out = []
         for step in range(max_new_tokens):
@@ -403,7 +402,7 @@ class LanguageModel(nn.Module):
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             h, _ = self(nxt[:, None], attention_mask=mask, cache=cache)  # one token, attends to the cache
-            logits = self.head(h[:, -1])
+            logits = self.unembed(h[:, -1])
         return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=x.device)
 
 
@@ -460,7 +459,7 @@ class GEM(nn.Module):
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, output_hidden_states=False):
         x, is_img = self.embed(input_ids, pixel_values)
         h, hidden = self.llm(inputs_embeds=x, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
-        logits = self.llm.head(h)  # (B, T, V)
+        logits = self.llm.unembed(h)  # (B, T, V)
         loss = lm_loss(logits, labels) if labels is not None else None
         B = input_ids.shape[0]
         image_hidden = h[is_img].view(B, -1, h.shape[-1])  # (B, n_image_tokens, D), in patch order
@@ -475,19 +474,40 @@ class GEM(nn.Module):
         return self.llm.generate(inputs_embeds=x, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                  temperature=temperature, eos_id=eos_id, pad_id=self.cfg.pad_id, generator=generator)
 
-    # --- checkpoints: config.json + model.safetensors via the shared helpers below -----------------
+    @torch.no_grad()
+    def answer(self, prompts: list[list[int]], pixel_values, max_new_tokens: int, eos_id: int,
+               batch_size: int = 32) -> list[list[int]]:
+        """Batched greedy answers: prompt ids (any lengths) and their images (N, 3, H, W) -> each answer's
+        ids, cut before eos_id. Each batch is left-padded, as generate needs (every prompt ends last)."""
+        dev, out = next(self.parameters()).device, []
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s:s + batch_size]
+            T = max(map(len, chunk))
+            ids = torch.tensor([[self.cfg.pad_id] * (T - len(p)) + p for p in chunk], device=dev)  # (B, T)
+            mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in chunk], device=dev)
+            gen = self.generate(ids, pixel_values[s:s + batch_size].to(dev), attention_mask=mask,
+                                max_new_tokens=max_new_tokens, eos_id=eos_id).tolist()
+            out += [g[:g.index(eos_id)] if eos_id in g else g for g in gen]
+        return out
 
-    def save_pretrained(self, path, extra_tensors=None, **kw):
+    # --- checkpoints: config.json + model.safetensors via common.save_checkpoint / load_checkpoint -----------------
+
+    def save_pretrained(self, path, extra_tensors=None, flow_convention=None, **kw):
         """Write an atomic checkpoint dir. extra_tensors (e.g. {"head." + k: v}) are stored beside the
-        model's own; **kw go to save_checkpoint (json_files, copy_files, train_state)."""
+        model's own; flow_convention (depth_head.FLOW_CONVENTION, when the checkpoint holds a generative
+        head or an action expert) is recorded in config.json; **kw go to save_checkpoint (json_files,
+        copy_files, train_state)."""
         tensors = {_clean(k): v for k, v in self.state_dict().items()}
         tensors.update(extra_tensors or {})
-        save_checkpoint(path, tensors, config_to_dict(self.cfg), **kw)
+        config = config_to_dict(self.cfg) | ({"flow_convention": flow_convention} if flow_convention else {})
+        save_checkpoint(path, tensors, config, **kw)
 
     @classmethod
     def from_pretrained(cls, path, return_extra=False):
-        """-> GEM (and, if return_extra, a dict of the checkpoint's tensors that are not the GEM's)."""
+        """-> GEM (and, if return_extra, a dict of the checkpoint's tensors that are not the GEM's).
+        config.json's flow_convention is for the heads' loaders (train_pretrain.load_pretrained)."""
         tensors, config, _ = load_checkpoint(path)
+        config = {k: v for k, v in config.items() if k != "flow_convention"}
         model = cls(config_from_dict(GEMConfig, config, os.path.join(path, "config.json")))
         extra = load_tensors(model, tensors, os.path.join(path, "model.safetensors"))
         return (model, extra) if return_extra else model
@@ -614,143 +634,3 @@ def load_hf_siglip_vision(path: str) -> VisionEncoder:
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
-# Shared utilities: typed flags and atomic checkpoints (used by data.py, the train scripts and eval.py)
-
-def _convert(name: str, typ, text: str):
-    """Turn the text of flag --name into `typ`, or exit with a one-line message naming the flag."""
-    origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X]: "none" means None, else X
-        if text.lower() in ("none", "null", ""):
-            return None
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-        origin = typing.get_origin(typ)
-    try:
-        if typ is bool:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if origin in (tuple, list):  # comma separated: --seeds=0,1,2
-            (elem, *_) = typing.get_args(typ) or (str,)
-            vals = [_convert(name, elem, t) for t in text.split(",") if t != ""]
-            return tuple(vals) if origin is tuple else vals
-        return typ(text)
-    except (ValueError, TypeError):
-        tname = getattr(typ, "__name__", str(typ))
-        raise SystemExit(f"error: flag --{name} expects {tname}, got {text!r}")
-
-
-def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
-    """Build dataclass `cls` from `--key=value` (or `--key value`) flags.
-
-    `--preset=NAME` applies presets[NAME] first, then the other flags override it. Unknown flags and
-    mistyped values exit with a one-line error that names the flag. `--help` lists every field.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            cfg = cls()
-            lines = [f"  --{k}={getattr(cfg, k)!r}" for k in fields]
-            extra = f"  presets: {', '.join(presets)}\n" if presets else ""
-            raise SystemExit(f"flags of {cls.__name__} (defaults):\n" + "\n".join(lines) + "\n" + extra)
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}: flags look like --key=value")
-        if "=" in arg:
-            key, val = arg[2:].split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, val = arg[2:], argv[i + 1]
-            i += 1
-        elif hints.get(arg[2:].replace("-", "_")) is bool:  # bare --flag means true
-            key, val = arg[2:], "true"
-        else:
-            raise SystemExit(f"error: flag {arg} needs a value (--key=value)")
-        pairs.append((key.replace("-", "_"), val))
-        i += 1
-    kwargs = {}
-    for key, val in pairs:
-        if key == "preset":
-            if presets is None or val not in presets:
-                raise SystemExit(f"error: unknown --preset={val!r}; valid: {', '.join(presets or {})}")
-            kwargs.update(presets[val])
-    if "preset" in fields:
-        kwargs.setdefault("preset", next((v for k, v in pairs if k == "preset"), fields["preset"].default))
-    for key, val in pairs:
-        if key == "preset":
-            continue
-        if key not in fields:
-            raise SystemExit(f"error: unknown flag --{key}; valid flags: " + ", ".join(f"--{k}" for k in fields))
-        kwargs[key] = _convert(key, hints[key], val)
-    return cls(**kwargs)
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(cls, d: dict, source: str = "config.json"):
-    """Inverse of config_to_dict; a field this version does not know is an error naming the file."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}")
-    hints = typing.get_type_hints(cls)
-    kw = {k: (tuple(v) if typing.get_origin(hints[k]) is tuple else v) for k, v in d.items()}
-    return cls(**kw)
-
-
-def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict,
-                    json_files: dict[str, dict] | None = None, copy_files: dict[str, str] | None = None,
-                    train_state: dict | None = None) -> None:
-    """Write a checkpoint directory atomically (DESIGN.md section 3).
-
-    Everything goes to `<path>.tmp-<pid>` first; only a complete directory is renamed into place, so a
-    run killed mid-write leaves the previous checkpoint intact. Layout: config.json, model.safetensors,
-    any extra JSON files (e.g. norm_stats.json), copied files (e.g. tokenizer.json), train_state.pt.
-    """
-    from safetensors.torch import save_file
-    path = os.path.normpath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    # safetensors refuses shared or non-contiguous storage: store plain contiguous copies
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
-              os.path.join(tmp, "model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    for name, obj in (json_files or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=2)
-    for name, src in (copy_files or {}).items():
-        shutil.copyfile(src, os.path.join(tmp, name))
-    if train_state is not None:
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.replace(path, old)  # the old one is kept until the new one is in place
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: str, with_train_state: bool = False):
-    """Read a checkpoint directory -> (tensors, config dict, train_state or None). Errors name the file."""
-    from safetensors.torch import load_file
-    cfg_file, wfile = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-    for f in (cfg_file, wfile):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: missing (is {path!r} a GEM-mini checkpoint directory?)")
-    try:
-        with open(cfg_file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    tensors = load_file(wfile)
-    state = None
-    sfile = os.path.join(path, "train_state.pt")
-    if with_train_state and os.path.isfile(sfile):
-        state = torch.load(sfile, map_location="cpu", weights_only=True)
-    return tensors, config, state

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import parse_config
+from common import parse_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITES = ("spatial", "object", "goal", "long")

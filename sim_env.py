@@ -1001,7 +1001,7 @@ def colourise_depth(depth, lo=None, hi=None):
 def main(argv):
     import dataclasses
     from PIL import Image
-    from model import parse_config
+    from common import parse_config
 
     @dataclasses.dataclass
     class CLI:

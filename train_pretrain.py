@@ -17,24 +17,22 @@ Recipes (stage 3 has the same number of VLM updates and the same data order in e
     regress  stages 1, 2, 3 with the regression head (is "generative" what matters?)
 
 Making `tiny` learn (2-core CPU, ~2-4 min per recipe): the hard part is binding the question's words to
-image regions. Choices: the question comes BEFORE the image (--image_first=false), so the image tokens,
-attending causally, see the question and can become question-conditioned features (a multiplicative
-binding, like FiLM); 8-px patches merged 2x2 give only 16 image tokens (cheap; each covers 16x16 px);
-learned ViT positions + RoPE in the LLM; batches split by length (length_chunks) so the few long answers
-(object lists, trajectories) do not pad every batch to 3x its mean length. The text loss is a mean over
-SAMPLES (--loss_norm=sample; the paper's code averages over tokens): with token averaging the one-token
-reasoning answers get ~5% of the gradient and, after 150 steps, the model answers "B" to yes/no questions
-(val reasoning 44.6 vs chance 53.4, token; 59.6, sample; 63.3, sample at lr 3e-3, the tiny stage-3 lr).
-What this buys and what it does not (closer/fit/height/count learn in a few hundred steps; marked and
-distance stay at chance even after 2,400 steps, with 64 image tokens, image first, 4x the data or
-reasoning-only training): results/tiny/learning_curve.md, made by bench/tiny_learning_curve.py.
+image regions. 8-px patches merged 2x2 give only 16 image tokens (cheap; each covers 16x16 px); learned
+ViT positions + RoPE in the LLM; batches split by length (length_chunks) so the few long answers (object
+lists, trajectories) do not pad every batch to 3x its mean length. The image comes first (the paper's and
+Qwen-VL's order: the depth head's condition then does not depend on the question; --image_first=false is
+the ablation, no better on val: 71.9 vs 73.3 reasoning). The text loss is a mean over SAMPLES
+(--loss_norm=sample; the paper's code averages over tokens): with token averaging the one-token reasoning
+answers get ~5% of the gradient and, after 150 steps, the model answers "B" to yes/no questions.
+What this buys and what it does not: results/tiny/learning_curve.md, made by bench/tiny_learning_curve.py.
 
-Paper -> code map
-    Stage 1 connector initialisation (VLM + generator frozen, L_flow)   STAGES[1], trainable()
-      (our head starts untrained unless --head_init, so stage 1 then trains connector + head, logged)
-    Stage 2 generator warm-up (connector + generator, VLM frozen)       STAGES[2]
-    Stage 3 joint training, L = L_CE + 0.1 * L_flow                     STAGES[3], Bundle.forward (lam)
-    Released script: cosine lr, 3% warmup, weight decay 0, clip 1, bf16 lr_at(), TrainConfig, autocast
+Paper -> code map (GEM's four ideas, each in one place)
+    condition: last-layer hidden states at the image tokens    model.GEM.forward -> out["image_hidden"]
+    connector + generative head + its flow loss                depth_head.GenerativeHead.loss
+    progressive stages: what each trains, which loss          STAGES, trainable()
+      (our head starts untrained unless --head_init, so stage 1 then trains connector + generator, logged)
+    L = L_text + 0.1 * L_flow (stage 3)                        gem_loss (--lam)
+    Released script: cosine lr, 3% warmup, weight decay 0, clip 1, bf16   common.lr_at, TrainConfig, autocast
 """
 from __future__ import annotations
 
@@ -43,7 +41,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -56,9 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-from depth_head import DepthHeadConfig, GenerativeHead
-from model import (MODEL_PRESETS, GEM, GEMConfig, config_from_dict, config_to_dict, load_checkpoint, load_tensors,
-                   parse_config)
+from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at, parse_config,
+                    setup_dist)
+from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead
+from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
 
 
 @dataclasses.dataclass
@@ -71,21 +69,9 @@ class TrainConfig:
     head_init: Optional[str] = None  # checkpoint holding a trained head: stage 1 then trains the connector alone
     resume: bool = False
     seed: int = 0
-    # model (stage 0 only: later stages take every shape from --init); names = model.GEMConfig fields
-    image_size: int = 64
-    patch_size: int = 8
-    vit_dim: int = 128
-    vit_layers: int = 4
-    vit_heads: int = 4
-    vit_mlp: int = 512
-    merge: int = 2                   # merge x merge patches -> one LLM token (2: 16 image tokens at 64 px / 8)
-    dim: int = 192
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    mlp_dim: int = 512
-    image_first: bool = False        # False: the question precedes the image, so image tokens can attend to it
+    # model sizes (stage 0 only: later stages take every shape from --init): set as flags, --dim=256
+    model: GEMConfig = dataclasses.field(default_factory=lambda: GEMConfig(**MODEL_PRESETS["tiny"]))
+    image_first: bool = True         # the image before the question (paper, Qwen-VL); false = the ablation
     hf_vision: Optional[str] = None  # hf preset: local SiglipVisionModel dir (config.json + safetensors)
     hf_llm: Optional[str] = None     # hf preset: local Qwen3ForCausalLM dir (its tokenizer.json is used)
     # generative head (recipes with a head)
@@ -109,12 +95,12 @@ class TrainConfig:
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    families: str = ""               # stage 1-3 families, comma separated ("" = the whole mixture)
+    families: str = ""               # stage 1-3 families, comma separated ("" = every record of the split)
     max_len: int = 160
     # logging, evaluation, checkpoints
     log_every: int = 10
     eval_every: int = 100            # 0 = only at the end of each stage
-    val_batches: int = 4
+    val_batches: int = 4             # validation losses on val_batches * batch_size records spread over the split
     val_gen: int = 64                # validation questions answered greedily at each evaluation
     viz_every: int = 100
     ckpt_every: int = 100
@@ -128,10 +114,10 @@ class TrainConfig:
     stop_after: int = 0              # stop with a checkpoint after this many steps of this invocation (0 = never)
 
 
-PRESETS = {  # model sizes start from model.MODEL_PRESETS; training knobs per preset below
+PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config routes them to TrainConfig.model)
     # micro: seconds, for the tests
-    "micro": dict(MODEL_PRESETS["micro"], image_size=64, head_width=16, cond_dim=16, head_size=16, steps0=4, steps1=2, steps2=2,
-                  steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, val_gen=4, viz_every=0,
+    "micro": dict(MODEL_PRESETS["micro"], image_size=64, head_width=16, cond_dim=16, head_size=16, steps0=4, steps1=2,
+                  steps2=2, steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, val_gen=4, viz_every=0,
                   ckpt_every=0, sample_steps=2, max_len=96),
     # tiny: 2-core CPU, a few minutes per recipe (see "Making tiny learn" above)
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
@@ -145,54 +131,29 @@ PRESETS = {  # model sizes start from model.MODEL_PRESETS; training knobs per pr
                workers=6, eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
 }
 RECIPES = {"base": [0], "sft": [3], "gem": [1, 2, 3], "rgb": [1, 2, 3], "direct": [3], "regress": [1, 2, 3]}
-STAGES = {  # what each stage trains and which losses it uses
-    0: dict(vlm=True, connector=False, head=False, text=True, flow=False),
-    1: dict(vlm=False, connector=True, head="if untrained", text=False, flow=True),
-    2: dict(vlm=False, connector=True, head=True, text=False, flow=True),
-    3: dict(vlm=True, connector=True, head=True, text=True, flow=True),
+
+# GEM's progressive training (PAPER.md "Training"): the parts each stage trains and the losses it uses.
+# Everything not listed is frozen. Stage 0 is ours: the paper starts from a pretrained Qwen3-VL.
+STAGES = {
+    0: dict(trains=("vlm",), losses=("text",)),                              # the base VLM
+    1: dict(trains=("connector",), losses=("flow",)),                        # connector initialisation (*)
+    2: dict(trains=("connector", "generator"), losses=("flow",)),            # generator warm-up
+    3: dict(trains=("vlm", "connector", "generator"), losses=("text", "flow")),  # joint: gem_loss
 }
+# (*) the paper's generator is pretrained; ours starts untrained unless --head_init gives one, and then
+# stage 1 trains the generator too (trainable()): the VLM may only get depth gradients from a working head.
 
 
-def die(msg: str):
-    raise SystemExit(f"error: {msg}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed set-up: torchrun sets RANK/WORLD_SIZE; gloo on CPU so DDP is testable here
-
-def setup_dist(tc: TrainConfig):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    return torch.device(device), rank, world, ddp
-
-
-def all_sum(x: torch.Tensor, ddp: bool) -> torch.Tensor:
-    if ddp:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+def gem_loss(stage: int, text, flow, lam: float):
+    """The objective of a stage (STAGES[stage]["losses"]): text alone, flow alone, or GEM's joint loss."""
+    losses = STAGES[stage]["losses"]
+    if losses == ("text", "flow"):
+        return text + lam * flow  # GEM, stage 3: L = L_text + lam * L_flow (paper: lam = 0.1)
+    return text if losses == ("text",) else flow
 
 
 # ----------------------------------------------------------------------------------------------------
 # Models: build, freeze, save, load
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
 
 def build_gem(tc: TrainConfig, tok) -> GEM:
     """Stage 0: a fresh VLM sized by the flags, or SigLIP + Qwen3 from local files (hf preset)."""
@@ -202,14 +163,12 @@ def build_gem(tc: TrainConfig, tok) -> GEM:
         if not (tc.hf_vision and tc.hf_llm):
             die("the hf preset needs both --hf_vision=DIR and --hf_llm=DIR")
         return GEM.from_hf(tc.hf_vision, tc.hf_llm, **ids)
-    names = {f.name for f in dataclasses.fields(GEMConfig)}
-    sizes = {k: v for k, v in config_to_dict(tc).items() if k in names}
-    return GEM(GEMConfig(**sizes, **ids, vocab_size=tok.get_vocab_size()))
+    return GEM(dataclasses.replace(tc.model, **ids, vocab_size=tok.get_vocab_size()))
 
 
 def build_head(tc: TrainConfig, gem: GEM, recipe: str) -> GenerativeHead:
     hc = DepthHeadConfig(llm_dim=gem.cfg.dim, cond_dim=tc.cond_dim, width=tc.head_width, grid=gem.cfg.grid,
-                         out_size=tc.head_size, target="rgb" if recipe == "rgb" else "depth",
+                         out_size=tc.head_size, modality="rgb" if recipe == "rgb" else "depth",
                          objective="regress" if recipe == "regress" else "flow")
     return GenerativeHead(hc)
 
@@ -228,19 +187,32 @@ def resolve_ckpt(path: str) -> str:
     return path
 
 
+def check_flow_convention(path: str) -> None:
+    """A checkpoint with a generative head or an action expert must record the flow convention it was
+    trained with; one from before the convention was unified (or another one) would sample backwards."""
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file) as f:
+        found = json.load(f).get("flow_convention")
+    if found != FLOW_CONVENTION:
+        raise ValueError(f"{cfg_file}: flow_convention {found!r}, this code uses {FLOW_CONVENTION!r}: the heads "
+                         f"would sample in the wrong direction; retrain this checkpoint with this version")
+
+
 def load_pretrained(ckpt_dir: str, device="cpu"):
     """Load a pretraining checkpoint -> (gem, head or None, tokenizer, TrainConfig). Used by train_vla / eval.
 
-    Layout: config.json (GEMConfig, so GEM.from_pretrained also works), pretrain.json (head config,
-    training config, recipe, stage, git commit), model.safetensors (VLM keys vit./merger./llm., head keys
-    head.), tokenizer.json, train_state.pt."""
+    Layout: config.json (GEMConfig, so GEM.from_pretrained also works, plus the flow convention),
+    pretrain.json (head config, training config, recipe, stage, git commit), model.safetensors (VLM keys
+    vit./merger./llm., head keys head.), tokenizer.json, train_state.pt."""
     path = resolve_ckpt(ckpt_dir)
-    gem, extra = GEM.from_pretrained(path, return_extra=True)
     meta_file = os.path.join(path, "pretrain.json")
     if not os.path.isfile(meta_file):
         raise FileNotFoundError(f"{meta_file}: missing (not a train_pretrain.py checkpoint?)")
     with open(meta_file) as f:
         meta = json.load(f)
+    if meta.get("head") is not None:
+        check_flow_convention(path)
+    gem, extra = GEM.from_pretrained(path, return_extra=True)
     tc = config_from_dict(TrainConfig, meta["train"], meta_file)
     head = None
     if meta.get("head") is not None:
@@ -254,24 +226,23 @@ def save_stage(path, gem, head, tc, tok_path, stage, step, opt, done, data_pos):
     extra = {f"head.{k}": v for k, v in head.state_dict().items()} if head is not None else None
     meta = dict(head=config_to_dict(head.cfg) if head is not None else None, train=config_to_dict(tc),
                 recipe=tc.recipe, stage=stage, step=step, done=done, git_commit=git_commit())
-    state = dict(stage=stage, step=step, done=done, data_position=data_pos, optimizer=opt.state_dict(),
-                 rng_cpu=torch.get_rng_state())
-    gem.save_pretrained(path, extra_tensors=extra, json_files={"pretrain.json": meta},
-                        copy_files={"tokenizer.json": tok_path}, train_state=state)
+    state = dict(stage=stage, step=step, done=done, data_position=data_pos, optimizer=opt.state_dict())
+    gem.save_pretrained(path, extra_tensors=extra, flow_convention=FLOW_CONVENTION if head is not None else None,
+                        json_files={"pretrain.json": meta}, copy_files={"tokenizer.json": tok_path}, train_state=state)
 
 
 def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
-    """Set requires_grad for the stage and return the parameters the optimizer updates."""
-    spec = STAGES[stage]
-    for p in gem.parameters():
-        p.requires_grad_(spec["vlm"])
+    """Set requires_grad for the stage (STAGES) and return the parameters the optimizer updates."""
+    parts = set(STAGES[stage]["trains"])
+    if stage == 1 and head is not None:
+        log("stage 1: " + ("head loaded from --head_init: training the connector alone" if head_trained else
+            "the head starts untrained (no --head_init), so stage 1 trains connector + generator"))
+        if not head_trained:
+            parts.add("generator")
+    gem.requires_grad_("vlm" in parts)
     if head is not None:
-        train_head = spec["head"] is True or (spec["head"] == "if untrained" and not head_trained)
-        for name, p in head.named_parameters():
-            p.requires_grad_(spec["connector"] if name.startswith("connector.") else train_head)
-        if stage == 1:
-            log("stage 1: " + ("head loaded from --head_init: training the connector alone" if head_trained else
-                "the head starts untrained (no --head_init), so stage 1 trains connector + head"))
+        head.connector.requires_grad_("connector" in parts)
+        head.generator.requires_grad_("generator" in parts)
     mods = [gem] + ([head] if head is not None else [])
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
@@ -294,27 +265,34 @@ def text_count(labels, per_sample: bool = False) -> torch.Tensor:
     return (mask.any(1) if per_sample else mask).sum()
 
 
+def sample_seeds(seed: int, stage: int, positions) -> list[int]:
+    """Per-sample seeds of the flow noise, time and CFG drop, from each sample's global position in the
+    stage's data stream: independent of how a step's batch is split over processes or micro-batches."""
+    # torch's CPU generator keeps 32 bits of a seed: mix (seed, stage) into an offset, odd multiplier per position
+    return [((seed * 31 + stage) * 0x9E3779B1 + int(p) * 0x85EBCA6B) % 2 ** 32 for p in positions]
+
+
 class Bundle(nn.Module):
     """VLM + head as one module, so DDP sees one forward; returns the weighted loss to backpropagate."""
 
-    def __init__(self, gem, head, stage, lam, per_sample=False):
+    def __init__(self, gem, head, stage, tc: TrainConfig):
         super().__init__()
-        self.gem, self.head, self.stage, self.lam, self.per_sample = gem, head, stage, lam, per_sample
+        self.gem, self.head, self.stage, self.tc = gem, head, stage, tc
 
     def forward(self, b, w_text, w_flow):
         spec = STAGES[self.stage]
-        use_text, use_flow = spec["text"], spec["flow"] and self.head is not None
-        with (nullcontext() if spec["vlm"] else torch.no_grad()):  # frozen VLM: no graph, features only
+        use_text, use_flow = "text" in spec["losses"], "flow" in spec["losses"] and self.head is not None
+        vlm_trains = "vlm" in spec["trains"]
+        with (nullcontext() if vlm_trains else torch.no_grad()):  # frozen VLM: no graph, features only
             out = self.gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
-        loss = torch.zeros((), device=b["input_ids"].device)
-        text_sum = flow = torch.zeros((), device=loss.device)
+        zero = torch.zeros((), device=b["input_ids"].device)
+        text_sum = flow = zero
         if use_text:  # summed CE: the caller's weight makes it a mean over the global batch's tokens / samples
-            text_sum = text_ce_sum(out["logits"], b["labels"], self.per_sample)
-            loss = loss + w_text * text_sum
+            text_sum = text_ce_sum(out["logits"], b["labels"], self.tc.loss_norm == "sample")
         if use_flow:
-            hidden = out["image_hidden"] if spec["vlm"] else out["image_hidden"].detach()
-            flow = self.head.loss(hidden.float(), b["target"], b["depth_valid"])
-            loss = loss + (self.lam if self.stage == 3 else 1.0) * w_flow * flow
+            flow = self.head.loss(out["image_hidden"].float(), b["target"], b["target_valid"],
+                                  sample_seeds(self.tc.seed, self.stage, b["pos"]))
+        loss = gem_loss(self.stage, w_text * text_sum, w_flow * flow, self.tc.lam)
         return loss, text_sum.detach(), flow.detach()
 
 
@@ -333,8 +311,9 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 class StepItems(torch.utils.data.Dataset):
-    """Step k -> this rank's micro-batches of samples at step start + k. The sampler is stateless, so worker
-    processes can load steps ahead without changing what any step sees (resume and DDP stay exact)."""
+    """Step k -> this rank's micro-batches of samples at step start + k, each item tagged with its global
+    position ("pos"). The sampler is stateless, so worker processes can load steps ahead without changing
+    what any step sees (resume and DDP stay exact)."""
 
     def __init__(self, ds, seed, start, total, gbatch, world, rank, bs, accum):
         self.ds, self.seed, self.start, self.total, self.gbatch = ds, seed, start, total, gbatch
@@ -344,8 +323,10 @@ class StepItems(torch.utils.data.Dataset):
         return self.total - self.start
 
     def __getitem__(self, k):
-        idx = sample_indices(len(self.ds), self.seed, (self.start + k) * self.gbatch, self.gbatch)
-        return [[self.ds[i] for i in idx[(m * self.world + self.rank) * self.bs:(m * self.world + self.rank + 1) * self.bs]]
+        first = (self.start + k) * self.gbatch
+        idx = sample_indices(len(self.ds), self.seed, first, self.gbatch)
+        items = [dict(self.ds[i], pos=first + j) for j, i in enumerate(idx)]
+        return [items[(m * self.world + self.rank) * self.bs:(m * self.world + self.rank + 1) * self.bs]
                 for m in range(self.accum)]
 
 
@@ -353,9 +334,13 @@ def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (
     return x
 
 
-def make_batch(ds, idx, pad_id, target, device, items=None):
-    b = D.collate(items if items is not None else [ds[i] for i in idx], pad_id)
-    b["target"] = b["rgb_target"] if target == "rgb" else b["depth_target"]
+def make_batch(ds, idx, pad_id, modality, device, items=None):
+    """Collated batch on `device`, plus the head's target ("target", depth or RGB) and its validity: an
+    RGB target always exists; a depth target only where the record has depth."""
+    b = D.collate(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id)
+    rgb = modality == "rgb"
+    b["target"] = b["rgb_target"] if rgb else b["depth_target"]
+    b["target_valid"] = torch.ones_like(b["depth_valid"]) if rgb else b["depth_valid"]
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
 
@@ -370,56 +355,63 @@ def length_chunks(items: list) -> list:
     return [items[:c], items[c:]] if c < n and cost < 0.75 * n * L[-1] else [items]
 
 
-def lr_at(step: int, total: int, peak: float, tc: TrainConfig) -> float:
-    """Linear warmup then cosine decay to min_lr_frac * peak."""
-    warm = max(1, int(tc.warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return peak * (tc.min_lr_frac + (1 - tc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+def spread(n: int, k: int) -> list[int]:
+    """k indices evenly spread over range(n) (validation samples: every part of the split, not its start)."""
+    return sorted({int(j) for j in np.linspace(0, n - 1, min(k, n))}) if n else []
 
 
 # ----------------------------------------------------------------------------------------------------
 # Validation: losses, greedy answers (exact match per type), depth visualisation
 
+def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers (text) to dataset items' questions, through the chat template and GEM.answer."""
+    sid = D.special_ids(tok)
+    prompts = [D.encode_prompt(tok, D.IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in items]
+    pixels = torch.stack([it["pixel_values"] for it in items]) if items else None
+    ids = gem.answer(prompts, pixels, max_new_tokens, sid["im_end_id"], batch_size) if items else []
+    return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
+
+
 @torch.no_grad()
-def validate(gem, head, ds, tc, stage, pad_id, target, device, amp):
-    was_training = gem.training
+def validate(gem, head, ds, tc, stage, pad_id, device, amp):
+    """Validation losses on a fixed spread sample of the split, with fixed flow noise and no CFG drop (the
+    models are in eval mode), so curves are comparable; plus greedy answers when the stage trains text."""
+    was_training = gem.training, head.training if head is not None else False
     gem.eval()
-    spec = STAGES[stage]
+    if head is not None:
+        head.eval()
+    losses = STAGES[stage]["losses"]
+    modality = head.cfg.modality if head is not None else "depth"
     text_sum = n_tok = flow_sum = n_flow = 0.0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)  # the same flow noise at every evaluation: comparable curves
-        for i in range(tc.val_batches):
-            idx = list(range(i * tc.batch_size, min(len(ds), (i + 1) * tc.batch_size)))
-            if not idx:
-                break
-            b = make_batch(ds, idx, pad_id, target, device)
-            with amp:
-                out = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
-                text_sum += text_ce_sum(out["logits"], b["labels"]).item()
-                n_tok += (b["labels"][:, 1:] != -100).sum().item()
-                if head is not None and spec["flow"]:
-                    nv = b["depth_valid"].sum().item()
-                    flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["depth_valid"]).item() * nv
-                    n_flow += nv
+    idx = spread(len(ds), tc.val_batches * tc.batch_size)
+    for s in range(0, len(idx), tc.batch_size):
+        b = make_batch(ds, idx[s:s + tc.batch_size], pad_id, modality, device)
+        with amp:
+            out = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
+            text_sum += text_ce_sum(out["logits"], b["labels"]).item()
+            n_tok += (b["labels"][:, 1:] != -100).sum().item()
+            if head is not None and "flow" in losses:
+                nv = b["target_valid"].sum().item()
+                flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["target_valid"],
+                                      sample_seeds(1234, stage, b["pos"])).item() * nv
+                n_flow += nv
     res = {"val_text": text_sum / max(n_tok, 1)}  # per answer token whatever --loss_norm: comparable across runs
     if n_flow:
         res["val_flow"] = flow_sum / n_flow
-    if tc.val_gen and spec["text"]:
-        res.update(val_answers(gem, ds, tc, pad_id, device))
-    gem.train(was_training)
+    if tc.val_gen and "text" in losses:
+        res.update(val_answers(gem, ds, tc))
+    gem.train(was_training[0])
+    if head is not None:
+        head.train(was_training[1])
     return res
 
 
 @torch.no_grad()
-def val_answers(gem, ds, tc, pad_id, device, show=2):
+def val_answers(gem, ds, tc, show=2):
     """Greedy answers to val_gen questions spread over the split: exact match per type (eval.py does real metrics)."""
-    from eval import greedy_answers  # imported here: eval.py imports this file
     qs = [i for i, r in enumerate(ds.records) if r["task"] != "depth"]
-    qs = [qs[int(j)] for j in np.linspace(0, len(qs) - 1, min(tc.val_gen, len(qs)))] if qs else []
-    items = [ds[i] for i in qs]
-    answers = greedy_answers(gem, ds.tok, items, tc.image_first, tc.batch_size, max_new_tokens=48)
+    items = [ds[qs[j]] for j in spread(len(qs), tc.val_gen)]
+    answers = answer_questions(gem, ds.tok, items, tc.image_first, tc.batch_size, max_new_tokens=48)
     hits, counts = {}, {}
     for it, ans in zip(items, answers):
         key = f"{it['task']}/{it['type']}"
@@ -431,23 +423,29 @@ def val_answers(gem, ds, tc, pad_id, device, show=2):
     return res
 
 
+def distinct_frames(records: list[dict]) -> list[int]:
+    """One record index per distinct frame with depth: a frame carries several questions, and a frame
+    with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
+    seen, idx = set(), []
+    for i, r in enumerate(records):
+        d = r.get("depth")
+        if d and os.path.basename(r["image"]) == os.path.basename(d) and d not in seen:
+            seen.add(d)
+            idx.append(i)
+    return idx
+
+
 @torch.no_grad()
-def depth_grid(gem, head, ds, tc, pad_id, target, device, path, n=4):
-    """PNG grid, one row per val image: RGB | true target | target sampled from the current features."""
+def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
+    """PNG grid, one row per item ds[i] of idx: RGB | true target | target sampled from the current features."""
     from PIL import Image
     was_training = gem.training
     gem.eval()
-    idx, seen = [], set()  # distinct images (a frame carries several questions), spread over the split
-    for i, r in enumerate(getattr(ds, "records", None) or [{"image": i} for i in range(len(ds))]):
-        if r["image"] not in seen:
-            seen.add(r["image"])
-            idx.append(i)
-    idx = [idx[int(j)] for j in np.linspace(0, len(idx) - 1, min(n, len(idx)))]
-    b = make_batch(ds, idx, pad_id, target, device)
+    b = make_batch(ds, idx, pad_id, head.cfg.modality, device)
     hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
     gen = head.sample(hidden.float(), steps=tc.sample_steps, cfg_scale=tc.cfg_scale,
                       generator=torch.Generator(device=device).manual_seed(0))
-    size = tc.image_size if tc.image_size >= 64 else 64
+    size = max(gem.cfg.image_size, 64)
 
     def img(x):  # (C,S,S) in [0,1] -> (size,size,3) uint8
         x = F.interpolate(x[None].float().clamp(0, 1), (size, size), mode="nearest")[0]
@@ -461,17 +459,83 @@ def depth_grid(gem, head, ds, tc, pad_id, target, device, path, n=4):
 
 
 # ----------------------------------------------------------------------------------------------------
-# One stage
+# One stage: the loop, and the helpers it calls once per step
+
+def train_step(model, has_head, batches, params, stage, tc, ddp, device, amp, ckpt):
+    """Forward/backward over the step's micro-batches, gradient clipping and the NaN guard -> (terms, grad norm).
+    The loss is a mean over the global batch: every token (or sample) for text, every valid image for flow."""
+    counts = all_sum(torch.tensor([float(sum(text_count(b["labels"], tc.loss_norm == "sample") for b in batches)),
+                                   float(sum(b["target_valid"].sum() for b in batches))], device=device), ddp)
+    world = dist.get_world_size() if ddp else 1
+    stats = torch.zeros(2, device=device)
+    for m, b in enumerate(batches):
+        w_text = world / max(counts[0].item(), 1.0)  # DDP averages gradients over ranks: undo that with world
+        w_flow = world * b["target_valid"].sum().item() / max(counts[1].item(), 1.0)
+        sync = nullcontext() if (not ddp or m == len(batches) - 1) else model.no_sync()
+        with sync:
+            with amp:
+                loss, text_sum, flow = model(b, w_text, w_flow)
+            loss.backward()
+        stats += torch.stack([text_sum.float(), flow.float() * b["target_valid"].sum()])
+    stats = all_sum(stats, ddp)
+    losses = STAGES[stage]["losses"]
+    terms = {"text": (stats[0] / counts[0].clamp(min=1)).item()} if "text" in losses else {}
+    if "flow" in losses and has_head:
+        terms["flow"] = (stats[1] / counts[1].clamp(min=1)).item()
+    terms["loss"] = gem_loss(stage, terms.get("text", 0.0), terms.get("flow", 0.0), tc.lam)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
+    if not (math.isfinite(terms["loss"]) and math.isfinite(gnorm)):  # stop before the update touches the weights
+        die(f"non-finite loss at stage {stage} ({terms}, grad norm {gnorm}); stopping without saving; "
+            f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
+    return terms, gnorm
+
+
+def flops_per_token(gem, head, stage) -> float:
+    """Training FLOPs per token: 6 N for parameters that train (forward + backward), 2 N for a VLM that only
+    runs forward (stages 1-2). The head's convolutions are not counted (small next to the VLM)."""
+    n_vlm = sum(p.numel() for p in gem.parameters())
+    return (6 if "vlm" in STAGES[stage]["trains"] else 2) * n_vlm
+
+
+def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
+    """Validation, the depth grid and checkpoints, each on its own schedule; -> True to stop (--stop_after)."""
+    rank, device, log, logf, ckpt = ctx["rank"], ctx["device"], ctx["log"], ctx["logf"], ctx["ckpt"]
+    last = step == total
+    pad_id = D.special_ids(ctx["tok"])["pad_id"]
+    if rank == 0 and ((tc.eval_every and step % tc.eval_every == 0) or last):
+        res = validate(gem, head, val, tc, stage, pad_id, device, amp)
+        logf(dict(stage=stage, step=step, **res))
+        for s in res.pop("val_samples", []):
+            log("  " + s)
+    if (rank == 0 and head is not None and "flow" in STAGES[stage]["losses"]
+            and ((tc.viz_every and step % tc.viz_every == 0) or last)):
+        png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
+        frames = distinct_frames(val.records)
+        depth_grid(gem, head, val, [frames[j] for j in spread(len(frames), 4)], tc, pad_id, device, png)
+        shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
+    ctx["steps_run"] += 1
+    stop = bool(tc.stop_after and ctx["steps_run"] >= tc.stop_after)
+    if (tc.ckpt_every and step % tc.ckpt_every == 0) or last or stop:
+        if not all(torch.isfinite(p).all() for p in params):
+            die(f"non-finite parameters after stage {stage} step {step} (learning rate too high?); not saving; "
+                f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
+        if rank == 0:
+            save_stage(ckpt, gem, head, tc, tok_path, stage, step, opt, last, step * gbatch)
+        if ctx["ddp"]:
+            dist.barrier()
+    if stop:
+        log(f"stage {stage}: stopping after {ctx['steps_run']} steps (--stop_after); continue with --resume")
+    return stop
+
 
 def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
+    """Train one stage (STAGES[stage]) from step 0 or from resume_state -> True when the stage finished."""
     device, rank, world, ddp, log, logf = ctx["device"], ctx["rank"], ctx["world"], ctx["ddp"], ctx["log"], ctx["logf"]
-    spec, total = STAGES[stage], getattr(tc, f"steps{stage}")
-    peak = getattr(tc, f"lr{stage}")
-    target = head.cfg.target if head is not None else "depth"
-    tok = ctx["tok"]
-    pad_id = D.special_ids(tok)["pad_id"]
+    total, peak = getattr(tc, f"steps{stage}"), getattr(tc, f"lr{stage}")
+    modality = head.cfg.modality if head is not None else "depth"
+    pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
-    ds_kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
+    ds_kw = dict(tok=ctx["tok"], image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
                  head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len)
     ds, val = D.GemDataset(tc.data, "train", **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
     params = trainable(gem, head, stage, head_trained, log)
@@ -480,101 +544,52 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         step = resume_state["step"]
-        torch.set_rng_state(resume_state["rng_cpu"])
         log(f"stage {stage}: resumed at step {step}/{total}")
-    model = Bundle(gem, head, stage, tc.lam, tc.loss_norm == "sample")
+    model = Bundle(gem, head, stage, tc)
     if tc.compile:
         model = torch.compile(model)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    ckpt = os.path.join(tc.out, f"stage{stage}")
+    ctx["ckpt"] = os.path.join(tc.out, f"stage{stage}")
     gbatch = tc.batch_size * tc.grad_accum * world
-    n_params = sum(p.numel() for p in gem.parameters()) + (sum(p.numel() for p in head.parameters()) if head else 0)
-    log(f"stage {stage}: {total} steps, lr {peak:g}, global batch {gbatch}, {len(ds)} train samples "
-        f"({'captions' if stage == 0 else 'mixture'}), trains {sum(p.numel() for p in params):,} of {n_params:,} params")
-    gem.train(spec["vlm"])
+    n_params = sum(p.numel() for m in (gem, head) if m is not None for p in m.parameters())
+    log(f"stage {stage}: {total} steps, lr {peak:g}, global batch {gbatch}, {len(ds)} train samples, "
+        f"trains {sum(p.numel() for p in params):,} of {n_params:,} params")
+    gem.train("vlm" in STAGES[stage]["trains"])
     if head is not None:
         head.train()
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, leave=True)
-    t0, seen_s, seen_t = time.time(), 0, 0
-    steps_items = iter(torch.utils.data.DataLoader(
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, disable=rank != 0)
+    loader = iter(torch.utils.data.DataLoader(
         StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum),
         batch_size=None, collate_fn=_as_is, num_workers=tc.workers, prefetch_factor=4 if tc.workers else None))
+    t0, seen_s, seen_t = time.time(), 0, 0
     while step < total:
-        lr = lr_at(step, total, peak, tc)
+        lr = lr_at(step, total, peak, tc.warmup, tc.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        # the step's noise depends on (seed, stage, step, rank) only: resume and recipes stay reproducible
-        torch.manual_seed(tc.seed * 1_000_003 + stage * 10_007 + step * 101 + rank)
-        batches = [make_batch(ds, None, pad_id, target, device, ch) for items in next(steps_items)
+        batches = [make_batch(ds, None, pad_id, modality, device, ch) for items in next(loader)
                    for ch in length_chunks(items)]
-        # global counts first, so the loss is a mean over every token (or sample) / valid image of the global batch
-        counts = all_sum(torch.tensor([float(sum(text_count(b["labels"], tc.loss_norm == "sample") for b in batches)),
-                                       float(sum(b["depth_valid"].sum() for b in batches))], device=device), ddp)
-        stats = torch.zeros(2, device=device)
-        for m, b in enumerate(batches):
-            w_text = world / max(counts[0].item(), 1.0)
-            w_flow = world * b["depth_valid"].sum().item() / max(counts[1].item(), 1.0)
-            sync = nullcontext() if (not ddp or m == len(batches) - 1) else model.no_sync()
-            with sync:
-                with amp:
-                    loss, text_sum, flow = model(b, w_text, w_flow)
-                loss.backward()
-            stats += torch.stack([text_sum.float(), flow.float() * b["depth_valid"].sum()])
-        stats = all_sum(stats, ddp)
-        terms = {"text": (stats[0] / counts[0].clamp(min=1)).item()} if spec["text"] else {}
-        if head is not None and spec["flow"]:
-            terms["flow"] = (stats[1] / counts[1].clamp(min=1)).item()
-        total_l = terms.get("text", 0.0) + (tc.lam if stage == 3 else 1.0) * terms.get("flow", 0.0)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
-        if not (math.isfinite(total_l) and math.isfinite(gnorm)):  # stop before the update touches the weights
-            die(f"non-finite loss at stage {stage} step {step} ({terms}, grad norm {gnorm}); stopping without "
-                f"saving; last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
+        terms, gnorm = train_step(model, head is not None, batches, params, stage, tc, ddp, device, amp, ctx["ckpt"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         seen_s += gbatch
         seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches))), ddp).item())
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"}, refresh=False)
         if step % tc.log_every == 0 or step == total:
             dt = time.time() - t0
-            rec = dict(stage=stage, step=step, loss=total_l, **terms, lr=lr, grad_norm=gnorm,
-                       samples_per_s=seen_s / dt, tokens_per_s=seen_t / dt)
-            if device.type == "cuda":  # 6 N flops per token (fwd + bwd), all ranks together
-                rec["mfu"] = 6 * n_params * seen_t / dt / (tc.peak_tflops * 1e12 * world)
+            rec = dict(stage=stage, step=step, **terms, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
+                       tokens_per_s=seen_t / dt)
+            if device.type == "cuda":  # all ranks together
+                rec["mfu"] = flops_per_token(gem, head, stage) * seen_t / dt / (tc.peak_tflops * 1e12 * world)
             logf(rec)
             t0, seen_s, seen_t = time.time(), 0, 0
-        last_step = step == total
-        if rank == 0 and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
-            res = validate(gem, head, val, tc, stage, pad_id, target, device, amp)
-            logf(dict(stage=stage, step=step, **res))
-            for s in res.pop("val_samples", []):
-                log("  " + s)
-        if rank == 0 and head is not None and spec["flow"] and ((tc.viz_every and step % tc.viz_every == 0) or last_step):
-            png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
-            depth_grid(gem, head, val, tc, pad_id, target, device, png)
-            shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
-        ctx["steps_run"] += 1
-        stop = tc.stop_after and ctx["steps_run"] >= tc.stop_after
-        if (tc.ckpt_every and step % tc.ckpt_every == 0) or last_step or stop:
-            if not all(torch.isfinite(p).all() for p in params):
-                die(f"non-finite parameters after stage {stage} step {step} (learning rate too high?); not saving; "
-                    f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
-            if rank == 0:
-                save_stage(ckpt, gem, head, tc, tok_path, stage, step, opt, last_step, step * gbatch)
-            if ddp:
-                dist.barrier()
-        if stop:
-            log(f"stage {stage}: stopping after {ctx['steps_run']} steps (--stop_after); continue with --resume")
+        if after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     return step == total
 
 
@@ -627,11 +642,13 @@ def train(tc: TrainConfig, stages: list):
         tok_path = os.path.join(resolve_ckpt(tc.init), "tokenizer.json")
         if tc0.image_first != tc.image_first:
             log(f"note: --image_first={tc.image_first} differs from the stage-0 run ({tc0.image_first})")
+        tc.model = gem.cfg  # later stages take every shape from --init: record the real ones
         torch.manual_seed(tc.seed)  # the head's initial weights are the same in every recipe
         head = None if tc.recipe == "sft" else build_head(tc, gem, tc.recipe)
     head_trained = False
     if tc.head_init:
         hpath = resolve_ckpt(tc.head_init)
+        check_flow_convention(hpath)
         load_head(head, load_checkpoint(hpath)[0], os.path.join(hpath, "model.safetensors"))
         head_trained = True
     gem.to(device)

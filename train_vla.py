@@ -11,8 +11,10 @@ plus vla.json and norm_stats.json; train_pretrain.load_pretrained reads it too (
 Paper -> code map (PAPER.md, "GEM-VLA")
   RDT-style DiT expert, AdaLN on flow time + state      ActionExpert (adaLN-single), ExpertBlock
   block i cross-attends to VLM layer i (embedding = 0)  ActionExpert.context: K/V of hidden_states[i], padding masked
-  x_t = t a + (1 - t) eps, target a - eps, t logit-norm flow_matching_loss
-  5 Euler steps at inference                            ActionExpert.sample (--flow_steps)
+  rectified flow on the action chunk, t logit-normal   flow_matching_loss (depth_head.flow_pair: ONE convention
+    (paper: x_t = t a + (1-t) eps; ours, as the depth     for both heads: x_t = (1-t) a + t eps, velocity eps - a,
+    head: t -> 1-t, the same path run backwards)          noise at t = 1)
+  5 Euler steps at inference                            ActionExpert.sample -> depth_head.euler_sample (--flow_steps)
   L = L_action + 0.1 L_flow(depth), first camera        GEMVLA.forward (--depth_weight; 0 = no depth term)
   VLM trains jointly at its own lr (or frozen)          build_optimizer (--vlm_lr, --freeze_vlm)
   action chunk, executed k of H then re-planned         Policy.act / act_batch (--replan_k)
@@ -36,8 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-from model import RMSNorm, config_from_dict, config_to_dict, load_checkpoint, load_tensors, parse_config
-from train_pretrain import all_sum, die, git_commit, load_pretrained, lr_at, resolve_ckpt, sample_indices, setup_dist
+from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at, parse_config,
+                    setup_dist)
+from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
+from model import RMSNorm, load_tensors
+from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt, sample_indices
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -45,14 +50,6 @@ from train_pretrain import all_sum, die, git_commit, load_pretrained, lr_at, res
 
 def modulate(x, shift, scale):  # AdaLN: x (B,T,D), shift/scale (B,D)
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def timestep_embedding(t, dim: int):
-    """Sinusoidal embedding of the flow time t in [0,1] (B,) -> (B, dim); t scaled by 1000 as in DiT."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class ExpertBlock(nn.Module):
@@ -93,7 +90,7 @@ class ExpertBlock(nn.Module):
 
 
 class ActionExpert(nn.Module):
-    """Predicts the flow velocity (a - eps) of a normalised action chunk (B, H, A) at time t (paper: RDT DiT).
+    """Predicts the flow velocity (eps - a) of a normalised action chunk (B, H, A) at time t (paper: RDT DiT).
 
     Tokens: [state token, H noisy action tokens] + learned positions. Conditioning: AdaLN on
     emb(t) + mlp(state). Block i cross-attends to VLM hidden_states[i] (embedding output = layer 0).
@@ -131,18 +128,15 @@ class ActionExpert(nn.Module):
 
     @torch.no_grad()
     def sample(self, state, ctx, steps: int = 5, generator=None):
-        """Euler integration of dx/dt = v from noise (t=0) to actions (t=1) -> (B, H, A) normalised."""
-        B = state.shape[0]
-        x = torch.randn(B, self.horizon, self.action_dim, generator=generator, device=state.device)
-        for i in range(steps):
-            t = torch.full((B,), i / steps, device=state.device)
-            x = x + self.forward(x, t, state, ctx) / steps
-        return x
+        """Euler integration from noise (t = 1) to actions (t = 0) -> (B, H, A) normalised."""
+        noise = torch.randn(state.shape[0], self.horizon, self.action_dim, generator=generator, device=state.device)
+        return euler_sample(lambda x, t: self.forward(x, t, state, ctx), noise, steps)
 
 
 def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 1, t_mu: float = 0.0,
                        t_sigma: float = 1.0, generator=None):
-    """Rectified flow on the chunk: x_t = t a + (1-t) eps, regress a - eps; t = sigmoid(N(mu, sigma)).
+    """Rectified flow on the chunk (depth_head.flow_pair): x_t = (1-t) a + t eps, regress eps - a, with
+    t = sigmoid(N(mu, sigma)) (logit-normal; t_mu > 0 puts more weight near the noise end).
 
     actions (B,H,A) normalised, state (B,S), action_mask (B,H) bool (False past the episode end).
     `repeats` draws several (t, eps) per sample: the VLM forward is shared, so this is nearly free.
@@ -153,8 +147,8 @@ def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 
     B = actions.shape[0]
     noise = torch.randn(actions.shape, generator=generator, device=actions.device)
     t = torch.sigmoid(t_mu + t_sigma * torch.randn(B, generator=generator, device=actions.device))
-    x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
-    err = (expert(x_t, t, state, ctx) - (actions - noise)).pow(2).mean(-1)  # (B, H)
+    x_t, v = flow_pair(actions, noise, t)
+    err = (expert(x_t, t, state, ctx) - v).pow(2).mean(-1)  # (B, H)
     m = action_mask.float()
     return (err * m).sum() / m.sum().clamp(min=1.0)
 
@@ -267,7 +261,7 @@ def save_vla(path, model: GEMVLA, cfg: VLAConfig, pre_tc, stats: dict, tok_path:
         extra.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     meta = dict(head=config_to_dict(model.head.cfg) if model.head is not None else None, train=config_to_dict(pre_tc),
                 recipe="vla", init=cfg.init, git_commit=git_commit())
-    model.vlm.save_pretrained(path, extra_tensors=extra, train_state=train_state,
+    model.vlm.save_pretrained(path, extra_tensors=extra, train_state=train_state, flow_convention=FLOW_CONVENTION,
                               json_files={"pretrain.json": meta, "vla.json": config_to_dict(cfg), "norm_stats.json": stats},
                               copy_files={"tokenizer.json": tok_path})
 
@@ -279,6 +273,7 @@ def load_vla(path: str, device="cpu"):
     for n, f in files.items():
         if not os.path.isfile(f):
             die(f"{f}: missing (not a train_vla.py checkpoint?)")
+    check_flow_convention(path)  # the expert's, even when the VLM has no head
     vlm, head, tok, pre_tc = load_pretrained(path)
     with open(files["vla.json"]) as f:
         cfg = config_from_dict(VLAConfig, json.load(f), files["vla.json"])
@@ -422,20 +417,18 @@ def main(argv=None):
     tok_path = os.path.join(resolve_ckpt(cfg.init), "tokenizer.json")
     if cfg.depth_weight > 0 and head is None:
         die(f"--depth_weight={cfg.depth_weight} but {cfg.init} has no generative head (an sft/base VLM): use 0")
-    if head is not None and cfg.depth_weight > 0 and head.cfg.target != "depth":
-        die(f"--depth_weight: the head of {cfg.init} generates {head.cfg.target!r}, not depth")
+    if head is not None and cfg.depth_weight > 0 and head.cfg.modality != "depth":
+        die(f"--depth_weight: the head of {cfg.init} generates {head.cfg.modality!r}, not depth")
     model = GEMVLA(vlm, build_expert(cfg, vlm.cfg), head if cfg.depth_weight > 0 else None).to(device)
     pad_id = D.special_ids(tok)["pad_id"]
 
-    # demos: the last --val_episodes episodes of every task are held out for the validation action L1
-    stats = [D.compute_norm_stats(cfg.demos) if rank == 0 else None]  # rank 0 (re)writes norm_stats.json
-    if ddp:
-        torch.distributed.broadcast_object_list(stats, src=0)
-    stats = stats[0]
+    # demos: the last --val_episodes episodes of every task are held out for the validation action L1; the
+    # normalisation statistics come from the training episodes of the selected tasks only
     ds = D.DemoDataset(cfg.demos, tok, vlm.cfg.image_size, cfg.horizon, head.cfg.out_size if head else 32,
-                       vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats=stats)
+                       vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats={})
     train_idx, val_idx = split_demos(ds, cfg.tasks, cfg.val_episodes)
     val_idx = val_idx[::max(1, math.ceil(len(val_idx) / cfg.val_max))]
+    stats = ds.stats = D.norm_stats([ds.eps[e] for e in sorted({ds.index[i][0] for i in train_idx})])
     if not train_idx:
         die(f"{cfg.demos}: no training chunks (--tasks={cfg.tasks!r}, --val_episodes={cfg.val_episodes})")
 
@@ -472,7 +465,7 @@ def main(argv=None):
     model.train()
     t0, seen, stop = time.time(), 0, cfg.steps if not cfg.stop_after else min(cfg.steps, step + cfg.stop_after)
     while step < stop:
-        lr_scale = lr_at(step, cfg.steps, 1.0, cfg)
+        lr_scale = lr_at(step, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * lr_scale
         # data order and flow noise are pure functions of (seed, step, rank): resume continues exactly
@@ -483,12 +476,12 @@ def main(argv=None):
             terms = net(b, cfg)
         names = sorted(terms)
         vals = dict(zip(names, (all_sum(torch.stack([terms[k].detach().float() for k in names]), ddp) / world).tolist()))
-        if not all(math.isfinite(v) for v in vals.values()):  # NaN guard: stop before the weights go bad
-            die(f"non-finite loss at step {step} ({vals}); stopping without saving; last good checkpoint: "
-                f"{ckpt if os.path.isdir(ckpt) else 'none yet'}")
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip).item()
+        if not all(math.isfinite(v) for v in [gnorm, *vals.values()]):  # NaN guard: stop before the weights go bad
+            die(f"non-finite loss or gradient at step {step} ({vals}, grad norm {gnorm}); stopping without saving; "
+                f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
         opt.step()
         step, seen = step + 1, seen + cfg.batch_size
         bar.update(1)

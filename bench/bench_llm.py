@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+from common import parse_config  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ def time_pair(fa, fb, dev, iters):
 
 def main(argv):
     import transformers
-    b = M.parse_config(BenchConfig, argv, {p: {} for p in M.MODEL_PRESETS})
+    b = parse_config(BenchConfig, argv, {p: {} for p in M.MODEL_PRESETS})
     dev = torch.device("cuda" if b.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if b.device == "auto" else b.device))
     dtype = getattr(torch, b.dtype if b.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32"))

@@ -23,7 +23,7 @@ import data as D  # noqa: E402
 import sim_env  # noqa: E402
 import train_pretrain as TP  # noqa: E402
 import train_vla as V  # noqa: E402
-from model import parse_config  # noqa: E402
+from common import parse_config  # noqa: E402
 
 
 @dataclass

@@ -5,7 +5,8 @@ Trains `sft` variants of stage 3 from stage-0 checkpoints and scores each on a l
     stage-3 steps          150 / 600 / 2400 (the tiny reproduction can afford ~150 per recipe on 2 cores)
     text loss              token mean (paper's code) vs sample mean (--loss_norm)
     learning rate          1e-3 vs 3e-3
-    question position      before the image (default) vs after it (--image_first=true)
+    question position      before the image (--image_first=false, these runs' default) vs after it (true;
+                           train_pretrain's default since the quality pass)
     image tokens           16 (8-px patches merged 2x2) vs 64 (--merge=1)
     data                   240 vs 960 train rollouts, or reasoning questions only (--families=reasoning)
 The table it prints is results/tiny/learning_curve.md. One seed per row: a row's 95% interval is about
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from model import parse_config  # noqa: E402
+from common import parse_config  # noqa: E402
 
 DATA = {"": ["--val_rollouts=200"], "L": ["--train_rollouts=960", "--val_rollouts=200"]}  # same val split
 BASES = {"": ("", []), "L": ("L", []), "M": ("", ["--merge=1"]), "MI": ("", ["--merge=1", "--image_first=true"])}
@@ -82,12 +83,14 @@ def main(argv):
 
     def base(b):
         d, flags = BASES[b]
+        flags = flags if any("image_first" in f for f in flags) else flags + ["--image_first=false"]
         if not os.path.isfile(f"{c.out}/base{b}/run.json") or not os.path.isdir(f"{c.out}/base{b}/stage0"):
             sh(["train_pretrain.py", "--preset=tiny", "--recipe=base", f"--data={c.data}{d}", f"--out={c.out}/base{b}",
                 "--steps0=100"] + common + flags, f"{c.out}/base{b}.log")
 
     def run(n):
         b, flags = RUNS[n]
+        flags = flags if any("image_first" in f for f in flags) else flags + ["--image_first=false"]
         res = f"{c.out}/{n}/eval_val/results.json"
         if not os.path.isfile(res):
             sh(["train_pretrain.py", "--preset=tiny", "--recipe=sft", f"--init={c.out}/base{b}", f"--data={c.data}{BASES[b][0]}",

@@ -1,4 +1,4 @@
-"""Typed flag parsing and atomic checkpoints (model.parse_config / save_checkpoint)."""
+"""Typed flag parsing and atomic checkpoints (common.parse_config / save_checkpoint)."""
 import dataclasses
 import os
 import typing
@@ -6,7 +6,7 @@ import typing
 import pytest
 import torch
 
-from model import load_checkpoint, parse_config, save_checkpoint
+from common import load_checkpoint, parse_config, save_checkpoint
 
 
 @dataclasses.dataclass

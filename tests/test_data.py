@@ -1,8 +1,10 @@
 """data.py: tokenizer, chat template, depth targets and PNG I/O, JSONL validation, datasets, and the
 generated micro data re-checked against the simulator by independent functions (fixtures in conftest.py)."""
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -237,7 +239,12 @@ def check_record(root, r):
         assert (img == obs["rgb"]).all(), r["id"]  # the stored frame is the simulator's frame
     d_png = data.load_depth_png(os.path.join(root, r["depth"]))
     assert np.abs(d_png - depth).max() <= 0.0005 + 1e-6
-    ans = m.get("answer")
+    ans, q = m.get("answer"), r["conversations"][0]["value"]
+    # the objects the answer is checked against (meta) are the ones the question names, in its order
+    at = [re.search(rf"\bthe {re.escape(objs[m[k]]['name'])}\b", q) for k in ("obj", "ref") if k in m and typ != "rel_mc"]
+    assert all(at) and [a.start() for a in at] == sorted(a.start() for a in at), r["id"]
+    if "rel" in m:
+        assert f" {data.RELATIONS[m['rel']]} the {objs[m['ref']]['name']}" in q, r["id"]
     if typ == "box":
         assert ans_text == "[{}, {}, {}, {}]".format(*ans)
         assert np.abs(np.array(ans) - _mask_box(seg, m["obj"])).max() <= 1.0
@@ -359,10 +366,25 @@ def test_gem_dataset_on_micro_data(micro_data):
         assert 0 <= float(it["depth_target"].min()) and float(it["depth_target"].max()) <= 1
     caps = data.GemDataset(micro_data, "train", tok, 64, 16, 16, families=["caption"])
     assert len(caps) > 0 and all(r["task"] == "caption" for r in caps.records)
-    w = ds.sample_weights({"caption": 1.0, "grounding": 1.0})
-    fam = [r["task"] for r in ds.records]
-    assert abs(sum(w[i] for i in range(len(fam)) if fam[i] == "caption") - 1.0) < 1e-9
-    assert all(w[i] == 0 for i in range(len(fam)) if fam[i] not in ("caption", "grounding"))
+
+
+def test_every_reference_answer_scores_one_in_eval(micro_data):
+    """eval.py parses the reference from the dataset's own answer text: the answer itself must score 1.0,
+    called as eval_vlm calls score_answer (GemDataset item: answer, meta, image shape)."""
+    import eval as E
+    tok = data.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    types = set()
+    for split in data.SPLITS:
+        ds = data.GemDataset(micro_data, split, tok, image_size=64, n_image_tokens=16, head_size=16, max_len=4096)
+        for i, r in enumerate(ds.records):
+            if r["task"] in ("depth", "caption"):  # not benchmark questions (eval_vlm skips them)
+                continue
+            it = ds[i]
+            score, _ = E.score_answer(E.KIND.get(it["type"], "exact"), it["answer"], it["answer"], it["meta"],
+                                      tuple(it["pixel_values"].shape[-2:]))
+            assert score == 1.0, (it["id"], it["type"], it["answer"])
+            types.add(it["type"])
+    assert types == set(data.TYPE_FAMILY) - {"caption", "depth"}
 
 
 def test_answers_are_balanced():
@@ -411,6 +433,124 @@ def test_restart_does_not_rewrite_finished_shards(tmp_path, monkeypatch):
     fresh = tmp_path / "again"
     data.generate(data.GenConfig(**dict(data.GEN_PRESETS["micro"], out=str(fresh), preset="micro")))
     assert open(fresh / "test.jsonl").read() == open(tmp_path / "test.jsonl").read()
+
+
+def _shard_job(tmp_path, split, k, **over):
+    """gen_shard's job for shard k of a micro config with one rollout per shard (so rollout r = shard r)."""
+    cfg = dataclasses.asdict(data.GenConfig(**dict(data.GEN_PRESETS["micro"], out=str(tmp_path), preset="micro",
+                                                   shard=1, **over)))
+    for d in ("images", "depth", "states", "shards"):
+        os.makedirs(tmp_path / d, exist_ok=True)
+    return cfg, split, k
+
+
+def test_gen_shard_never_writes_a_failed_or_heldout_rollout(tmp_path, monkeypatch):
+    import sim_env
+    def fake_expert(ok):  # no simulation: the start state three times, success as given
+        return lambda env, start: ([start] * 3, [0] * 3, ok)
+    monkeypatch.setattr(data, "expert_rollout", fake_expert(False))  # the expert never succeeds
+    for split in ("train", "test"):
+        with pytest.raises(RuntimeError, match=f"{split} rollout 0: no successful expert rollout"):
+            data.gen_shard(_shard_job(tmp_path, split, 0))
+    # the expert succeeds, but every colour x shape is held out: train/val may not use any scene
+    monkeypatch.setattr(data, "expert_rollout", fake_expert(True))
+    monkeypatch.setattr(data, "HELDOUT_COMBOS", {(c, sh) for c in sim_env.COLOURS for sh in sim_env.HALF})
+    with pytest.raises(RuntimeError, match="val rollout 0: .*held-out"):
+        data.gen_shard(_shard_job(tmp_path, "val", 0))
+    assert os.listdir(tmp_path / "shards") == [] and os.listdir(tmp_path / "images") == []
+
+
+class _Accepted(Exception):
+    pass
+
+
+def _largest_accepted(run, option, hi=10 ** 7, negative_refused=True):
+    """The largest n >= 0 that run(n) accepts (raises _Accepted) rather than refuses (SystemExit naming option)."""
+    def ok(n):
+        try:
+            run(n)
+        except _Accepted:
+            return True
+        except SystemExit as e:
+            assert "\n" not in str(e) and str(e).startswith("error: ") and option in str(e), e  # one line
+            return False
+        raise AssertionError("neither accepted nor refused")
+    assert ok(0) and not ok(hi) and not (negative_refused and ok(-1))
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def test_simulator_seed_ranges_are_disjoint(tmp_path, monkeypatch):
+    """The seeds the code actually draws, at the largest settings it accepts: VLM train < val < test < demos <
+    every evaluation start state (sim_env.eval_seeds), and two demo --seed values never share a scene."""
+    import sim_env
+    eval_lo = min(min(sim_env.eval_seeds(s, t)) for s in sim_env.SUITES for t in range(len(sim_env.SUITES[s])))
+    monkeypatch.setattr(data, "_run_jobs", lambda *a, **k: (_ for _ in ()).throw(_Accepted()))
+    seen = []  # scene seeds of the VLM rollouts: the expert "fails", so gen_shard tries every seed then raises
+    monkeypatch.setattr(data, "expert_rollout", lambda env, start: (seen.append(start["seed"]), [start], [0], False)[1:])
+
+    class SeedOnly:  # gen_shard's simulator, minus the scene
+        def __init__(self, suite, task_id, **kw):
+            pass
+
+        def reset(self, seed=None, options=None):
+            self.seed = seed
+
+        def get_state(self):
+            return {"seed": self.seed, "objects": []}
+    ranges = []
+    for split in data.SPLITS:
+        n = _largest_accepted(lambda n: data.generate(data.GenConfig(**dict(
+            data.GEN_PRESETS["micro"], out=str(tmp_path / f"{split}{n}"), shard=10 ** 9, **{f"{split}_rollouts": n}))),
+            f"--{split}_rollouts")
+        with monkeypatch.context() as m:
+            m.setattr(sim_env, "TabletopEnv", SeedOnly)
+            for k in (0, n - 1):  # the first and the last rollout of the split
+                seen.clear()
+                with pytest.raises(RuntimeError):
+                    data.gen_shard(_shard_job(tmp_path, split, k, reduce=0.0, **{f"{split}_rollouts": n}))
+                ranges.append((min(seen), max(seen)))
+    # demos: a fake simulator whose episodes end at once, unsuccessful, so demo_task runs through every try
+    demo = {}
+
+    class NoEpisode:
+        def __init__(self, suite, task_id, **kw):
+            self.key = (suite, task_id)
+
+        def reset(self, seed=None, options=None):
+            demo.setdefault((self.seed, self.key), []).append(seed)
+            return {}, {"max_steps": 0, "success": False}
+    cfg = lambda seed, per_task: data.DemoConfig(out=str(tmp_path / "demos"), seed=seed, per_task=per_task)
+    top = _largest_accepted(lambda s: data.generate_demos(cfg(s, 1)), "--seed")
+    per_task = _largest_accepted(lambda n: data.generate_demos(cfg(top, n)), "--per_task", hi=4000, negative_refused=False)
+    assert top >= 1 and per_task >= 50
+    monkeypatch.setattr(sim_env, "TabletopEnv", NoEpisode)
+    for seed in (0, top - 1, top):
+        NoEpisode.seed = seed
+        for suite in ("spatial", "long"):
+            for t in range(len(sim_env.SUITES[suite])):
+                assert data.demo_task((dataclasses.asdict(cfg(seed, per_task)), suite, t))[2] == 0
+    ranges.append((min(min(v) for v in demo.values()), max(max(v) for v in demo.values())))
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), ranges  # each range below the next
+    assert ranges[-1][1] < eval_lo
+    for key in {k for _, k in demo}:  # one task's scenes: distinct tries, never shared between --seed values
+        runs = [demo[(s, key)] for s in (0, top - 1, top)]
+        assert len(set().union(*runs)) == sum(map(len, runs)) == 3 * len(runs[0]) > 3 * per_task
+    assert data.demo_seed(0, 3, 7) == 903_007  # --seed=0 keeps its old seeds: existing demo folders stay valid
+
+
+def test_demo_seeds_refuse_settings_reaching_the_eval_states(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_run_jobs", lambda *a, **k: (_ for _ in ()).throw(_Accepted()))  # fail fast if accepted
+    for over, want in ((dict(seed=1000), "--seed=1000 out of range"), (dict(seed=-1), "--seed=-1 out of range"),
+                       (dict(per_task=10 ** 6), "--per_task")):
+        with pytest.raises(SystemExit) as e:
+            data.generate_demos(data.DemoConfig(out=str(tmp_path / "d"), **over))
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("error: ") and want in msg and "evaluation start states" in msg, msg
+    assert not os.path.exists(tmp_path / "d")  # refused before any work
 
 
 # ----------------------------------------------------------------------------------------------------

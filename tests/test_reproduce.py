@@ -1,5 +1,6 @@
 """reproduce.py: the significance rule, the step plan, and an end-to-end `micro` reproduction that fills
 every cell of the three tables (and skips every step when rerun)."""
+import json
 import os
 import re
 
@@ -47,6 +48,19 @@ def _table_rows(text: str) -> list[str]:  # the three result tables (not the ste
     return [ln for ln in text.split("## Step times")[0].splitlines() if ln.startswith("| ")]
 
 
+def _tables(text: str) -> list[dict]:
+    """Each markdown table of the results page -> {row name: {column: cell}}."""
+    out = []
+    for block in text.split("## Step times")[0].split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("| ")]
+        if len(lines) < 2:
+            continue
+        head = [c.strip() for c in lines[0].strip("|").split("|")]
+        out.append({cells[0]: dict(zip(head[1:], cells[1:])) for cells in
+                    ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])})
+    return out
+
+
 def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
     args = ["--preset=micro", "--seeds=0", f"--data={tmp_path}/data", f"--runs={tmp_path}/runs",
             f"--results={tmp_path}/results"]
@@ -58,6 +72,23 @@ def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert "n/a" not in cells and "nan" not in row, row
+    # the cells are the evaluations' numbers: recomputed here from each run's results.json
+    t1, t2 = _tables(text)[:2]
+
+    def mean(per, types, key="score"):
+        types = [t for t in types if t in per]
+        return f"{100 * sum(per[t][key] for t in types) / len(types):.1f}"
+    probe = {}
+    for r in rp.RECIPES:
+        a = json.load(open(tmp_path / "runs" / "seed0" / r / "eval_test" / "results.json"))
+        per = a["all"]["per_type"]
+        assert t2[r]["reasoning (VSI-like)"].split()[0] == mean(per, a["all"]["per_family"]["reasoning"]["types"]), r
+        if r in t1:
+            assert t1[r]["macro"].split()[0] == mean(per, a["all"]["macro"]["types"]), r
+            assert t1["chance"]["macro"] == mean(per, a["all"]["macro"]["types"], "chance")
+        probe[r] = a["depth"]["probe"]["fg_ordinal"]
+        assert t2[r]["probe ordinal"].split()[0] == f"{100 * probe[r]:.1f}", r
+    assert t2["gem − direct"]["probe ordinal"].rstrip("*") == f"{100 * (probe['gem'] - probe['direct']):+.1f}"
     for needle in ("| gem − sft |", "| vla_gem − vla_sft |", "| expert |", "| random |", "60.0 / 28.9 / 72.7"):
         assert needle in text
     assert re.search(r"\| expert \| 100\.0", text)  # the scripted expert solves its episodes

@@ -1,4 +1,5 @@
 """sim_env.py: exact depth, mask/RGB agreement, determinism, replay, expert, predicates, gym API, errors."""
+import importlib.util
 import json
 import math
 
@@ -233,16 +234,42 @@ def test_bad_inputs_raise_clear_errors():
         env.reset(options={"start_id": 50})
 
 
+class _Largest:
+    """Stands in for a numpy Generator: integers() returns the largest value the real one could draw."""
+    def integers(self, low, high=None, *args, **kw):
+        return (low if high is None else high) - 1
+
+
 def test_eval_start_states_fixed_and_disjoint():
-    seeds = S.eval_seeds("goal", 0)
+    with open(S.EVAL_FILE) as f:
+        saved = json.load(f)                                      # the committed file, read directly
+    assert sorted(saved) == sorted(f"{s}/{t}" for s in S.SUITES for t in range(len(S.SUITES[s])))
+    seeds = saved["goal/0"]
     assert len(seeds) == S.N_EVAL and min(seeds) >= S.EVAL_SEED_BASE and len(set(seeds)) == S.N_EVAL
-    assert seeds == S._generate_eval_seeds("goal", 0)            # the cached file matches regeneration
+    assert seeds == S._generate_eval_seeds("goal", 0)            # the file matches regeneration
     states = S.eval_start_states("spatial", 2)
-    assert len(states) == S.N_EVAL and states == S.eval_start_states("spatial", 2)
+    assert len(states) == S.N_EVAL
+    fresh = S.TabletopEnv("spatial", 2, render_images=False)
+    for k in range(0, S.N_EVAL, 5):                               # start_id k = a plain reset with the file's seed k
+        fresh.reset(seed=saved["spatial/2"][k])
+        assert states[k] == fresh.get_state() and states[k]["seed"] == saved["spatial/2"][k]
+    eval_all = {x for v in saved.values() for x in v}
     env = S.TabletopEnv("spatial", 2, render_images=False)
+    drawn = []
+    for _ in range(20):                                           # training resets: random seeds...
+        env.reset()
+        drawn.append(env.seed)
+    env._seed_rng = _Largest()                                    # ...and the largest one reset can draw
     env.reset()
-    assert env.seed < S.TRAIN_SEEDS <= S.EVAL_SEED_BASE           # training resets never hit eval seeds
-    env.reset(options={"start_id": 3})
+    drawn.append(env.seed)
+    assert len(set(drawn)) > 15 and max(drawn) < min(eval_all)    # training resets never hit eval seeds
+    if importlib.util.find_spec("gymnasium"):                     # the gymnasium wrapper draws the same range
+        gym = S.gym_env("spatial", 2, render_images=False)
+        gym.reset()
+        gym.np_random = _Largest()
+        gym.reset()
+        assert gym.sim.seed == max(drawn)
+    env.reset(options={"start_id": 3})                            # a reused env: nothing carried over
     assert env.get_state() == states[3]
     task = S.SUITES["spatial"][2]
     assert task.heldout_templates and not set(task.heldout_templates) & set(task.templates)

@@ -1,0 +1,241 @@
+"""GEM-mini shared helpers: typed flags, atomic checkpoints, distributed set-up, the learning-rate schedule.
+
+A leaf: it imports nothing of the project, so the model, the simulator, the data and the scripts can all
+use it without an import circle (nanochat keeps one such file).
+
+  parse_config(cls, argv, presets)   dataclass config from --key=value flags and a named --preset; a
+                                     field that is itself a dataclass (TrainConfig.model) takes its
+                                     fields as plain flags (--dim=256)
+  config_to_dict / config_from_dict  JSON round trip of those configs, one-line errors naming the file
+  save_checkpoint / load_checkpoint  atomic checkpoint directories (DESIGN.md section 3)
+  setup_dist / all_sum               torchrun DDP (gloo on CPU, nccl on GPU)
+  lr_at                              linear warmup, then cosine decay (the paper's released recipe)
+  die / git_commit                   one-line fatal errors; the commit recorded in every run
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import typing
+
+import torch
+import torch.distributed as dist
+
+
+def die(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Typed flags
+
+def _convert(name: str, typ, text: str):
+    """Turn the text of flag --name into `typ`, or exit with a one-line message naming the flag."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]: "none" means None, else X
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if origin in (tuple, list):  # comma separated: --seeds=0,1,2
+            (elem, *_) = typing.get_args(typ) or (str,)
+            vals = [_convert(name, elem, t) for t in text.split(",") if t != ""]
+            return tuple(vals) if origin is tuple else vals
+        return typ(text)
+    except (ValueError, TypeError):
+        tname = getattr(typ, "__name__", str(typ))
+        raise SystemExit(f"error: flag --{name} expects {tname}, got {text!r}")
+
+
+def _nested(cls) -> dict:
+    """Fields of `cls` that are dataclasses themselves: field name -> its dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
+    """Build dataclass `cls` from `--key=value` (or `--key value`) flags.
+
+    `--preset=NAME` applies presets[NAME] first, then the other flags override it. A field whose type is
+    a dataclass (TrainConfig.model: GEMConfig) is set through its own fields' names (--dim=256), so each
+    size is declared once, in the model's config. Unknown flags and mistyped values exit with a one-line
+    error that names the flag. `--help` lists every field.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    nested = _nested(cls)
+    sub = {k: (name, typing.get_type_hints(c)[k]) for name, c in nested.items()
+           for k in (f.name for f in dataclasses.fields(c))}  # flag -> (nested field, type)
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            cfg = cls()
+            lines = [f"  --{k}={getattr(cfg, k)!r}" for k in fields if k not in nested]
+            lines += [f"  --{k}={getattr(getattr(cfg, n), k)!r}  ({n})" for k, (n, _) in sub.items()]
+            extra = f"  presets: {', '.join(presets)}\n" if presets else ""
+            raise SystemExit(f"flags of {cls.__name__} (defaults):\n" + "\n".join(lines) + "\n" + extra)
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}: flags look like --key=value")
+        if "=" in arg:
+            key, val = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, val = arg[2:], argv[i + 1]
+            i += 1
+        elif {**hints, **{k: t for k, (_, t) in sub.items()}}.get(arg[2:].replace("-", "_")) is bool:
+            key, val = arg[2:], "true"  # bare --flag means true
+        else:
+            raise SystemExit(f"error: flag {arg} needs a value (--key=value)")
+        pairs.append((key.replace("-", "_"), val))
+        i += 1
+    values = {}  # flat: our fields and the nested configs' fields
+    for key, val in pairs:
+        if key == "preset":
+            if presets is None or val not in presets:
+                raise SystemExit(f"error: unknown --preset={val!r}; valid: {', '.join(presets or {})}")
+            values.update(presets[val])
+    if "preset" in fields:
+        values.setdefault("preset", next((v for k, v in pairs if k == "preset"), fields["preset"].default))
+    for key, val in pairs:
+        if key == "preset":
+            continue
+        if key in fields and key not in nested:
+            values[key] = _convert(key, hints[key], val)
+        elif key in sub:
+            values[key] = _convert(key, sub[key][1], val)
+        else:
+            valid = [k for k in fields if k not in nested] + list(sub)
+            raise SystemExit(f"error: unknown flag --{key}; valid flags: " + ", ".join(f"--{k}" for k in valid))
+    kwargs = {k: v for k, v in values.items() if k in fields and k not in nested}
+    for name, c in nested.items():
+        kwargs[name] = c(**{k: v for k, v in values.items() if sub.get(k, (None,))[0] == name})
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, d: dict, source: str = "config.json"):
+    """Inverse of config_to_dict; a field this version does not know is an error naming the file."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__} (written by another version? "
+                         f"retrain or use the matching commit)")
+    hints, nested = typing.get_type_hints(cls), _nested(cls)
+    kw = {k: (config_from_dict(nested[k], v, source) if k in nested else
+              tuple(v) if typing.get_origin(hints[k]) is tuple else v) for k, v in d.items()}
+    return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict,
+                    json_files: dict[str, dict] | None = None, copy_files: dict[str, str] | None = None,
+                    train_state: dict | None = None) -> None:
+    """Write a checkpoint directory atomically (DESIGN.md section 3).
+
+    Everything goes to `<path>.tmp-<pid>` first; only a complete directory is renamed into place, so a
+    run killed mid-write leaves the previous checkpoint intact. Layout: config.json, model.safetensors,
+    any extra JSON files (e.g. norm_stats.json), copied files (e.g. tokenizer.json), train_state.pt.
+    """
+    from safetensors.torch import save_file
+    path = os.path.normpath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    # safetensors refuses shared or non-contiguous storage: store plain contiguous copies
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
+              os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name, obj in (json_files or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    for name, src in (copy_files or {}).items():
+        shutil.copyfile(src, os.path.join(tmp, name))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)  # the old one is kept until the new one is in place
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, with_train_state: bool = False):
+    """Read a checkpoint directory -> (tensors, config dict, train_state or None). Errors name the file."""
+    from safetensors.torch import load_file
+    cfg_file, wfile = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    for f in (cfg_file, wfile):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: missing (is {path!r} a GEM-mini checkpoint directory?)")
+    try:
+        with open(cfg_file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    tensors = load_file(wfile)
+    state = None
+    sfile = os.path.join(path, "train_state.pt")
+    if with_train_state and os.path.isfile(sfile):
+        state = torch.load(sfile, map_location="cpu", weights_only=True)
+    return tensors, config, state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training infrastructure shared by train_pretrain.py and train_vla.py
+
+def setup_dist(cfg):
+    """-> (device, rank, world, ddp). torchrun sets RANK/WORLD_SIZE; gloo on CPU so DDP is testable here.
+    cfg needs .device (auto | cpu | cuda) and .threads (0 = torch's default)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return torch.device(device), rank, world, ddp
+
+
+def all_sum(x: torch.Tensor, ddp: bool) -> torch.Tensor:
+    if ddp:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float, min_lr_frac: float) -> float:
+    """Linear warmup over the first `warmup` fraction of the steps, then cosine decay to min_lr_frac * peak."""
+    warm = max(1, int(warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
