@@ -1,5 +1,4 @@
 """sim_env.py: exact depth, mask/RGB agreement, determinism, replay, expert, predicates, gym API, errors."""
-import importlib.util
 import json
 import math
 
@@ -263,12 +262,11 @@ def test_eval_start_states_fixed_and_disjoint():
     env.reset()
     drawn.append(env.seed)
     assert len(set(drawn)) > 15 and max(drawn) < min(eval_all)    # training resets never hit eval seeds
-    if importlib.util.find_spec("gymnasium"):                     # the gymnasium wrapper draws the same range
-        gym = S.gym_env("spatial", 2, render_images=False)
-        gym.reset()
-        gym.np_random = _Largest()
-        gym.reset()
-        assert gym.sim.seed == max(drawn)
+    gym = S.gym_env("spatial", 2, render_images=False)           # the gymnasium wrapper draws the same range
+    gym.reset()
+    gym.np_random = _Largest()
+    gym.reset()
+    assert gym.sim.seed == max(drawn)
     env.reset(options={"start_id": 3})                            # a reused env: nothing carried over
     assert env.get_state() == states[3]
     task = S.SUITES["spatial"][2]
@@ -285,7 +283,7 @@ def test_augmentation_opt_in_and_deterministic():
 
 
 def test_gymnasium_env_checker():
-    gym_utils = pytest.importorskip("gymnasium.utils.env_checker")
+    import gymnasium.utils.env_checker as gym_utils  # a dev requirement: missing fails, never skips
     env = S.gym_env("goal", 2, image_size=32)
     gym_utils.check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=3)

@@ -233,6 +233,21 @@ def test_stage_losses(base, micro_data):
         assert torch.allclose(got, want, atol=1e-5), stage
 
 
+def test_frames_and_targets(micro_data):
+    """distinct_frames: one record per frame with depth, never a marked copy (its own image over the frame's
+    depth map); make_batch: an RGB target is valid wherever the image exists, depth only where depth exists."""
+    tok = TP.D.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    ds = TP.D.GemDataset(micro_data, "val", tok, 64, 16, 16)
+    idx = TP.distinct_frames(ds.records)
+    frames = {r["meta"]["frame"] for r in ds.records}  # reference: the frame ids the generator wrote
+    assert sorted(ds.records[i]["meta"]["frame"] for i in idx) == sorted(frames)
+    assert any(r["meta"].get("type") == "marked" for r in ds.records)  # the case that matters is present
+    assert all(ds.records[i]["meta"].get("type") != "marked" for i in idx)
+    items = [dict(ds[i], pos=i, depth_valid=False) for i in idx[:2]]  # as for a record without depth
+    assert TP.make_batch(ds, None, 0, "rgb", "cpu", items)["target_valid"].all()
+    assert not TP.make_batch(ds, None, 0, "depth", "cpu", items)["target_valid"].any()
+
+
 def test_text_loss_normalisation_against_a_per_sample_loop():
     """token: CE summed over every answer token; sample: each sample's mean CE, summed. Reference: a loop
     over samples with log_softmax, independent of the vectorised code."""
