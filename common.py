@@ -126,9 +126,14 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
         else:
             valid = [k for k in fields if k not in nested] + list(sub)
             raise SystemExit(f"error: unknown flag --{key}; valid flags: " + ", ".join(f"--{k}" for k in valid))
+    unknown = [k for k in values if (k not in fields or k in nested) and k not in sub]
+    if unknown:  # a preset naming a field that does not exist
+        raise SystemExit(f"error: preset {values.get('preset')!r} sets unknown field(s) {unknown}")
     kwargs = {k: v for k, v in values.items() if k in fields and k not in nested}
-    for name, c in nested.items():
-        kwargs[name] = c(**{k: v for k, v in values.items() if sub.get(k, (None,))[0] == name})
+    for name in nested:  # the field's own default (its default_factory), then the flags
+        f = fields[name]
+        base = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs[name] = dataclasses.replace(base, **{k: v for k, v in values.items() if sub.get(k, (None,))[0] == name})
     return cls(**kwargs)
 
 

@@ -69,7 +69,8 @@ class TrainConfig:
     head_init: Optional[str] = None  # checkpoint holding a trained head: stage 1 then trains the connector alone
     resume: bool = False
     seed: int = 0
-    # model sizes (stage 0 only: later stages take every shape from --init): set as flags, --dim=256
+    # model sizes (stage 0 only: later stages take every shape from --init): set as flags, --dim=256;
+    # vocab_size and the special token ids always come from the tokenizer
     model: GEMConfig = dataclasses.field(default_factory=lambda: GEMConfig(**MODEL_PRESETS["tiny"]))
     image_first: bool = True         # the image before the question (paper, Qwen-VL); false = the ablation
     hf_vision: Optional[str] = None  # hf preset: local SiglipVisionModel dir (config.json + safetensors)
@@ -159,7 +160,7 @@ def build_gem(tc: TrainConfig, tok) -> GEM:
     """Stage 0: a fresh VLM sized by the flags, or SigLIP + Qwen3 from local files (hf preset)."""
     ids = {k: v for k, v in D.special_ids(tok).items() if k in ("pad_id", "vision_start_id", "vision_end_id",
                                                                "image_pad_id")}
-    if tc.hf_vision or tc.hf_llm:
+    if tc.hf_vision or tc.hf_llm or tc.preset == "hf":
         if not (tc.hf_vision and tc.hf_llm):
             die("the hf preset needs both --hf_vision=DIR and --hf_llm=DIR")
         return GEM.from_hf(tc.hf_vision, tc.hf_llm, **ids)
@@ -423,14 +424,16 @@ def val_answers(gem, ds, tc, show=2):
     return res
 
 
-def distinct_frames(records: list[dict]) -> list[int]:
-    """One record index per distinct frame with depth: a frame carries several questions, and a frame
-    with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
+def distinct_frames(records: list[dict], need_depth: bool = True) -> list[int]:
+    """One record index per distinct frame (with depth, if need_depth): a frame carries several questions,
+    and a frame with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
     seen, idx = set(), []
     for i, r in enumerate(records):
         d = r.get("depth")
-        if d and os.path.basename(r["image"]) == os.path.basename(d) and d not in seen:
-            seen.add(d)
+        key = (d if os.path.basename(r["image"]) == os.path.basename(d) else None) if d else \
+            (None if need_depth else r["image"])
+        if key and key not in seen:
+            seen.add(key)
             idx.append(i)
     return idx
 
@@ -461,7 +464,7 @@ def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
 # ----------------------------------------------------------------------------------------------------
 # One stage: the loop, and the helpers it calls once per step
 
-def train_step(model, has_head, batches, params, stage, tc, ddp, device, amp, ckpt):
+def train_step(model, has_head, batches, params, stage, step, tc, ddp, device, amp, ckpt):
     """Forward/backward over the step's micro-batches, gradient clipping and the NaN guard -> (terms, grad norm).
     The loss is a mean over the global batch: every token (or sample) for text, every valid image for flow."""
     counts = all_sum(torch.tensor([float(sum(text_count(b["labels"], tc.loss_norm == "sample") for b in batches)),
@@ -485,12 +488,12 @@ def train_step(model, has_head, batches, params, stage, tc, ddp, device, amp, ck
     terms["loss"] = gem_loss(stage, terms.get("text", 0.0), terms.get("flow", 0.0), tc.lam)
     gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
     if not (math.isfinite(terms["loss"]) and math.isfinite(gnorm)):  # stop before the update touches the weights
-        die(f"non-finite loss at stage {stage} ({terms}, grad norm {gnorm}); stopping without saving; "
+        die(f"non-finite loss at stage {stage} step {step} ({terms}, grad norm {gnorm}); stopping without saving; "
             f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
     return terms, gnorm
 
 
-def flops_per_token(gem, head, stage) -> float:
+def flops_per_token(gem, stage) -> float:
     """Training FLOPs per token: 6 N for parameters that train (forward + backward), 2 N for a VLM that only
     runs forward (stages 1-2). The head's convolutions are not counted (small next to the VLM)."""
     n_vlm = sum(p.numel() for p in gem.parameters())
@@ -510,9 +513,10 @@ def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, param
     if (rank == 0 and head is not None and "flow" in STAGES[stage]["losses"]
             and ((tc.viz_every and step % tc.viz_every == 0) or last)):
         png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
-        frames = distinct_frames(val.records)
-        depth_grid(gem, head, val, [frames[j] for j in spread(len(frames), 4)], tc, pad_id, device, png)
-        shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
+        frames = distinct_frames(val.records, need_depth=head.cfg.modality == "depth")
+        if frames:  # data without depth has nothing to show a depth head against
+            depth_grid(gem, head, val, [frames[j] for j in spread(len(frames), 4)], tc, pad_id, device, png)
+            shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
     ctx["steps_run"] += 1
     stop = bool(tc.stop_after and ctx["steps_run"] >= tc.stop_after)
     if (tc.ckpt_every and step % tc.ckpt_every == 0) or last or stop:
@@ -571,12 +575,12 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
             g["lr"] = lr
         batches = [make_batch(ds, None, pad_id, modality, device, ch) for items in next(loader)
                    for ch in length_chunks(items)]
-        terms, gnorm = train_step(model, head is not None, batches, params, stage, tc, ddp, device, amp, ctx["ckpt"])
+        terms, gnorm = train_step(model, head is not None, batches, params, stage, step, tc, ddp, device, amp, ctx["ckpt"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         seen_s += gbatch
-        seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches))), ddp).item())
+        seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches)), device=device), ddp).item())
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"}, refresh=False)
         if step % tc.log_every == 0 or step == total:
@@ -584,7 +588,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
             rec = dict(stage=stage, step=step, **terms, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
                        tokens_per_s=seen_t / dt)
             if device.type == "cuda":  # all ranks together
-                rec["mfu"] = flops_per_token(gem, head, stage) * seen_t / dt / (tc.peak_tflops * 1e12 * world)
+                rec["mfu"] = flops_per_token(gem, stage) * seen_t / dt / (tc.peak_tflops * 1e12 * world)
             logf(rec)
             t0, seen_s, seen_t = time.time(), 0, 0
         if after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
@@ -637,6 +641,7 @@ def train(tc: TrainConfig, stages: list):
         tok_path = os.path.join(tc.hf_llm or tc.data, "tokenizer.json")  # hf: the Qwen3 tokenizer
         tok = D.load_tokenizer(tok_path)
         gem, head = build_gem(tc, tok), None
+        tc.model = gem.cfg  # record the model as built (vocab and token ids from the tokenizer; hf: the checkpoints')
     else:
         gem, _, tok, tc0 = load_pretrained(tc.init)
         tok_path = os.path.join(resolve_ckpt(tc.init), "tokenizer.json")

@@ -428,14 +428,15 @@ def main(argv=None):
                        vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats={})
     train_idx, val_idx = split_demos(ds, cfg.tasks, cfg.val_episodes)
     val_idx = val_idx[::max(1, math.ceil(len(val_idx) / cfg.val_max))]
-    stats = ds.stats = D.norm_stats([ds.eps[e] for e in sorted({ds.index[i][0] for i in train_idx})])
     if not train_idx:
         die(f"{cfg.demos}: no training chunks (--tasks={cfg.tasks!r}, --val_episodes={cfg.val_episodes})")
+    stats = ds.stats = D.norm_stats([ds.eps[e] for e in sorted({ds.index[i][0] for i in train_idx})])
 
     opt = build_optimizer(model, cfg)
     step = 0
     if cfg.resume and os.path.isdir(ckpt):
-        done, _, _, _, _ = load_vla(ckpt)
+        done, _, _, _, stats = load_vla(ckpt)  # a resumed run keeps the statistics its weights were trained with
+        ds.stats = stats
         model.load_state_dict(done.state_dict())
         state = load_checkpoint(ckpt, with_train_state=True)[2]
         if state is None:

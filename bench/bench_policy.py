@@ -60,7 +60,7 @@ def timed(fn):
 
 
 def main(argv=None):
-    bc = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    bc = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv, {p: {} for p in V.PRESETS})
     torch.set_num_threads(bc.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = bc.ckpt or random_checkpoint(bc.preset, tmp)

@@ -6,6 +6,7 @@ import typing
 import pytest
 import torch
 
+import common
 from common import load_checkpoint, parse_config, save_checkpoint
 
 
@@ -46,3 +47,31 @@ def test_checkpoint_atomic_overwrite(tmp_path):
     assert os.listdir(tmp_path) == ["ck"]  # no temp or old directories left behind
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(str(tmp_path))
+
+
+@dataclasses.dataclass
+class Inner:
+    width: int = 4
+    name: str = "a"
+
+
+@dataclasses.dataclass
+class Outer:
+    preset: str = "x"
+    steps: int = 1
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(width=8))
+
+
+def test_nested_config_fields_are_plain_flags():
+    """A dataclass-typed field (TrainConfig.model) is set through its own fields' names; its default is the
+    field's default_factory (not the nested class's defaults); a preset naming no field is an error."""
+    presets = {"x": {}, "wide": {"width": 32, "steps": 3}, "bad": {"depth": 2}}
+    assert parse_config(Outer, [], presets).inner == Inner(width=8)
+    c = parse_config(Outer, ["--preset=wide", "--name=b"], presets)
+    assert (c.steps, c.inner) == (3, Inner(width=32, name="b"))
+    for argv, needle in ((["--inner=3"], "--inner"), (["--preset=bad"], "depth"), (["--width=x"], "--width")):
+        with pytest.raises(SystemExit) as e:
+            parse_config(Outer, argv, presets)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    back = common.config_from_dict(Outer, common.config_to_dict(c))  # JSON round trip rebuilds the nested config
+    assert back == c and isinstance(back.inner, Inner)
