@@ -943,14 +943,6 @@ def eval_start_states(suite, task_id):
     return out
 
 
-def random_scene_env(rng, image_size=64, augment=False):
-    """A reset env on a random (suite, task) with a random training seed (for data generation)."""
-    suite = SUITE_NAMES[int(rng.integers(len(SUITE_NAMES)))]
-    env = TabletopEnv(suite, int(rng.integers(len(SUITES[suite]))), image_size, augment=augment)
-    env.reset(seed=int(rng.integers(TRAIN_SEEDS)))
-    return env
-
-
 # ----------------------------------------------------------------------------- gymnasium wrapper (lazy import)
 def gym_env(suite, task_id, **kw):
     """A real gymnasium.Env around TabletopEnv (gymnasium is a dev/test dependency only)."""
