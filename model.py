@@ -86,14 +86,6 @@ class GEMConfig:
     def n_image_tokens(self) -> int:
         return self.grid ** 2
 
-    def vit_config(self) -> "ViTConfig":
-        return ViTConfig(self.image_size, self.patch_size, self.vit_dim, self.vit_layers, self.vit_heads,
-                         self.vit_mlp, self.vit_eps)
-
-    def llm_config(self) -> "LLMConfig":
-        return LLMConfig(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
-                         self.mlp_dim, self.rope_theta, self.norm_eps, self.tie_embeddings)
-
 
 # Model sizes per preset (vocab_size and token ids come from the tokenizer). tiny: ViT ~0.8M, LLM ~3M.
 MODEL_PRESETS = {
@@ -104,31 +96,6 @@ MODEL_PRESETS = {
     "small": dict(image_size=128, patch_size=8, vit_dim=384, vit_layers=8, vit_heads=6, vit_mlp=1536,
                   dim=512, n_layers=12, n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536),
 }
-
-
-@dataclasses.dataclass
-class ViTConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    dim: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    mlp_dim: int = 3072
-    eps: float = 1e-6
-
-
-@dataclasses.dataclass
-class LLMConfig:
-    vocab_size: int = 2048
-    dim: int = 192
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    mlp_dim: int = 512
-    rope_theta: float = 1e6
-    eps: float = 1e-6
-    tie_embeddings: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,15 +124,15 @@ def attention(q, k, v, mask=None, is_causal=False):
 # Vision encoder: SigLIP-style pre-norm ViT, then the Qwen-VL 2x2 merger
 
 class ViTBlock(nn.Module):
-    def __init__(self, c: ViTConfig):
+    def __init__(self, c: GEMConfig):
         super().__init__()
-        self.n_heads = c.n_heads
-        self.norm1 = nn.LayerNorm(c.dim, eps=c.eps)
-        self.qkv = nn.Linear(c.dim, 3 * c.dim)  # fused q, k, v (SigLIP stores them separately: see loader)
-        self.proj = nn.Linear(c.dim, c.dim)
-        self.norm2 = nn.LayerNorm(c.dim, eps=c.eps)
-        self.fc1 = nn.Linear(c.dim, c.mlp_dim)
-        self.fc2 = nn.Linear(c.mlp_dim, c.dim)
+        self.n_heads = c.vit_heads
+        self.norm1 = nn.LayerNorm(c.vit_dim, eps=c.vit_eps)
+        self.qkv = nn.Linear(c.vit_dim, 3 * c.vit_dim)  # fused q, k, v (SigLIP stores them separately: see loader)
+        self.proj = nn.Linear(c.vit_dim, c.vit_dim)
+        self.norm2 = nn.LayerNorm(c.vit_dim, eps=c.vit_eps)
+        self.fc1 = nn.Linear(c.vit_dim, c.vit_mlp)
+        self.fc2 = nn.Linear(c.vit_mlp, c.vit_dim)
 
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
@@ -176,14 +143,14 @@ class ViTBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, c: ViTConfig):
+    def __init__(self, c: GEMConfig):
         super().__init__()
         self.cfg = c
         self.side = c.image_size // c.patch_size
-        self.patch = nn.Conv2d(3, c.dim, c.patch_size, stride=c.patch_size)
-        self.pos_embed = nn.Parameter(torch.randn(self.side ** 2, c.dim) * 0.02)  # learned, one per patch
-        self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.n_layers))
-        self.post_norm = nn.LayerNorm(c.dim, eps=c.eps)
+        self.patch = nn.Conv2d(3, c.vit_dim, c.patch_size, stride=c.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(self.side ** 2, c.vit_dim) * 0.02)  # learned, one per patch
+        self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.vit_layers))
+        self.post_norm = nn.LayerNorm(c.vit_dim, eps=c.vit_eps)
 
     def features(self, pixel_values):
         """pixel_values (B, 3, H, W) in [-1, 1] -> final post-layernorm patch features (B, N, D), row-major."""
@@ -238,7 +205,7 @@ def rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for all layers; `pos` = number of tokens already cached."""
 
-    def __init__(self, c: LLMConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, c: GEMConfig, batch: int, max_len: int, device, dtype):
         shape = (c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -252,13 +219,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, c: LLMConfig, layer: int):
+    def __init__(self, c: GEMConfig, layer: int):
         super().__init__()
         self.c, self.layer = c, layer
         self.qkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)  # fused q, k, v
         self.proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self.q_norm = RMSNorm(c.head_dim, c.eps)  # Qwen3: per-head RMSNorm on q and k, before RoPE
-        self.k_norm = RMSNorm(c.head_dim, c.eps)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps)  # Qwen3: per-head RMSNorm on q and k, before RoPE
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x, cos, sin, mask, is_causal, cache):
         B, T, _ = x.shape
@@ -285,11 +252,11 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: LLMConfig, layer: int):
+    def __init__(self, c: GEMConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(c.dim, c.eps)
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps)
         self.attn = Attention(c, layer)
-        self.mlp_norm = RMSNorm(c.dim, c.eps)
+        self.mlp_norm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = SwiGLU(c.dim, c.mlp_dim)
 
     def forward(self, x, cos, sin, mask, is_causal, cache):
@@ -298,12 +265,12 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, c: LLMConfig):
+    def __init__(self, c: GEMConfig):
         super().__init__()
         self.cfg = c
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.dim, c.eps)
+        self.norm = RMSNorm(c.dim, c.norm_eps)
         # tied: the output projection reuses embed.weight (no separate tensor, so no duplicate key on save)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
 
@@ -434,9 +401,9 @@ class GEM(nn.Module):
             raise ValueError(f"GEMConfig: image_size/patch_size = {cfg.image_size // cfg.patch_size} patches per "
                              f"side is not divisible by merge={cfg.merge}")
         self.cfg = cfg
-        self.vit = VisionEncoder(cfg.vit_config())
+        self.vit = VisionEncoder(cfg)
         self.merger = Merger(cfg.vit_dim, cfg.dim, cfg.merge, cfg.vit_eps)
-        self.llm = LanguageModel(cfg.llm_config())
+        self.llm = LanguageModel(cfg)
         _init_weights(self)
 
     def embed(self, input_ids, pixel_values):
@@ -516,12 +483,8 @@ class GEM(nn.Module):
     def from_hf(cls, vit_path, llm_path, **overrides):
         """A GEM whose ViT and LLM come from local SigLIP / Qwen3 directories; the merger starts fresh."""
         vit, llm = load_hf_siglip_vision(vit_path), load_hf_qwen3(llm_path)
-        v, l = vit.cfg, llm.cfg
-        cfg = GEMConfig(image_size=v.image_size, patch_size=v.patch_size, vit_dim=v.dim, vit_layers=v.n_layers,
-                        vit_heads=v.n_heads, vit_mlp=v.mlp_dim, vit_eps=v.eps, vocab_size=l.vocab_size, dim=l.dim,
-                        n_layers=l.n_layers, n_heads=l.n_heads, n_kv_heads=l.n_kv_heads, head_dim=l.head_dim,
-                        mlp_dim=l.mlp_dim, rope_theta=l.rope_theta, norm_eps=l.eps, tie_embeddings=l.tie_embeddings)
-        model = cls(dataclasses.replace(cfg, **overrides))
+        vit_fields = ("image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "vit_eps")
+        model = cls(dataclasses.replace(llm.cfg, **{k: getattr(vit.cfg, k) for k in vit_fields}, **overrides))
         model.vit.load_state_dict(vit.state_dict())
         model.llm.load_state_dict(llm.state_dict())
         return model
@@ -581,10 +544,11 @@ def load_hf_qwen3(path: str) -> LanguageModel:
     theta = rope_params.get("rope_theta", hf.get("rope_theta", 1e6))
     if rope_params.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
         raise ValueError(f"{path}/config.json: only default RoPE is supported")
-    c = LLMConfig(hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
-                  hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                  hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"], hf["intermediate_size"],
-                  float(theta), hf.get("rms_norm_eps", 1e-6), bool(hf.get("tie_word_embeddings", False)))
+    c = GEMConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                  n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                  mlp_dim=hf["intermediate_size"], rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))  # its vit_* fields are unused
     g = lambda k: _take(t, k, path)  # noqa: E731
     sd = {"embed.weight": g("model.embed_tokens.weight"), "norm.weight": g("model.norm.weight")}
     if not c.tie_embeddings:
@@ -611,16 +575,17 @@ def load_hf_siglip_vision(path: str) -> VisionEncoder:
     hf = hf.get("vision_config", hf)
     if hf.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ValueError(f"{path}/config.json: hidden_act {hf['hidden_act']!r} is not supported")
-    c = ViTConfig(hf.get("image_size", 224), hf.get("patch_size", 16), hf.get("hidden_size", 768),
-                  hf.get("num_hidden_layers", 12), hf.get("num_attention_heads", 12),
-                  hf.get("intermediate_size", 3072), hf.get("layer_norm_eps", 1e-6))
+    c = GEMConfig(image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
+                  vit_dim=hf.get("hidden_size", 768), vit_layers=hf.get("num_hidden_layers", 12),
+                  vit_heads=hf.get("num_attention_heads", 12), vit_mlp=hf.get("intermediate_size", 3072),
+                  vit_eps=hf.get("layer_norm_eps", 1e-6))  # its LLM fields are unused
     # SigLIP checkpoints on the Hub prefix keys with "vision_model."; transformers 5 saves them without
     pre = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in t else ""
     g = lambda k: _take(t, pre + k, path)  # noqa: E731
     sd = {"patch.weight": g("embeddings.patch_embedding.weight"), "patch.bias": g("embeddings.patch_embedding.bias"),
           "pos_embed": g("embeddings.position_embedding.weight"),
           "post_norm.weight": g("post_layernorm.weight"), "post_norm.bias": g("post_layernorm.bias")}
-    for i in range(c.n_layers):
+    for i in range(c.vit_layers):
         p, o = f"encoder.layers.{i}.", f"blocks.{i}."
         for w in ("weight", "bias"):
             sd[o + "norm1." + w] = g(p + "layer_norm1." + w)

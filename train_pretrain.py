@@ -342,7 +342,11 @@ def make_batch(ds, idx, pad_id, modality, device, items=None):
     rgb = modality == "rgb"
     b["target"] = b["rgb_target"] if rgb else b["depth_target"]
     b["target_valid"] = torch.ones_like(b["depth_valid"]) if rgb else b["depth_valid"]
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+    return to_device(b, device)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def length_chunks(items: list) -> list:
@@ -469,10 +473,10 @@ def train_step(model, has_head, batches, params, stage, step, tc, ddp, device, a
     The loss is a mean over the global batch: every token (or sample) for text, every valid image for flow."""
     counts = all_sum(torch.tensor([float(sum(text_count(b["labels"], tc.loss_norm == "sample") for b in batches)),
                                    float(sum(b["target_valid"].sum() for b in batches))], device=device), ddp)
-    world = dist.get_world_size() if ddp else 1
+    world = dist.get_world_size() if ddp else 1  # DDP averages gradients over ranks: the weights undo that
     stats = torch.zeros(2, device=device)
     for m, b in enumerate(batches):
-        w_text = world / max(counts[0].item(), 1.0)  # DDP averages gradients over ranks: undo that with world
+        w_text = world / max(counts[0].item(), 1.0)
         w_flow = world * b["target_valid"].sum().item() / max(counts[1].item(), 1.0)
         sync = nullcontext() if (not ddp or m == len(batches) - 1) else model.no_sync()
         with sync:

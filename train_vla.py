@@ -42,7 +42,7 @@ from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, 
                     setup_dist)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
-from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt, sample_indices
+from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt, sample_indices, to_device
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,10 +371,6 @@ def split_demos(ds, tasks: str, val_episodes: int):
     val_eps = {e for eps in by_task.values() for e in (eps[-val_episodes:] if 0 < val_episodes < len(eps) else [])}
     train_eps = {e for eps in by_task.values() for e in eps} - val_eps
     return ([i for i, (e, _) in enumerate(ds.index) if e in train_eps], [i for i, (e, _) in enumerate(ds.index) if e in val_eps])
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()

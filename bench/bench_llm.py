@@ -71,8 +71,7 @@ def main(argv):
     dtype = getattr(torch, b.dtype if b.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32"))
     if b.threads:
         torch.set_num_threads(b.threads)
-    c = M.LLMConfig(**{k: v for k, v in M.MODEL_PRESETS[b.preset].items() if k in
-                       ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim")}, vocab_size=b.vocab_size)
+    c = M.GEMConfig(**M.MODEL_PRESETS[b.preset], vocab_size=b.vocab_size)  # only its LLM fields are used
     torch.manual_seed(0)
     hc = transformers.Qwen3Config(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.mlp_dim,
                                   num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
