@@ -40,6 +40,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 
@@ -283,17 +284,34 @@ def load_depth(path: str, shape, where: str) -> np.ndarray:
     return d
 
 
+def scene_of(r: dict) -> str:
+    """The scene (expert rollout) a record's image comes from: its frame id minus the time step."""
+    frame = (r.get("meta") or {}).get("frame")
+    return frame.rsplit("-", 1)[0] if frame else r["image"]
+
+
+def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
+    """The records of the scenes ranked [lo, hi) (fractions) in a fixed pseudo-random order (crc32 of the
+    scene id): disjoint ranges give disjoint scenes, and [0, a) is inside [0, b) for a < b."""
+    scenes = sorted({scene_of(r) for r in records}, key=lambda x: (zlib.crc32(x.encode()), x))
+    keep = set(scenes[round(lo * len(scenes)):round(hi * len(scenes))])
+    return [r for r in records if scene_of(r) in keep]
+
+
 class GemDataset(torch.utils.data.Dataset):
     """One record -> model inputs: chat-templated ids/labels, image tensor, depth and RGB targets.
 
     Records without "depth" (GEM-250K style) get depth_valid False and a zero target: the depth loss is
-    masked for them. `families` keeps only those task families."""
+    masked for them. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
+    (select_scenes); `blind` replaces every image by one constant grey image (the blind baseline)."""
 
     def __init__(self, root, split, tok, image_size, n_image_tokens, head_size, families=None,
-                 image_first=True, max_len=512):
+                 image_first=True, max_len=512, scenes=None, blind=False):
         self.root, self.tok, self.image_size, self.n_image_tokens = root, tok, image_size, n_image_tokens
-        self.head_size, self.image_first, self.max_len = head_size, image_first, max_len
+        self.head_size, self.image_first, self.max_len, self.blind = head_size, image_first, max_len, blind
         recs = read_jsonl(os.path.join(root, f"{split}.jsonl"))
+        if scenes is not None:
+            recs = select_scenes(recs, *scenes)
         if families is not None:
             bad = [f for f in families if f not in FAMILY_TYPES]
             if bad:
@@ -308,6 +326,8 @@ class GemDataset(torch.utils.data.Dataset):
         r = self.records[i]
         where = r["_where"]
         rgb = load_rgb(os.path.join(self.root, r["image"]), self.image_size, where)
+        if self.blind:
+            rgb = np.full_like(rgb, 128)
         if r.get("depth"):
             depth = load_depth(os.path.join(self.root, r["depth"]), rgb.shape[:2], where)
             valid = bool((depth > 0).any())
@@ -363,6 +383,16 @@ RELATIONS = {"left_of": "left of", "right_of": "right of", "in_front_of": "in fr
 HELDOUT_COMBOS = {("white", "ball"), ("black", "block")}  # colour x shape seen only in the test split
 REL_MARGIN = 0.015  # metres: relations within this of their threshold are ambiguous and rejected
 MIN_VISIBLE = 0.002  # an object must cover this share of the image to be asked about (8 px at 64x64)
+# The VLM world is built so that geometry needs the image, and metric geometry needs depth (issue 12; the VLA
+# suites keep sim_env's one fixed LIBERO-style camera). Every VLM image gets its own camera (draw_view):
+# the look-at point on the table, the distance to it (m), pitch (degrees down from horizontal), yaw (degrees
+# about the vertical; small, so "left of" / "in front of" in world terms stay left / front in the image) and
+# the field of view. sim_env's fixed camera is look (0, .02), distance .69, pitch 41.5, yaw 0, fov 46.
+VIEW = dict(look_x=(-0.08, 0.08), look_y=(-0.06, 0.12), dist=(0.40, 1.00), pitch=(20.0, 75.0), yaw=(-12.0, 12.0),
+            fov=(30.0, 65.0))
+# Every movable object gets its own size (scale_objects): cubes and balls a uniform scale, blocks and cans a
+# footprint scale and a separate height scale, so "how tall is the red can" has no answer in its name.
+SCALE = dict(uniform=(0.7, 1.45), xy=(0.8, 1.25), z=(0.55, 1.6))
 
 
 def rle_encode(mask: np.ndarray) -> list[int]:
@@ -610,9 +640,11 @@ def q_distance(sc):
 
 
 def q_height(sc):
-    if not sc.refs:
+    import sim_env  # movable objects only: a plate or tray has one size, which its name gives away
+    cands = [o for o in sc.refs if o["shape"] in sim_env.SHAPES]
+    if not cands:
         return None
-    o = sc.pick(sc.refs)
+    o = sc.pick(cands)
     cm = int(round(200 * o["half_extents"][2]))
     if cm < 1:
         return None
@@ -676,7 +708,9 @@ def q_trajectory(sc):
     n = int(sc.rng.integers(5, 9))
     idx = np.round(np.linspace(0, len(sc.future) - 1, n)).astype(int)
     px = sc.project(np.asarray(sc.future, float)[idx])
-    pts = [sc.point(np.clip(p, 0, sc.S - 1e-3)) for p in px]
+    if px.min() < 0 or px.max() >= sc.S:  # part of the path out of view (cameras vary): not askable
+        return None
+    pts = [sc.point(p) for p in px]
     q = sc.template("trajectory", n=n, instr=sc.instr)
     return q, "[" + ", ".join(map(fmt_point, pts)) + "]", dict(answer=pts, n=n)
 
@@ -726,7 +760,8 @@ class GenConfig:
 GEN_PRESETS = {
     "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=5,
                   round_robin=True, shard=2, workers=1, vocab_size=384),
-    "tiny": dict(image_size=64, test_rollouts=80),  # ~45 test questions per reasoning type
+    # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share), ~45 test questions per reasoning type
+    "tiny": dict(image_size=64, train_rollouts=360, test_rollouts=80),
     "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
 }
 SPLITS = ("train", "val", "test")
@@ -758,6 +793,37 @@ def reduce_scene(state: dict, task, rng) -> dict:
     idx = sorted(must + rest[:n - len(must)])
     return dict(state, objects=[dict(objs[i], id=k + 1) for k, i in enumerate(idx)],
                 start=[state["start"][i] for i in idx])
+
+
+def draw_view(rng) -> dict:
+    """A camera for one image (VIEW ranges) as sim_env "aug" keys: position, look-at point, fov."""
+    v = {k: float(rng.uniform(*r)) for k, r in VIEW.items()}
+    p, y = math.radians(v["pitch"]), math.radians(v["yaw"])
+    look = np.array([v["look_x"], v["look_y"], 0.0])
+    cam = look + v["dist"] * np.array([math.sin(y) * math.cos(p), -math.cos(y) * math.cos(p), math.sin(p)])
+    return dict(cam=cam.tolist(), look=look.tolist(), fov=v["fov"])
+
+
+def scale_objects(state: dict, rng):
+    """A copy of a start state whose movable objects have their own sizes (SCALE), standing where they stood;
+    None when two footprints would then come closer than 1 cm (the caller draws another scene)."""
+    import sim_env
+    objs, start = [], []
+    for o, st in zip(state["objects"], state["start"]):
+        if o["shape"] in sim_env.SHAPES:
+            s = float(rng.uniform(*SCALE["uniform" if o["shape"] in ("cube", "ball") else "xy"]))
+            sz = s if o["shape"] in ("cube", "ball") else float(rng.uniform(*SCALE["z"]))
+            h = [o["half_extents"][0] * s, o["half_extents"][1] * s, o["half_extents"][2] * sz]
+            lift = h[2] - o["half_extents"][2]  # same support, new half height
+            o, st = dict(o, half_extents=h, pos=[o["pos"][0], o["pos"][1], o["pos"][2] + lift]), [st[0], st[1], st[2] + lift]
+        objs.append(o), start.append(st)
+    ext = [sim_env._ext(o["shape"], o["half_extents"], o["yaw"]) for o in objs]
+    for i in range(len(objs)):
+        for j in range(i):
+            d = np.abs(np.subtract(objs[i]["pos"][:2], objs[j]["pos"][:2])) - ext[i][:2] - ext[j][:2]
+            if d.max() < 0.01:
+                return None
+    return dict(state, objects=objs, start=start)
 
 
 def _env(cache, suite, task_id, image_size, render=True):
@@ -803,6 +869,10 @@ def frame_records(sc, fid, types, out):
         if not made:
             continue
         q, a, meta = made
+        for k in ("obj", "ref"):  # the objects' 2D boxes: what the 2D-rule baseline (eval.py rules) may see
+            o = next((o for o in sc.visible if o["id"] == meta.get(k)), None)
+            if o is not None:
+                meta[f"{k}_box"] = sc.box(o)
         if sc.marked is not None:  # markers drawn on a copy of the frame: its own image file
             rec["image"] = f"images/{sid}.png"
             Image.fromarray(sc.marked).save(os.path.join(out, rec["image"]))
@@ -829,6 +899,9 @@ def gen_shard(job):
             # spatial tasks' instructions name their landmarks and distractors: those scenes stay whole
             if suite != "spatial" and rng.random() < cfg["reduce"]:
                 start = reduce_scene(start, env.task, rng)
+            start = scale_objects(start, rng)
+            if start is None:  # resized objects would touch
+                continue
             states, subgoals, ok = expert_rollout(env, start)
             combos = {(o["colour"], o["shape"]) for o in start["objects"]}
             if ok and (split == "test" or not combos & HELDOUT_COMBOS):
@@ -840,7 +913,7 @@ def gen_shard(job):
         grip = [st["grip"][:3] for st in states]
         ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
         for t in [0] + ts + [T]:  # the start, a few mid-rollout frames, and the success frame
-            st = states[t]
+            st = dict(states[t], aug=draw_view(rng))  # this image's own camera
             obs, info = renv.reset(options={"state": st})
             fid = f"{split}-{r:05d}-{t:03d}"
             instr = env.task.instruction(rng, heldout=split == "test" and bool(rng.random() < 0.5))

@@ -3,6 +3,7 @@
     python eval.py vlm --ckpt runs/tiny/gem/ckpt [--split test] [--out DIR]   # VLM questions + depth probe
     python eval.py vla --ckpt runs/tiny/vla_gem/ckpt --suite all --episodes 10 [--gif]
     python eval.py vla --ckpt expert --suite all --episodes 50               # reference rows only
+    python eval.py rules --data data/tiny --out runs/tiny/rules              # the 2D-rule baseline
 
 Every run writes results.json, results.md and figures (PNG grid RGB | true depth | generated depth;
 GIFs of rollouts) into --out (default: <ckpt>/eval_<split|vla>).
@@ -16,6 +17,7 @@ Paper -> code map
                                                             frozen features for sft), AbsRel / delta1 / ordinal
   LIBERO success per suite, average                         eval_vla (+ scripted-expert and random rows)
   95% intervals on every rate                               wilson
+  (ours) what a 2D rule answers without depth                rule_candidates, eval_rules
 """
 from __future__ import annotations
 
@@ -292,6 +294,75 @@ def score_table(rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The 2D-rule baseline: how much of a geometry question a rule answers that sees only the question text
+# and the objects' 2D image boxes (data.py stores them: meta obj_box / ref_box, marked points_px). Each
+# type has a few candidate rules, their one free number fitted on train; the best on train is scored on
+# the test split with the models' own scorer. A question the rule answers needs no depth.
+
+def _bottom(b): return b[3]                                    # lower in the image = larger y
+def _height(b): return max(1.0, b[3] - b[1])
+def _gap(a, b): return max(1.0, math.dist(((a[0] + a[2]) / 2, (a[1] + a[3]) / 2), ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)))
+
+
+def _answer(r): return next((c["value"] for c in r["conversations"] if c["from"] == "gpt"), "")
+def _question(r): return next((c["value"] for c in r["conversations"] if c["from"] == "human"), "")
+
+
+def rule_candidates(typ: str, train: list[dict]) -> dict:
+    """{rule name: record -> answer text} for one question type, free numbers fitted on `train`."""
+    yn = lambda c: "yes" if c else "no"
+    ans = [parse_number(_answer(r)) or 0.0 for r in train]
+    med = float(np.median(ans)) if ans else 0.0
+    by_text = {}
+    for r, a in zip(train, ans):
+        by_text.setdefault(_question(r), []).append(a)
+    text_med = {q: float(np.median(v)) for q, v in by_text.items()}
+    if typ == "closer":  # "is A closer to the camera than B?"
+        return {"the object lower in the image is nearer": lambda r: yn(_bottom(r["meta"]["obj_box"]) > _bottom(r["meta"]["ref_box"])),
+                "the taller box is nearer": lambda r: yn(_height(r["meta"]["obj_box"]) > _height(r["meta"]["ref_box"]))}
+    if typ == "marked":  # "which mark is closer, A or B?"
+        return {"the lower mark is nearer": lambda r: "A" if r["meta"]["points_px"][0][1] > r["meta"]["points_px"][1][1] else "B"}
+    if typ == "fit":  # "would A fit on / in B?": A's box narrower than c x B's box
+        w = lambda b: max(1.0, b[2] - b[0])
+        def fit_rule(c): return lambda r: yn(w(r["meta"]["obj_box"]) < c * w(r["meta"]["ref_box"]))
+        return {f"box width below {c:g} x the other's": fit_rule(c) for c in (0.5, 0.7, 0.9, 1.0)}
+    if typ in ("distance", "height"):  # numbers: a constant, the mean for this question text, or k x pixels
+        px = (lambda r: _gap(r["meta"]["obj_box"], r["meta"]["ref_box"])) if typ == "distance" else (lambda r: _height(r["meta"]["obj_box"]))
+        k = float(np.median([a / px(r) for r, a in zip(train, ans)])) if train else 0.0
+        return {"the train median": lambda r: str(round(med)),
+                "the train median for this question text": lambda r: str(round(text_med.get(_question(r), med))),
+                f"{k:.3g} x the {'box centres distance' if typ == 'distance' else 'box height'} in 1/1000 image units":
+                    lambda r: str(round(k * px(r)))}
+    return {}
+
+
+def eval_rules(cfg) -> dict:
+    """Per geometry type: every rule's train score, the best rule's test score (the models' scorer)."""
+    from data import read_jsonl
+    recs = {s: read_jsonl(os.path.join(cfg.data, f"{s}.jsonl")) for s in ("train", cfg.split)}
+    typ = lambda r: (r.get("meta") or {}).get("type")
+    out = {"kind": "rules", "data": cfg.data, "split": cfg.split, "per_type": {}}
+    for t in ("closer", "marked", "distance", "height", "fit"):
+        train = [r for r in recs["train"] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")]
+        test = [r for r in recs[cfg.split] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")]
+        if not train or not test:
+            continue
+        score = lambda fn, rs: float(np.mean([score_answer(KIND[t], fn(r), _answer(r), r["meta"])[0] for r in rs]))
+        rules = rule_candidates(t, train)
+        fitted = {name: score(fn, train) for name, fn in rules.items()}
+        best = max(fitted, key=fitted.get)
+        s = score(rules[best], test)
+        lo, hi = wilson(s * len(test), len(test))
+        const = constant_answer(KIND[t], [_answer(r) for r in train])
+        out["per_type"][t] = {"rule": best, "train": fitted, "score": s, "n": len(test), "lo": lo, "hi": hi,
+                              "chance": score(lambda r: const, test)}
+    md = [f"# 2D-rule baseline: {cfg.data} ({cfg.split} split)\n", "| type | best rule on train | test score | chance |", "|---|---|---|---|"]
+    md += [f"| {t} | {v['rule']} | {_pct(v['score'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] (n={v['n']}) | {_pct(v['chance'])} |"
+           for t, v in out["per_type"].items()]
+    return write_results(cfg.out, out, "\n".join(md) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Depth probe (paper Fig. 5: what do the features know about geometry?)
 
 @torch.no_grad()
@@ -329,7 +400,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     from train_pretrain import build_head, depth_grid, distinct_frames
     pad = special_ids(tok)["pad_id"]
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=4096)
+              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind)
 
     def frames(split, n):  # one item per distinct frame with depth
         ds = GemDataset(tc.data, split, **kw)
@@ -385,7 +456,7 @@ def eval_vlm(cfg) -> dict:
     tc.data = cfg.data or tc.data
     gem.eval()
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=4096)
+              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind)
     test = GemDataset(tc.data, cfg.split, **kw)
     train_recs = GemDataset(tc.data, "train", **kw).records
     items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth", "caption")]  # not benchmark questions
@@ -652,9 +723,14 @@ class EvalConfig:
 
 
 def main(argv: list[str]) -> dict:
-    if not argv or argv[0] not in ("vlm", "vla"):
-        raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...]  (--help lists the flags)")
+    if not argv or argv[0] not in ("vlm", "vla", "rules"):
+        raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...] | python eval.py rules --data=DIR --out=DIR"
+                         "  (--help lists the flags)")
     cfg = parse_config(EvalConfig, argv[1:])
+    if argv[0] == "rules":
+        if not cfg.data or not cfg.out:
+            raise SystemExit("error: eval.py rules needs --data (a dataset root) and --out")
+        return eval_rules(cfg)
     if not cfg.ckpt:
         raise SystemExit("error: flag --ckpt is required (a checkpoint directory, or expert/random for vla)")
     if cfg.ckpt not in ("expert", "random") and not os.path.isdir(cfg.ckpt):

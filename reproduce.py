@@ -32,14 +32,18 @@ from common import parse_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITES = ("spatial", "object", "goal", "long")
-RECIPES = ["sft", "gem", "rgb", "direct", "regress"]
+RECIPES = ["sft", "gem", "rgb", "direct", "regress", "blind"]
+RECIPE_FLAGS = {"blind": ["--recipe=sft", "--blind=true"]}  # blind: sft with every image one grey image
 VLAS = {"vla_sft": ("sft", 0.0), "vla_gem": ("gem", 0.1)}  # name -> (VLM recipe, depth loss weight)
 
 
 @dataclass
 class ReproConfig:
     preset: str = "tiny"
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0,)   # training seeds: stage 0, every recipe and VLA are trained once per seed
+    recipes: str = ",".join(RECIPES)
+    base_share: float = 1 / 3       # share of train scenes that only stage 0 sees (captions); the recipes get the rest
+    shares: tuple[float, ...] = ()  # extra data shares (< 1) of the recipes' scenes for sft and gem (bench/data_efficiency.py)
     data: str = ""              # default data/<preset>
     runs: str = ""              # default runs/<preset>
     results: str = ""           # default results/<preset>
@@ -58,11 +62,12 @@ class ReproConfig:
 
 
 PRESETS = {
-    "micro": dict(demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1, data_flags="--test_rollouts=8",
+    "micro": dict(base_share=0.0, demos_per_task=2, demo_tasks="0", episodes=1, ref_episodes=1, workers=1, data_flags="--test_rollouts=8",
                   vlm_eval="--depth_frames=4 --probe_steps=5 --sample_steps=2 --max_new_tokens=24"),
     # tiny fits ~30 min on 2 cores: stages 0-2 get 2/3 to 1/2 of train_pretrain.py's own tiny step counts, stage 3
     # (where the recipes differ) all 300 steps, and the VLAs learn the goal suite only (trained on all 40 tasks, a 300-step tiny VLA succeeds on none of them)
-    "tiny": dict(demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
+    # (regress is left out of tiny's default to make room for the blind baseline: --recipes to add it)
+    "tiny": dict(recipes="sft,gem,rgb,direct,blind", demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
                  pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0 --val_gen=32",
                  vla_suites="goal", vla_flags="--steps=300"),
     "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
@@ -84,26 +89,55 @@ def plan(c: ReproConfig) -> list[dict]:
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
     add("data", D, ["data.py", f"--out={D}", f"--preset={p}"] + c.data_flags.split())
     add("demos", demos, ["data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
-    add("stage 0", f"{R}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={R}/base"] + thr
-        + c.pretrain_flags.split(), ["data"])
+    add("rules", f"{R}/rules", ["eval.py", "rules", f"--data={D}", f"--out={R}/rules"], ["data"])
+    split = 1.0 - c.base_share  # recipes: scenes [0, split * share); stage 0: [split, 1)
+    base_scenes = [f"--scenes={split:.6g}:1"] if c.base_share else []
     for ref in ("expert", "random"):
         add(f"reference {ref}", f"{R}/ref_{ref}", ["eval.py", "vla", f"--ckpt={ref}", "--refs=false", f"--episodes={c.ref_episodes}",
                                                    f"--out={R}/ref_{ref}", f"--workers={c.workers}"] + etasks)
+
+    def arm(s, r, sh):  # train and evaluate one recipe on a share of the recipes' scenes
+        S, name = f"{R}/seed{s}", arm_name(r, sh)
+        scenes = [f"--scenes=0:{split * sh:.6g}"] if c.base_share or sh < 1 else []
+        add(f"s{s} {name}", f"{S}/{name}", ["train_pretrain.py", f"--preset={p}"] + RECIPE_FLAGS.get(r, [f"--recipe={r}"])
+            + [f"--init={S}/base", f"--data={D}", f"--out={S}/{name}", f"--seed={s}"] + scenes + thr + c.pretrain_flags.split(),
+            [f"s{s} stage 0"])
+        evals.append((f"s{s} eval {name}", f"{S}/{name}/eval_test", ["eval.py", "vlm", f"--ckpt={S}/{name}", f"--out={S}/{name}/eval_test",
+                                                                     f"--seed={s}"] + c.vlm_eval.split(), [f"s{s} {name}"]))
     for s in c.seeds:
-        S = f"{R}/seed{s}"
-        for r in RECIPES:
-            add(f"s{s} {r}", f"{S}/{r}", ["train_pretrain.py", f"--preset={p}", f"--recipe={r}", f"--init={R}/base",
-                                          f"--data={D}", f"--out={S}/{r}", f"--seed={s}"] + thr + c.pretrain_flags.split(), ["stage 0"])
+        S, evals = f"{R}/seed{s}", []
+        add(f"s{s} stage 0", f"{S}/base", ["train_pretrain.py", f"--preset={p}", "--recipe=base", f"--data={D}", f"--out={S}/base",
+                                           f"--seed={s}"] + base_scenes + thr + c.pretrain_flags.split(), ["data"])
+        for r in recipes(c):
+            arm(s, r, 1.0)
         for v, (r, w) in VLAS.items():
             add(f"s{s} {v}", f"{S}/{v}", ["train_vla.py", f"--preset={p}", f"--init={S}/{r}", f"--demos={demos}", f"--out={S}/{v}",
                                           f"--depth_weight={w}", f"--seed={s}"] + thr + vtasks + c.vla_flags.split(), [f"s{s} {r}", "demos"])
             add(f"s{s} eval {v}", f"{S}/{v}/eval_vla", ["eval.py", "vla", f"--ckpt={S}/{v}/ckpt", "--refs=false", f"--seed={s}",
                 f"--episodes={c.episodes}", f"--out={S}/{v}/eval_vla", f"--workers={c.workers}"] + etasks
                 + (["--gif"] if v == "vla_gem" else []), [f"s{s} {v}"])
-        for r in RECIPES:
-            add(f"s{s} eval {r}", f"{S}/{r}/eval_test", ["eval.py", "vlm", f"--ckpt={S}/{r}", f"--out={S}/{r}/eval_test",
-                                                         f"--seed={s}"] + c.vlm_eval.split(), [f"s{s} {r}"])
+        for e in evals:
+            add(*e)
+    for s in c.seeds:  # the data-efficiency arms last: the main tables never wait for them
+        evals = []
+        for sh in sorted(x for x in c.shares if x < 1):
+            for r in ("sft", "gem"):
+                arm(s, r, sh)
+        for e in evals:
+            add(*e)
     return steps
+
+
+def recipes(c: ReproConfig) -> list[str]:
+    out = [r for r in c.recipes.split(",") if r]
+    bad = [r for r in out if r not in RECIPES] + [r for r in ("sft", "gem") if r not in out]
+    if bad:
+        raise SystemExit(f"error: --recipes={c.recipes}: {bad[0]!r} unknown or missing (known: {', '.join(RECIPES)}; sft and gem are required)")
+    return out
+
+
+def arm_name(recipe: str, share: float) -> str:
+    return recipe if share >= 1 else f"{recipe}_{round(100 * share)}pct"
 
 
 def run_steps(c: ReproConfig) -> list[dict]:
@@ -163,7 +197,8 @@ def run_steps(c: ReproConfig) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tables: every cell is (value, 95% half-width) per seed -> mean and spread over seeds
+# Tables: every cell is (value, 95% question-sampling half-width, chance) per seed -> mean and spread over
+# seeds. A difference is a claim only over >= MIN_SEEDS training seeds (compare); one seed claims nothing.
 
 PAPER_T1 = {"sft": "60.0 / 28.9 / 72.7", "gem": "62.8 / 30.6 / 73.0", "gem − sft": "+2.8 / +1.7 / +0.3"}
 PAPER_T2 = {"rgb": "80.9 / 47.5 / 62.8 / 60.0 / 44.6", "direct": "79.7 / 42.1 / 60.0 / 57.6 / 44.0",
@@ -174,6 +209,9 @@ PAPER_T3 = {"vla_sft": "97.2 / 98.4 / 95.6 / 88.4 / 94.9", "vla_gem": "99.0 / 98
 # our question types standing in for the paper's benchmarks (table 2)
 GROUPS = {"CV-like (relations, count)": ["rel_yn", "rel_mc", "count"], "abs. dist (distance, height)": ["distance", "height"],
           "rel. dist (closer, marked)": ["closer", "marked"], "Robo-like (place, fit)": ["place", "fit"]}
+GEOMETRY = ["closer", "marked", "distance", "height", "fit"]  # the types eval.py rules has a 2D rule for
+TYPES = GEOMETRY + ["rel_yn", "rel_mc", "count", "place", "box", "next_step"]  # the per-type table
+MIN_SEEDS = 3
 
 
 def _load(path):
@@ -188,20 +226,24 @@ def _part(part, types):  # mean score of the question types present, with a Wils
         return None
     n, v = sum(t["n"] for t in ts), float(np.mean([t["score"] for t in ts]))
     lo, hi = wilson(v * n, n)
-    return v, (hi - lo) / 2, float(np.mean([t["chance"] for t in ts])), lo, hi
+    return v, (hi - lo) / 2, float(np.mean([t["chance"] for t in ts]))
 
 
 def vlm_cells(res: dict) -> dict:
-    """One eval.py vlm results.json -> {column: (value, half-width, chance)}."""
-    a, cells = res["all"], {}
+    """One eval.py vlm results.json -> {column: (value, half-width, chance)}. Every column but the two
+    held-out ones is over the in-distribution test questions (new scenes; training templates and colour x
+    shape pairs): what was trained. The held-out parts are their own columns, not in the macro."""
+    s, cells = res.get("seen") or res["all"], {}
     for f in ("grounding", "reasoning", "planning", "trajectory"):
-        cells[f] = _part(a, a["per_family"][f]["types"]) if f in a["per_family"] else None
-    cells["macro"] = _part(a, a["macro"]["types"])
-    for k, name in (("seen", "seen"), ("heldout_template", "held-out templates"), ("heldout_combo", "held-out combos")):
+        cells[f] = _part(s, s["per_family"][f]["types"]) if f in s["per_family"] else None
+    cells["macro"] = _part(s, s["macro"]["types"])
+    for k, name in (("heldout_template", "held-out templates"), ("heldout_combo", "held-out combos")):
         cells[name] = _part(res[k], res[k]["macro"]["types"]) if res.get(k) else None
     for g, types in GROUPS.items():
-        cells[g] = _part(a, types)
+        cells[g] = _part(s, types)
     cells["reasoning (VSI-like)"] = cells["reasoning"]
+    for t in TYPES:
+        cells[t] = _part(s, [t])
     ch = res.get("depth", {}).get("chance", {})  # the average train depth map predicted for every frame
     for src, name in (("probe", "probe"), ("own head", "own head")):
         m = res.get("depth", {}).get(src)
@@ -211,89 +253,127 @@ def vlm_cells(res: dict) -> dict:
     return cells
 
 
+def rule_cells(res: dict) -> dict:
+    """eval.py rules results.json -> {type: (score, half-width, chance)} (deterministic: no seeds)."""
+    return {t: (v["score"], (v["hi"] - v["lo"]) / 2, v["chance"]) for t, v in res["per_type"].items()}
+
+
 def vla_cells(sm: dict) -> dict:
-    cells = {s: (v["rate"], (v["hi"] - v["lo"]) / 2, None, v["lo"], v["hi"]) for s, v in sm["per_suite"].items()}
+    cells = {s: (v["rate"], (v["hi"] - v["lo"]) / 2, None) for s, v in sm["per_suite"].items()}
     a = sm["average"]
-    cells["avg"] = (a["rate"], (a["hi"] - a["lo"]) / 2, None, a["lo"], a["hi"])
+    cells["avg"] = (a["rate"], (a["hi"] - a["lo"]) / 2, None)
     lg = sm["per_suite"].get("long")
     cells["subgoals on long"] = (lg["subgoals"], 0.0, None) if lg else None
     return cells
 
 
 def combine(per_seed: list[dict | None]) -> dict:
-    """{col: (value, half)} per seed -> {col: dict(mean, spread, half, n_seeds)}; spread = sd over seeds."""
+    """{col: (value, half, chance)} per seed -> {col: dict(mean, sd, half, n, chance, vals)}: sd over seeds,
+    half = the mean question-sampling half-width, vals = the per-seed values (None where missing, so two
+    rows pair up seed by seed)."""
     out = {}
-    for col in per_seed[0] if per_seed and per_seed[0] else []:
-        vals = [c[col] for c in per_seed if c and c.get(col) is not None]
-        if not vals or isinstance(vals[0], str):  # missing, or a note such as "no depth head"
-            out[col] = vals[0] if vals else None
+    for col in next((c for c in per_seed if c), {}):
+        vals = [c.get(col) if c else None for c in per_seed]
+        given = [x for x in vals if x is not None]
+        if not given or isinstance(given[0], str):  # missing, or a note such as "no depth head"
+            out[col] = given[0] if given else None
             continue
-        v = np.array([x[0] for x in vals], float)
-        lo, hi = (vals[0][3], vals[0][4]) if len(vals) == 1 and len(vals[0]) > 3 else (None, None)
-        out[col] = dict(mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0, lo=lo, hi=hi,
-                        half=float(np.mean([x[1] for x in vals])), n=len(v), chance=vals[0][2])
+        v = np.array([x[0] for x in given], float)
+        out[col] = dict(mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0, n=len(v), chance=given[0][2],
+                        half=float(np.mean([x[1] for x in given])), vals=[None if x is None else float(x[0]) for x in vals])
     return out
 
 
-def significant(a: dict, b: dict) -> bool:
-    """Several seeds: |diff| > sd_a + sd_b. One seed: |diff| > the 95% half-width of the difference."""
-    d = abs(a["mean"] - b["mean"])
-    return d > a["sd"] + b["sd"] if a["n"] > 1 and b["n"] > 1 else d > math.hypot(a["half"], b["half"])
+def compare(a: dict, b: dict) -> dict:
+    """a - b over training seeds, paired seed by seed: mean and sd of the differences; `star` only with
+    >= MIN_SEEDS seeds, every difference of one sign and |mean| > 2 sd / sqrt(n) (issue 12's rule)."""
+    d = np.array([x - y for x, y in zip(a["vals"], b["vals"]) if x is not None and y is not None], float)
+    n = len(d)
+    m, sd = (float(d.mean()) if n else 0.0), (float(d.std(ddof=1)) if n > 1 else 0.0)
+    star = n >= MIN_SEEDS and (bool((d > 0).all()) or bool((d < 0).all())) and abs(m) > 2 * sd / math.sqrt(n)
+    return dict(mean=m, sd=sd, n=n, star=star)
+
+
+def above(a: dict, b: dict) -> bool:
+    """a clearly above b: a positive starred difference over seeds; with fewer seeds, a difference beyond
+    the question-sampling interval of the difference (the weaker check one seed allows)."""
+    c = compare(a, b)
+    if c["n"] >= MIN_SEEDS:
+        return c["star"] and c["mean"] > 0
+    return c["mean"] > math.hypot(a["half"], b["half"])
+
+
+def _fmt(col: str):
+    if col.endswith("AbsRel"):
+        return 1, (lambda x: f"{x:.3f}")
+    if col == "subgoals on long":
+        return 1, (lambda x: f"{x:.2f}")
+    return 100, (lambda x: f"{x:.1f}")
 
 
 def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, diffs: list[tuple[str, str]],
-          chance: bool = True, pct: bool = True) -> str:
-    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
-
+          chance: bool = True, marks: dict | None = None) -> str:
+    """Cells: mean ±sd over seeds (±question-sampling half-width); Δ rows: mean ±sd of the paired per-seed
+    differences, `*` by compare(); marks: {col: symbol} appended to that column's Δ cells."""
     def cell(c, col):
         if c is None or isinstance(c, str):
             return c or "n/a"
-        scale = 1 if col.endswith("AbsRel") or col == "subgoals on long" else 100
-        g = (lambda x: f"{x:.3f}") if col.endswith("AbsRel") else (lambda x: f"{x:.2f}") if scale == 1 else f
-        if c["n"] == 1 and c["lo"] is not None:  # one seed: the (asymmetric) 95% Wilson interval
-            return f"{g(c['mean'])} ({g(c['lo'])}–{g(c['hi'])})"
-        spread = c["sd"] if c["n"] > 1 else c["half"]
-        return f"{g(c['mean'])} ±{g(spread)}" if spread else g(c["mean"])
+        k, g = _fmt(col)
+        sd = f" ±{g(k * c['sd'])}" if c["n"] > 1 else ""
+        return f"{g(k * c['mean'])}{sd} (±{g(k * c['half'])})" if c["half"] else f"{g(k * c['mean'])}{sd}"
     lines = [f"| | {' | '.join(cols)} | {paper_head} |", "|---" * (len(cols) + 2) + "|"]
     if chance:
         first = next(iter(rows.values()))
         lines.append("| chance | " + " | ".join("-" if not isinstance(first.get(c), dict) or first[c]["chance"] is None
-                                               else f"{first[c]['chance']:.3f}" if c.endswith("AbsRel") else f(first[c]["chance"])
-                                               for c in cols) + " | |")
+                                               else _fmt(c)[1](_fmt(c)[0] * first[c]["chance"]) for c in cols) + " | |")
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(r.get(c), c) for c in cols) + f" | {paper.get(name, '')} |")
     for a, b in diffs:
         cs = []
         for col in cols:
             x, y = rows[a].get(col), rows[b].get(col)
-            if x is None or y is None or isinstance(x, str) or isinstance(y, str):
+            if not isinstance(x, dict) or not isinstance(y, dict):
                 cs.append("—" if isinstance(x, str) or isinstance(y, str) else "n/a")
                 continue
-            d = x["mean"] - y["mean"]
-            s = "*" if significant(x, y) else ""
-            cs.append(f"{d:+.3f}{s}" if col.endswith("AbsRel") else f"{d:+.2f}{s}" if col == "subgoals on long" else f"{100 * d:+.1f}{s}")
+            d, (k, g) = compare(x, y), _fmt(col)
+            cs.append(f"{'+' if d['mean'] >= 0 else '−'}{g(k * abs(d['mean']))}" + (f" ±{g(k * d['sd'])}" if d["n"] > 1 else "")
+                      + ("*" if d["star"] else "") + (marks or {}).get(col, ""))
         lines.append(f"| {a} − {b} | " + " | ".join(cs) + f" | {paper.get(f'{a} − {b}', '')} |")
     return "\n".join(lines) + "\n"
 
 
-def verdicts(vlm: dict, vla: dict, refs: dict) -> list[str]:
-    """The paper's claims, one line each: our difference, and whether it clears the noise."""
-    out = []
-    for name, rows, a, b, col in [("depth supervision (gem vs sft), VLM macro", vlm, "gem", "sft", "macro"),
-                                  ("depth supervision (gem vs sft), seen questions", vlm, "gem", "sft", "seen"),
+def no_signal(vlm: dict, cols: list[str]) -> list[str]:
+    """Columns where sft is not clearly above the blind baseline: there a gem - sft difference shows nothing."""
+    if "blind" not in vlm:
+        return []
+    return [c for c in cols if isinstance(vlm["sft"].get(c), dict) and isinstance(vlm["blind"].get(c), dict)
+            and not above(vlm["sft"][c], vlm["blind"][c])]
+
+
+def verdicts(vlm: dict, vla: dict, n_seeds: int) -> list[str]:
+    """The paper's claims, one line each: our difference, and whether it is a claim at all."""
+    out = [] if n_seeds >= MIN_SEEDS else [f"- **{n_seeds} seed{'s' if n_seeds > 1 else ''}: no claim.** A difference is "
+                                           f"claimed only over >= {MIN_SEEDS} training seeds; the numbers below are descriptive."]
+    blind_cols = set(no_signal(vlm, ["macro", "reasoning (VSI-like)"]))
+    for name, rows, a, b, col in [("depth supervision (gem vs sft), VLM macro (in-distribution)", vlm, "gem", "sft", "macro"),
+                                  ("depth supervision (gem vs sft), reasoning", vlm, "gem", "sft", "reasoning (VSI-like)"),
                                   ("depth vs RGB reconstruction (gem vs rgb), reasoning", vlm, "gem", "rgb", "reasoning (VSI-like)"),
                                   ("progressive vs direct (gem vs direct), reasoning", vlm, "gem", "direct", "reasoning (VSI-like)"),
                                   ("features know depth (gem vs sft), probe ordinal", vlm, "gem", "sft", "probe ordinal"),
                                   ("GEM-VLA vs VLA without depth, average success", vla, "vla_gem", "vla_sft", "avg")]:
-        x, y = rows[a].get(col), rows[b].get(col)
+        x, y = rows.get(a, {}).get(col), rows.get(b, {}).get(col)
         if isinstance(x, dict) and isinstance(y, dict):
-            d, sig = 100 * (x["mean"] - y["mean"]), significant(x, y)
-            out.append(f"- {name}: {d:+.1f} points, " + ("**significant**" if sig else "within the noise (not significant)"))
-    for r, col in (("sft", "macro"), ("gem", "macro"), ("sft", "seen"), ("gem", "seen")):
-        m = vlm[r].get(col)
+            d = compare(x, y)
+            k = 1 if col.endswith("AbsRel") else 100
+            what = ("**beyond the seed spread**" if d["star"] else "within the seed spread: no difference shown"
+                    if d["n"] >= MIN_SEEDS else "no claim (fewer than 3 seeds)")
+            note = "; sft is not above the blind baseline here, so this comparison shows nothing" if col in blind_cols and rows is vlm else ""
+            out.append(f"- {name}: {k * d['mean']:+.1f} points" + (f" (±{k * d['sd']:.1f} over {d['n']} seeds)" if d["n"] > 1 else "")
+                       + f", {what}{note}")
+    for r in ("blind", "sft", "gem"):
+        m = vlm.get(r, {}).get("macro")
         if isinstance(m, dict):
-            out.append(f"- `{r}` {col} {'macro ' if col == 'seen' else ''}score {100 * m['mean']:.1f} vs chance {100 * m['chance']:.1f} "
-                       f"({'above' if (m['lo'] if m['n'] == 1 and m['lo'] is not None else m['mean'] - m['sd']) > m['chance'] else 'not clearly above'} chance)")
+            out.append(f"- `{r}` in-distribution macro {100 * m['mean']:.1f} vs chance {100 * m['chance']:.1f}")
     return out
 
 
@@ -323,23 +403,39 @@ def curves(runs: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def collect(c: ReproConfig) -> dict:
+    """Every per-seed cell the tables use, from the runs' results.json files (kept in results.json)."""
+    R, S = c.runs, {s: f"{c.runs}/seed{s}" for s in c.seeds}
+    return dict(
+        seeds=list(c.seeds),
+        vlm={r: {s: vlm_cells(_load(f"{d}/{r}/eval_test/results.json")) for s, d in S.items()} for r in recipes(c)},
+        vla={v: {s: vla_cells(next(iter(_load(f"{d}/{v}/eval_vla/results.json")["results"].values()))) for s, d in S.items()}
+             for v in VLAS},
+        refs={ref: vla_cells(_load(f"{R}/ref_{ref}/results.json")["results"][ref]) for ref in ("random", "expert")},
+        rules=rule_cells(_load(f"{R}/rules/results.json")))
+
+
 def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     R, S = c.runs, [f"{c.runs}/seed{s}" for s in c.seeds]
-    vlm = {r: combine([vlm_cells(_load(f"{d}/{r}/eval_test/results.json")) for d in S]) for r in RECIPES}
-    vla = {v: combine([vla_cells(next(iter(_load(f"{d}/{v}/eval_vla/results.json")["results"].values()))) for d in S])
-           for v in VLAS}
-    refs = {ref: combine([vla_cells(_load(f"{R}/ref_{ref}/results.json")["results"][ref])]) for ref in ("random", "expert")}
-    t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "seen", "held-out templates", "held-out combos",
-          "probe ordinal"]
+    raw = collect(c)
+    vlm = {r: combine(list(per.values())) for r, per in raw["vlm"].items()}
+    vla = {v: combine(list(per.values())) for v, per in raw["vla"].items()}
+    refs = {ref: combine([cells]) for ref, cells in raw["refs"].items()}
+    rules = combine([raw["rules"]])
+    n = len(c.seeds)
+    t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "held-out templates", "held-out combos", "probe ordinal"]
     t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
     t3 = ["spatial", "object", "goal", "long", "avg", "subgoals on long"]
     try:  # the commit that trained the models (stage 0's run.json), not the one writing this page
-        commit = _load(f"{R}/base/run.json")["git_commit"][:7]
+        commit = _load(f"{S[0]}/base/run.json")["git_commit"][:7]
     except (OSError, KeyError, ValueError):
         commit = "unknown"
     import torch
     total = sum(r.get("seconds", 0) for r in log)
     os.makedirs(c.results, exist_ok=True)
+    with open(f"{c.results}/results.json.tmp", "w") as f:
+        json.dump(dict(raw, preset=c.preset, commit=commit, torch=torch.__version__), f, indent=1)
+    os.replace(f"{c.results}/results.json.tmp", f"{c.results}/results.json")
     figs = []
     for r, src in (("gem", "own_head"), ("gem", "probe"), ("sft", "probe")):
         p = f"{S[0]}/{r}/eval_test/depth_{src}.png"
@@ -351,35 +447,50 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
         shutil.copyfile(strip, f"{c.results}/rollouts_vla_gem.png")
         figs.append("![GEM-VLA rollouts](rollouts_vla_gem.png) GEM-VLA rollouts, one row per suite "
                     f"(GIFs: {os.path.relpath(S[0], HERE)}/vla_gem/eval_vla/gifs/)")
-    md = [f"# GEM-mini reproduction: preset `{c.preset}`, seeds {','.join(map(str, c.seeds))}\n",
-          f"Command: `python reproduce.py --preset={c.preset} --seeds={','.join(map(str, c.seeds))}` · commit `{commit}` · "
+    quiet = no_signal(vlm, TYPES)
+    t2_rows = {r: vlm[r] for r in ("sft", "direct", "rgb", "regress", "gem") if r in vlm}
+    types_rows = {"2D rule": rules} | {r: vlm[r] for r in ("blind", "sft", "gem") if r in vlm}
+    seeds_txt = ",".join(map(str, c.seeds))
+    md = [f"# GEM-mini reproduction: preset `{c.preset}`, seeds {seeds_txt}\n",
+          f"Command: `python reproduce.py --preset={c.preset} --seeds={seeds_txt}` · commit `{commit}` · "
           f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
           f"torch {torch.__version__} · summed step time {total / 60:.1f} min\n",
-          "Cells with one seed: % (95% Wilson interval over questions / episodes), depth ± the 95% half-width over "
-          "frames; with several seeds: mean ± the standard deviation over seeds. Δ rows: `*` marks a significant "
-          "difference: larger than the 95% half-width of the difference (one seed) or than the sum of the two "
-          "spreads over seeds (several seeds). Chance: the best constant answer from the train split "
-          "(VLM), the average train depth map (depth) and the random policy (VLA). Paper columns: the paper's numbers for the matching row.\n",
+          (f"**{n} training seed{'s' if n > 1 else ''}: no claim.** Differences are claimed only over >= {MIN_SEEDS} seeds; "
+           "nothing below is starred.\n" if n < MIN_SEEDS else
+           f"{n} training seeds (stage 0, every recipe and VLA trained once per seed).\n"),
+          "Cells: mean ±sd over training seeds (±the 95% question-sampling half-width, averaged over seeds; a second, "
+          "smaller error bar that leaves out training noise). Δ rows: the mean ±sd of the per-seed paired differences; `*` "
+          f"only with >= {MIN_SEEDS} seeds, every per-seed difference of one sign and |mean| > 2 sd / sqrt(n). Chance: the best "
+          "constant answer from the train split (VLM), the average train depth map (depth), the random policy (VLA). "
+          "Every number per seed is in results.json. Paper columns: the paper's numbers for the matching row.\n",
           "## 1. Embodied reasoning: the same VLM and data, with and without depth supervision\n",
-          "Macro: every test question; seen: questions in a training template about seen colour x shape pairs; "
-          "held-out templates / combos: paraphrases never trained on / colour x shape pairs never seen.\n",
-          table({r: vlm[r] for r in ("sft", "gem")}, t1, PAPER_T1, "paper 2B: VSI / MMSI / EmbSpatial", [("gem", "sft")]),
+          "Families and macro: the in-distribution test questions (new scenes, training templates, seen colour x shape "
+          "pairs). Held-out templates / combos: paraphrases never trained on / colour x shape pairs never seen; not in the "
+          "macro. blind: the sft recipe with every image one grey image (what the text alone gives).\n",
+          table({r: vlm[r] for r in ("blind", "sft", "gem") if r in vlm}, t1, PAPER_T1, "paper 2B: VSI / MMSI / EmbSpatial",
+                [("gem", "sft")], marks={col: "†" for col in no_signal(vlm, t1[:-1])}),  # not the probe: blind features see grey
+          "† sft is not clearly above the blind baseline in this column: the gem − sft difference there shows nothing.\n",
+          "## 1b. Per question type: what the text, 2D boxes and the image give\n",
+          "2D rule: the best rule on train that sees only the question text and the objects' 2D boxes (eval.py rules; "
+          "on closer / marked / fit it shows how much of the question needs no depth). In-distribution test questions.\n",
+          table(types_rows, TYPES, {}, "", [("gem", "sft")], marks={t: "†" for t in quiet}),
+          (f"† sft is not clearly above blind on {', '.join(quiet)}: the comparison shows nothing for "
+           f"{'that type' if len(quiet) == 1 else 'those types'}.\n" if quiet else "sft is above the blind baseline on every type.\n"),
           "## 2. Ablation: what kind of generative supervision, and how it is introduced\n",
-          table({r: vlm[r] for r in ("sft", "direct", "rgb", "regress", "gem")}, t2, PAPER_T2,
-                "paper 2B: CV / VSI-abs / VSI-rel / VSI / RoboSpatial", [("gem", "rgb"), ("gem", "direct"), ("gem", "regress")]),
+          table(t2_rows, t2, PAPER_T2, "paper 2B: CV / VSI-abs / VSI-rel / VSI / RoboSpatial",
+                [("gem", r) for r in ("rgb", "direct", "regress") if r in vlm]),
           "Depth probe: a fresh head fitted on each checkpoint's frozen features for the same budget, then "
           "scale-and-shift aligned on inverse depth (AbsRel lower is better); own head: the checkpoint's "
           "depth head, where it has one. Depth columns are on foreground pixels (where a frame differs from the "
-          "average train depth map: objects, gripper): over the whole image the average map alone is nearly "
-          "perfect after alignment (see results.json, key depth.chance), so whole-image numbers say little.\n",
+          "average train depth map: objects, gripper).\n",
           "## 3. VLA closed-loop success (fixed start states)\n",
           table({"random": refs["random"], **vla, "expert": refs["expert"]}, t3, PAPER_T3,
                 "paper LIBERO: S / O / G / L / avg", [("vla_gem", "vla_sft")], chance=False),
           f"vla_sft: VLA on the `sft` VLM, no depth loss; vla_gem: VLA on the `gem` VLM with the depth loss x0.1 (GEM-VLA). "
           f"{c.episodes} start states per task ({c.ref_episodes} for the reference rows).\n",
-          "## Reading the tables\n", "\n".join(verdicts(vlm, vla, refs)) + "\n",
+          "## Reading the tables\n", "\n".join(verdicts(vlm, vla, n)) + "\n",
           "## Training curves (seed " + str(c.seeds[0]) + ")\n",
-          curves({"stage 0": f"{R}/base"} | {r: f"{S[0]}/{r}" for r in RECIPES} | {v: f"{S[0]}/{v}" for v in VLAS}),
+          curves({"stage 0": f"{S[0]}/base"} | {r: f"{S[0]}/{r}" for r in recipes(c)} | {v: f"{S[0]}/{v}" for v in VLAS}),
           "## Figures: depth from the features (RGB | true depth | generated depth), rollouts\n", "\n\n".join(figs) + "\n",
           "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)
           + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time)"

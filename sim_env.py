@@ -25,7 +25,8 @@ Conventions
     order, latched); task.subgoals is the finer pick / place / push step list, env.expert_subgoal indexes it.
   reset options: {"start_id": k} fixed eval start state, {"state": d} restore, {"heldout": True} instruction
     from the held-out paraphrase. augment=True: per-episode colour / light / camera jitter (its own random
-    stream: the scene is the same). render_images=False: state-only observations (fast expert rollouts).
+    stream: the scene is the same). A state's "aug" may set any of gain, cam, look, fov, light, ambient
+    (data.py draws a whole new camera per VLM image this way). render_images=False: state-only observations (fast expert rollouts).
   seeds: a scene is drawn from default_rng([suite index, task id, seed]). Training uses seeds in
     [0, TRAIN_SEEDS); the 50 evaluation start states use seeds EVAL_SEED_BASE + k (kept only where the
     expert succeeds; the kept seeds are cached in sim_eval_starts.json, regenerated if missing).
@@ -661,14 +662,15 @@ class TabletopEnv:
         aug = self.aug or {}
         key = (self.image_size, json.dumps(aug, sort_keys=True))   # camera, light and colours of this episode
         if key != self._cam_key:
-            self.K, self.pose = camera(self.image_size, aug.get("cam", CAM_POS), aug.get("look", CAM_LOOK))
+            self.K, self.pose = camera(self.image_size, aug.get("cam", CAM_POS), aug.get("look", CAM_LOOK),
+                                       aug.get("fov", FOV_DEG))
             self._dirs = _ray_dirs(self.K, self.pose, self.image_size)
             R, C = self.pose[:3, :3], self.pose[:3, 3]
             self._M = self.K @ np.concatenate([R.T, -(R.T @ C)[:, None]], 1)      # (3,4) world -> pixel * depth
             self._cam_key, self._bg = key, None
         light = np.array(aug.get("light", LIGHT))
         self._light, self._amb = light / np.linalg.norm(light), aug.get("ambient", AMBIENT)
-        gains = np.array(aug["gain"]) if aug else np.ones((len(self.meta) + 4, 3))
+        gains = np.array(aug["gain"]) if "gain" in aug else np.ones((len(self.meta) + 4, 3))
         self._rgb = [np.array(COLOURS.get(m["colour"]) or RECEPTACLE_RGB[m["shape"]], float) * gains[i]
                      for i, m in enumerate(self.meta)]
         self._bg_rgb = {k: np.array(v, float) * gains[-1 - n] for n, (k, v) in enumerate(BG_RGB.items())}

@@ -97,6 +97,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     families: str = ""               # stage 1-3 families, comma separated ("" = every record of the split)
+    scenes: str = ""                 # "lo:hi": only these train scenes (data.select_scenes; "" = all)
+    blind: bool = False              # every image one constant grey (the blind baseline; eval.py follows it)
     max_len: int = 160
     # logging, evaluation, checkpoints
     log_every: int = 10
@@ -230,6 +232,19 @@ def save_stage(path, gem, head, tc, tok_path, stage, step, opt, done, data_pos):
     state = dict(stage=stage, step=step, done=done, data_position=data_pos, optimizer=opt.state_dict())
     gem.save_pretrained(path, extra_tensors=extra, flow_convention=FLOW_CONVENTION if head is not None else None,
                         json_files={"pretrain.json": meta}, copy_files={"tokenizer.json": tok_path}, train_state=state)
+
+
+def scene_range(text: str):
+    """--scenes "lo:hi" -> (lo, hi) fractions, or None for every scene."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        lo = hi = -1.0
+    if not 0 <= lo < hi <= 1:
+        die(f"--scenes={text}: expected lo:hi with 0 <= lo < hi <= 1, e.g. 0:0.5")
+    return lo, hi
 
 
 def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
@@ -544,8 +559,10 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
     ds_kw = dict(tok=ctx["tok"], image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-                 head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len)
-    ds, val = D.GemDataset(tc.data, "train", **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+                 head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len, blind=tc.blind)
+    ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+    if not len(ds):
+        die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
     params = trainable(gem, head, stage, head_trained, log)
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0
