@@ -9,7 +9,12 @@ VLM data layout (= the released GEM-250K subset, so real data drops in; DESIGN.m
     <root>/images/<id>.png (RGB)    <root>/depth/<id>.png (16-bit, millimetres, 0 = invalid)
     <root>/tokenizer.json  <root>/stats.json (counts per family and type)  <root>/shards/ (restart points)
 Every answer is computed from the simulator state; "meta" holds the machine-readable answer and type
-so eval.py scores without parsing the question. Coordinates in text: integers in [0, 1000).
+so eval.py scores without parsing the question (and the named objects' 2D boxes, obj_box / ref_box, for
+the 2D-rule baseline). Coordinates in text: integers in [0, 1000).
+Geometry needs the image: every VLM image has its own camera (VIEW: look-at point, distance, pitch, yaw,
+fov; draw_view) and every movable object its own size (SCALE; scale_objects), so neither "how tall" nor
+"how far" follows from names or 2D positions (bench/world_check.py measures it). The VLA suites keep
+sim_env's one fixed camera. Scenes are split for stage 0 / the recipes / data shares by select_scenes.
 
 Families (DESIGN.md; type names go into meta["type"]; FAMILY_TYPES, TEMPLATES):
   grounding  box, point, place (free spot beside an object), grasp, list      answers "[x1, y1, x2, y2]", "(x, y)"
@@ -24,6 +29,7 @@ Paper -> code map
   GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MAKERS (q_*), gen_shard (MIXTURE)
     training samples records uniformly; shares of records (`python data.py --out /tmp/tinydata --preset tiny`,
     train): grounding 24%, caption 23%, reasoning 23%, planning 22%, trajectory 5%, depth 3%
+  varied embodied viewpoints (GEM-4M mixes many cameras)                 VIEW, draw_view, SCALE, scale_objects
   depth for every image (exact here; the paper uses GT or DA3 pseudo-depth)  save_depth_png / load_depth_png
   depth target: inverse depth, 2nd-98th percentile, clip, 1 - x          depth_target
   RGB-reconstruction ablation target                                     rgb_target

@@ -337,14 +337,16 @@ def rule_candidates(typ: str, train: list[dict]) -> dict:
 
 
 def eval_rules(cfg) -> dict:
-    """Per geometry type: every rule's train score, the best rule's test score (the models' scorer)."""
+    """Per geometry type: every rule's train score, and the best rule's score on the in-distribution test
+    questions (training templates, seen colour x shape pairs: the models' headline part), by the models' scorer."""
     from data import read_jsonl
     recs = {s: read_jsonl(os.path.join(cfg.data, f"{s}.jsonl")) for s in ("train", cfg.split)}
     typ = lambda r: (r.get("meta") or {}).get("type")
-    out = {"kind": "rules", "data": cfg.data, "split": cfg.split, "per_type": {}}
+    out, tags = {"kind": "rules", "data": cfg.data, "split": cfg.split, "per_type": {}}, {}
     for t in ("closer", "marked", "distance", "height", "fit"):
         train = [r for r in recs["train"] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")]
-        test = [r for r in recs[cfg.split] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")]
+        test = [r for r in recs[cfg.split] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")
+                and heldout_tags(dict(meta=r["meta"], question=_question(r), answer=_answer(r)), cfg.data, tags) == ["seen"]]
         if not train or not test:
             continue
         score = lambda fn, rs: float(np.mean([score_answer(KIND[t], fn(r), _answer(r), r["meta"])[0] for r in rs]))

@@ -3,12 +3,20 @@
     python reproduce.py --preset=tiny --seeds=0        # ~30 min on a 2-core CPU
     python reproduce.py --preset=micro --seeds=0       # the same path in ~2 min (used by the tests)
     python reproduce.py --preset=small --seeds=0,1,2   # one GPU
+    python reproduce.py --preset=tiny --seeds=0,1,2    # the committed results/tiny (~95 min on 2 cores)
 
 Steps (each a subprocess of the owning script; a step whose `.done` marker exists is skipped, so a rerun
 continues where an interrupted one stopped; an interrupted training step resumes with --resume):
-  data.py (VLM data, demos) -> train_pretrain.py base (stage 0, once) -> per seed: recipes sft, gem, rgb,
-  direct, regress -> train_vla.py on sft (no depth loss) and on gem (depth loss x0.1) -> eval.py vlm on every
-  recipe, eval.py vla on both VLAs, plus the scripted-expert and random-policy rows -> results/<preset>/README.md
+  data.py (VLM data, demos), eval.py rules (the 2D-rule baseline) -> per seed: train_pretrain.py base
+  (stage 0, on its own --base_share of the train scenes) -> recipes sft, gem, rgb, direct, regress, blind (sft
+  on grey images) on the other scenes -> train_vla.py on sft (no depth loss) and on gem (depth loss x0.1) ->
+  eval.py vlm on every recipe, eval.py vla on both VLAs, plus the scripted-expert and random-policy rows ->
+  results/<preset>/README.md and results.json (every per-seed number). --shares adds sft / gem on a share
+  of the scenes, after everything else (bench/data_efficiency.py reads them).
+
+Claims: a gem-vs-other difference is starred only over >= 3 training seeds, with every per-seed paired
+difference of one sign and |mean| > 2 sd / sqrt(n) (compare); one seed claims nothing. Where sft is not
+above the blind baseline, the tables say the comparison shows nothing there (no_signal).
 
 Paper -> code map: table "embodied reasoning" (SFT vs GEM) -> table 1; ablation (RGB / direct / GEM) ->
 table 2; LIBERO success -> table 3 (PAPER.md "Results to mirror").
@@ -140,10 +148,22 @@ def arm_name(recipe: str, share: float) -> str:
     return recipe if share >= 1 else f"{recipe}_{round(100 * share)}pct"
 
 
-def run_steps(c: ReproConfig) -> list[dict]:
-    """Run the plan, `jobs` steps at a time (single-threaded torch each: on a small CPU two 1-thread
-    processes outrun one 2-thread process). Each step logs to <out>.log; a status line shows progress."""
-    steps, log, running = plan(c), [], {}
+def needed(steps: list[dict], names: set[str]) -> list[dict]:
+    """The steps named, and every step they depend on, in plan order."""
+    by_name, want, todo = {st["name"]: st for st in steps}, set(), list(names)
+    while todo:
+        n = todo.pop()
+        if n not in want:
+            want.add(n)
+            todo += by_name[n]["deps"]
+    return [st for st in steps if st["name"] in want]
+
+
+def run_steps(c: ReproConfig, steps: list[dict] | None = None) -> list[dict]:
+    """Run the plan (or the given steps of it), `jobs` steps at a time (single-threaded torch each: on a
+    small CPU two 1-thread processes outrun one 2-thread process). Each step logs to <out>.log; a status line
+    shows progress."""
+    steps, log, running = steps if steps is not None else plan(c), [], {}
     done = {st["name"] for st in steps if os.path.isfile(os.path.join(st["out"], ".done"))}
     for st in steps:
         if st["name"] in done:
@@ -255,7 +275,8 @@ def vlm_cells(res: dict) -> dict:
 
 def rule_cells(res: dict) -> dict:
     """eval.py rules results.json -> {type: (score, half-width, chance)} (deterministic: no seeds)."""
-    return {t: (v["score"], (v["hi"] - v["lo"]) / 2, v["chance"]) for t, v in res["per_type"].items()}
+    per = res["per_type"]
+    return {t: (per[t]["score"], (per[t]["hi"] - per[t]["lo"]) / 2, per[t]["chance"]) if t in per else "no rule" for t in TYPES}
 
 
 def vla_cells(sm: dict) -> dict:
@@ -322,10 +343,9 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
         sd = f" ±{g(k * c['sd'])}" if c["n"] > 1 else ""
         return f"{g(k * c['mean'])}{sd} (±{g(k * c['half'])})" if c["half"] else f"{g(k * c['mean'])}{sd}"
     lines = [f"| | {' | '.join(cols)} | {paper_head} |", "|---" * (len(cols) + 2) + "|"]
-    if chance:
-        first = next(iter(rows.values()))
-        lines.append("| chance | " + " | ".join("-" if not isinstance(first.get(c), dict) or first[c]["chance"] is None
-                                               else _fmt(c)[1](_fmt(c)[0] * first[c]["chance"]) for c in cols) + " | |")
+    if chance:  # from the last row with that column (a model row: chance over the same questions)
+        ch = {c: next((r[c]["chance"] for r in reversed(list(rows.values())) if isinstance(r.get(c), dict)), None) for c in cols}
+        lines.append("| chance | " + " | ".join("-" if ch[c] is None else _fmt(c)[1](_fmt(c)[0] * ch[c]) for c in cols) + " | |")
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(r.get(c), c) for c in cols) + f" | {paper.get(name, '')} |")
     for a, b in diffs:
@@ -503,10 +523,15 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     return text
 
 
-def main(argv: list[str]) -> str:
+def config(argv: list[str]) -> ReproConfig:
     c = parse_config(ReproConfig, argv, PRESETS)
     c.data, c.runs, c.results = (os.path.abspath(x) for x in (c.data or f"data/{c.preset}", c.runs or f"runs/{c.preset}",
                                                               c.results or f"results/{c.preset}"))
+    return c
+
+
+def main(argv: list[str]) -> str:
+    c = config(argv)
     t = time.time()
     log = run_steps(c)
     text = write_readme(c, log, time.time() - t)

@@ -15,6 +15,8 @@ Recipes (stage 3 has the same number of VLM updates and the same data order in e
     rgb      stages 1, 2, 3 with the RGB-reconstruction target (paper's ablation)
     direct   stage 3 only, depth head untrained at the start (no progressive warm-up; paper's ablation)
     regress  stages 1, 2, 3 with the regression head (is "generative" what matters?)
+  --blind=true (with sft): every image one grey image, the blind baseline; --scenes=lo:hi: a share of the
+  train scenes (stage 0 and the recipes on disjoint scenes, the data-efficiency curve; data.select_scenes)
 
 Making `tiny` learn (2-core CPU, ~2-4 min per recipe): the hard part is binding the question's words to
 image regions. 8-px patches merged 2x2 give only 16 image tokens (cheap; each covers 16x16 px); learned

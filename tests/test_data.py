@@ -240,6 +240,9 @@ def check_record(root, r):
     d_png = data.load_depth_png(os.path.join(root, r["depth"]))
     assert np.abs(d_png - depth).max() <= 0.0005 + 1e-6
     ans, q = m.get("answer"), r["conversations"][0]["value"]
+    for k in ("obj", "ref"):  # the 2D boxes the rule baseline sees are the objects' pixel boxes in this image
+        if f"{k}_box" in m:
+            assert np.abs(np.array(m[f"{k}_box"]) - _mask_box(seg, m[k])).max() <= 1.0, r["id"]
     # the objects the answer is checked against (meta) are the ones the question names, in its order
     at = [re.search(rf"\bthe {re.escape(objs[m[k]]['name'])}\b", q) for k in ("obj", "ref") if k in m and typ != "rel_mc"]
     assert all(at) and [a.start() for a in at] == sorted(a.start() for a in at), r["id"]
@@ -320,7 +323,8 @@ def check_record(root, r):
                 break
         idx = np.round(np.linspace(0, len(path) - 1, m["n"])).astype(int)
         uv = sim_env.project(info["K"], info["cam_pose"], np.array(path)[idx]) * 1000 / 64
-        assert len(ans) == m["n"] and np.abs(np.array(ans) - np.clip(uv, 0, 999)).max() <= 1.0
+        assert (uv >= 0).all() and (uv < 1000).all()  # a path that leaves the view is not asked about
+        assert len(ans) == m["n"] and np.abs(np.array(ans) - uv).max() <= 1.0
     elif typ == "caption":
         vis = {o["name"] for o in info["objects"] if (seg == o["id"]).sum() >= data.MIN_VISIBLE * 64 * 64}
         assert set(ans_text.split(", ")) == vis
@@ -337,6 +341,59 @@ def test_every_generated_answer_rechecked_against_the_simulator(micro_data):
     assert seen == set(data.TYPE_FAMILY) | {"depth"}  # the micro preset covers every type
     stats = json.load(open(os.path.join(micro_data, "stats.json")))
     assert sum(s["samples"] for s in stats["splits"].values()) == len(recs)
+
+
+def test_every_vlm_image_has_its_own_camera_and_objects_their_own_sizes(micro_data):
+    """The camera of each frame, re-derived from its stored state (position, look-at, fov), lies in the
+    documented VIEW ranges; the cameras differ; movable objects are scaled within SCALE (cubes and balls
+    uniformly), and the same shape comes in several heights."""
+    import sim_env
+    views, heights = set(), {}
+    for f in sorted(os.listdir(os.path.join(micro_data, "states"))):
+        st = json.load(open(os.path.join(micro_data, "states", f)))["state"]
+        cam, look, fov = np.array(st["aug"]["cam"]), np.array(st["aug"]["look"]), st["aug"]["fov"]
+        v = cam - look
+        dist, pitch = np.linalg.norm(v), math.degrees(math.asin(v[2] / np.linalg.norm(v)))
+        yaw = math.degrees(math.atan2(v[0], -v[1]))
+        for name, x in (("dist", dist), ("pitch", pitch), ("yaw", yaw), ("fov", fov), ("look_x", look[0]), ("look_y", look[1])):
+            lo, hi = data.VIEW[name]
+            assert lo - 1e-6 <= x <= hi + 1e-6, (f, name, x)
+        assert look[2] == 0.0
+        views.add(round(float(cam[0]), 4))
+        obs, info, _, _ = _frame(micro_data, f[:-5])
+        assert np.isclose(info["K"][0][0], 32 / math.tan(math.radians(fov) / 2))  # the rendered camera is this one
+        for o in st["objects"]:
+            if o["shape"] in sim_env.SHAPES:
+                r = np.array(o["half_extents"]) / np.array(sim_env.HALF[o["shape"]])
+                if o["shape"] in ("cube", "ball"):
+                    assert np.allclose(r, r[0]) and data.SCALE["uniform"][0] <= r[0] <= data.SCALE["uniform"][1]
+                else:
+                    assert np.isclose(r[0], r[1]) and data.SCALE["xy"][0] <= r[0] <= data.SCALE["xy"][1]
+                    assert data.SCALE["z"][0] <= r[2] <= data.SCALE["z"][1]
+                heights.setdefault(o["shape"], set()).add(round(o["half_extents"][2], 5))
+    assert len(views) > 5
+    assert any(len(h) > 2 for h in heights.values())
+
+
+def test_select_scenes_cuts_whole_scenes_disjoint_and_nested():
+    recs = [dict(id=f"{k}-{j}", image=f"images/train-{k:05d}-{t:03d}.png", meta=dict(frame=f"train-{k:05d}-{t:03d}"))
+            for k in range(50) for t in (0, 7) for j in range(3)]
+    scenes = lambda rs: {r["meta"]["frame"][:11] for r in rs}
+    a, b, rest = data.select_scenes(recs, 0, 0.2), data.select_scenes(recs, 0, 0.6), data.select_scenes(recs, 0.6, 1)
+    assert len(scenes(a)) == 10 and len(scenes(b)) == 30 and len(scenes(rest)) == 20
+    assert scenes(a) <= scenes(b) and not scenes(b) & scenes(rest)
+    assert len(a) == 10 * 6  # every record of a kept scene (both frames, every question)
+    assert scenes(a) != {f"train-{k:05d}" for k in range(10)}  # not simply the first scenes
+
+
+def test_blind_dataset_shows_one_grey_image(micro_data):
+    kw = dict(tok=data.load_tokenizer(os.path.join(micro_data, "tokenizer.json")), image_size=64, n_image_tokens=16, head_size=16)
+    seeing, blind = data.GemDataset(micro_data, "train", **kw), data.GemDataset(micro_data, "train", blind=True, **kw)
+    grey = data.pixel_values_from_rgb(np.full((64, 64, 3), 128, np.uint8))
+    for i in (0, len(blind) // 2, len(blind) - 1):
+        assert torch.equal(blind[i]["pixel_values"], grey)
+        assert not torch.equal(seeing[i]["pixel_values"], grey)
+        assert torch.equal(blind[i]["input_ids"], seeing[i]["input_ids"])  # the same text
 
 
 def test_split_rules_heldout_templates_and_combos(micro_data):
@@ -500,7 +557,7 @@ def test_simulator_seed_ranges_are_disjoint(tmp_path, monkeypatch):
             self.seed = seed
 
         def get_state(self):
-            return {"seed": self.seed, "objects": []}
+            return {"seed": self.seed, "objects": [], "start": []}
     ranges = []
     for split in data.SPLITS:
         n = _largest_accepted(lambda n: data.generate(data.GenConfig(**dict(

@@ -183,3 +183,48 @@ def test_cli_bad_input_is_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             ev.main(argv)
         assert needle in str(e.value) and "\n" not in str(e.value).strip(), str(e.value)
+
+
+# ---- the 2D-rule baseline ---------------------------------------------------------------------------
+
+def _rec(q, a, **meta):
+    return {"conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}], "meta": meta}
+
+
+def test_rules_fit_their_number_on_train_and_read_only_boxes_and_text():
+    # closer: the answer follows "lower box bottom is nearer" (y grows downwards)
+    lower = ev.rule_candidates("closer", [])["the object lower in the image is nearer"]
+    assert lower(_rec("", "", obj_box=[0, 100, 10, 600], ref_box=[0, 100, 10, 400])) == "yes"
+    assert lower(_rec("", "", obj_box=[0, 100, 10, 300], ref_box=[0, 100, 10, 400])) == "no"
+    # height: k x box height, k the median ratio of answer to box height on train (here 0.05 cm per unit)
+    train = [_rec("How tall is the red can?", str(h), obj_box=[0, 0, 10, 20 * h]) for h in (4, 6, 8, 10)]
+    rules = ev.rule_candidates("height", train)
+    scaled = next(fn for name, fn in rules.items() if "box height" in name)
+    assert scaled(_rec("How tall is the blue cube?", "", obj_box=[0, 100, 10, 240])) == "7"  # 0.05 * 140
+    by_text = rules["the train median for this question text"]
+    assert by_text(_rec("How tall is the red can?", "")) == "7"  # median of 4, 6, 8, 10
+    assert by_text(_rec("How tall is the green ball?", "")) == "7"  # unseen text: the overall median
+    # distance: k x the distance of the box centres
+    train = [_rec("How far?", str(d), obj_box=[0, 0, 10, 10], ref_box=[10 * d, 0, 10 * d + 10, 10]) for d in (5, 10, 20)]
+    dist = next(fn for name, fn in ev.rule_candidates("distance", train).items() if "centres" in name)
+    assert dist(_rec("", "", obj_box=[0, 0, 10, 10], ref_box=[300, 400, 310, 410])) == "50"  # 0.1 x 500
+    marked = ev.rule_candidates("marked", [])["the lower mark is nearer"]
+    assert marked(_rec("", "", points_px=[[5, 40], [30, 10]])) == "A" and marked(_rec("", "", points_px=[[5, 4], [30, 10]])) == "B"
+
+
+def test_eval_rules_on_generated_data_scores_the_best_train_rule(micro_data, tmp_path):
+    import data
+    # scored on train itself: micro's few test questions may hold no in-distribution `marked` one
+    res = ev.main(["rules", f"--data={micro_data}", "--split=train", f"--out={tmp_path}"])
+    assert set(res["per_type"]) == {"closer", "marked", "distance", "height", "fit"}
+    for t, v in res["per_type"].items():
+        assert v["rule"] == max(v["train"], key=v["train"].get) and 0 <= v["score"] <= 1
+    # recomputed by hand from the stored boxes / marks: the share where "lower in the image" is "nearer"
+    recs = {t: [r for r in data.read_jsonl(f"{micro_data}/train.jsonl") if r["meta"]["type"] == t] for t in ("marked", "closer")}
+    hand = {"marked": np.mean([(r["meta"]["points_px"][0][1] > r["meta"]["points_px"][1][1]) == (r["meta"]["answer"] == "A")
+                               for r in recs["marked"]]),
+            "closer": np.mean([(r["meta"]["obj_box"][3] > r["meta"]["ref_box"][3]) == (r["meta"]["answer"] == "yes")
+                               for r in recs["closer"]])}
+    assert res["per_type"]["marked"]["score"] == pytest.approx(hand["marked"]) and res["per_type"]["marked"]["n"] == len(recs["marked"])
+    assert res["per_type"]["closer"]["train"]["the object lower in the image is nearer"] == pytest.approx(hand["closer"])
+    assert (tmp_path / "results.json").is_file() and "2D-rule baseline" in (tmp_path / "results.md").read_text()

@@ -1,5 +1,5 @@
-"""reproduce.py: the significance rule, the step plan, and an end-to-end `micro` reproduction that fills
-every cell of the three tables (and skips every step when rerun)."""
+"""reproduce.py: the seed significance rule, the step plan, and an end-to-end `micro` reproduction that
+fills every cell of the tables (and skips every step when rerun)."""
 import json
 import os
 import re
@@ -9,39 +9,65 @@ import pytest
 import reproduce as rp
 
 
-def test_combine_and_significance_rule():
-    one = rp.combine([{"x": (0.60, 0.05, 0.5)}])["x"]
-    other = rp.combine([{"x": (0.50, 0.05, 0.5)}])["x"]
-    assert one["mean"] == 0.60 and one["n"] == 1 and one["chance"] == 0.5
-    assert rp.significant(one, other)  # 0.10 > hypot(0.05, 0.05) = 0.0707
-    close = rp.combine([{"x": (0.55, 0.05, 0.5)}])["x"]
-    assert not rp.significant(close, other)  # 0.05 < 0.0707
-    # several seeds: the spread over seeds decides, not the per-seed intervals
-    a = rp.combine([{"x": (v, 0.0, None)} for v in (0.60, 0.62, 0.64)])["x"]
-    b = rp.combine([{"x": (v, 0.0, None)} for v in (0.50, 0.56, 0.62)])["x"]
-    assert a["sd"] == pytest.approx(0.02) and b["sd"] == pytest.approx(0.06)
-    assert not rp.significant(a, b)  # diff 0.06 <= 0.02 + 0.06
-    c = rp.combine([{"x": (v, 0.0, None)} for v in (0.40, 0.41, 0.42)])["x"]
-    assert rp.significant(a, c)  # diff 0.20 > 0.03
+def _seeds(*vals):  # one cell per seed: (value, question-sampling half-width, chance)
+    return rp.combine([{"x": (v, 0.05, 0.5)} for v in vals])["x"]
+
+
+def test_star_needs_three_seeds_one_sign_and_a_mean_beyond_two_standard_errors():
+    one, other = _seeds(0.90), _seeds(0.10)
+    assert one["mean"] == 0.90 and one["n"] == 1 and one["chance"] == 0.5
+    assert not rp.compare(one, other)["star"]  # one seed: no claim, however large the difference
+    assert not rp.compare(_seeds(0.9, 0.8), _seeds(0.1, 0.1))["star"]  # two seeds: still no claim
+    # paired by seed: differences +0.10, +0.12, +0.08 -> mean 0.10, sd 0.02; 0.10 > 2 * 0.02 / sqrt(3) = 0.023
+    a, b = _seeds(0.60, 0.40, 0.70), _seeds(0.50, 0.28, 0.62)
+    d = rp.compare(a, b)
+    assert d["mean"] == pytest.approx(0.10) and d["sd"] == pytest.approx(0.02) and d["n"] == 3 and d["star"]
+    # the seed spread of each row (sd 0.15) is far larger than the difference: pairing is what finds it
+    assert a["sd"] > 0.1 and b["sd"] > 0.1
+    # one difference of the other sign: no star, whatever the mean
+    assert not rp.compare(_seeds(0.60, 0.40, 0.70), _seeds(0.50, 0.28, 0.71))["star"]
+    # one sign but a mean inside 2 sd / sqrt(n): differences 0.01, 0.01, 0.20 -> mean 0.073, sd 0.11, 2 sd / sqrt(3) = 0.127
+    assert not rp.compare(_seeds(0.51, 0.51, 0.70), _seeds(0.50, 0.50, 0.50))["star"]
+    # a missing seed drops that pair
+    c = rp.combine([{"x": (0.6, 0.0, None)}, None, {"x": (0.7, 0.0, None)}])["x"]
+    assert c["vals"] == [0.6, None, 0.7] and c["n"] == 2
+    assert rp.compare(c, _seeds(0.5, 0.5, 0.5))["n"] == 2
+
+
+def test_above_blind_uses_the_seed_rule_with_three_seeds_and_the_question_interval_with_one():
+    assert rp.above(_seeds(0.70), _seeds(0.55))  # 0.15 > hypot(0.05, 0.05) = 0.071
+    assert not rp.above(_seeds(0.60), _seeds(0.55))
+    assert rp.above(_seeds(0.60, 0.62, 0.61), _seeds(0.55, 0.56, 0.55))
+    assert not rp.above(_seeds(0.60, 0.50, 0.61), _seeds(0.55, 0.56, 0.55))  # one seed below
 
 
 def test_plan_has_every_step_once_after_its_dependencies():
-    c = rp.ReproConfig(preset="micro", seeds=(0, 1), data="/d", runs="/r", results="/o")
+    c = rp.ReproConfig(preset="micro", seeds=(0, 1), data="/d", runs="/r", results="/o", base_share=0.25, shares=(0.5,))
     steps = rp.plan(c)
     names = [st["name"] for st in steps]
     assert len(names) == len(set(names))
     for i, st in enumerate(steps):  # listed in a valid order; every dependency exists
         assert all(d in names[:i] for d in st["deps"]), st
-    assert sum(st["argv"][1:3] == ["train_pretrain.py", "--preset=micro"] and "--recipe=base" in st["argv"]
-               for st in steps) == 1  # stage 0 once, shared by every seed
-    for s in (0, 1):
+    flag = lambda st, key: next((a.split("=", 1)[1] for a in st["argv"] if a.startswith(f"--{key}=")), None)
+    for s in (0, 1):  # stage 0 once per seed, on its own scenes; every recipe starts from that seed's stage 0
+        base = next(st for st in steps if st["name"] == f"s{s} stage 0")
+        assert "--recipe=base" in base["argv"] and flag(base, "seed") == str(s) and flag(base, "scenes") == "0.75:1"
         for r in rp.RECIPES:
-            assert f"s{s} {r}" in names and f"s{s} eval {r}" in names
+            st = next(st for st in steps if st["name"] == f"s{s} {r}")
+            assert f"s{s} eval {r}" in names and flag(st, "init") == f"/r/seed{s}/base" and flag(st, "scenes") == "0:0.75"
+        for r in ("sft", "gem"):  # the data-efficiency arms: half of the recipes' scenes
+            assert flag(next(st for st in steps if st["name"] == f"s{s} {r}_50pct"), "scenes") == "0:0.375"
         for v in rp.VLAS:
             assert f"s{s} eval {v}" in names
+    blind = next(st for st in steps if st["name"] == "s0 blind")
+    assert flag(blind, "recipe") == "sft" and flag(blind, "blind") == "true"
+    # the share arms come after every main step, so the tables never wait for them
+    assert max(i for i, n in enumerate(names) if "pct" not in n) < min(i for i, n in enumerate(names) if "pct" in n)
     vla_gem = next(st for st in steps if st["name"] == "s0 vla_gem")
     assert "--depth_weight=0.1" in vla_gem["argv"] and "--init=/r/seed0/gem" in vla_gem["argv"]
     assert "s0 gem" in vla_gem["deps"] and "demos" in vla_gem["deps"]
+    few = rp.needed(steps, {"s1 eval gem_50pct"})  # a subset of the plan with everything it needs
+    assert [st["name"] for st in few] == ["data", "s1 stage 0", "s1 gem_50pct", "s1 eval gem_50pct"]
 
 
 def _table_rows(text: str) -> list[str]:  # the three result tables (not the step times)
@@ -68,27 +94,36 @@ def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
     with open(tmp_path / "results" / "README.md") as f:
         assert f.read() == text
     rows = _table_rows(text)
-    assert len(rows) >= 3 + 1 + 6 + 3 + 5 + 1  # headers, chance rows, model rows and difference rows
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert "n/a" not in cells and "nan" not in row, row
+    assert len(rows) >= 4 * 2 + 3 + 5 + 4 + 5  # headers and chance rows, then model and difference rows
+    # every cell filled; the micro test split may happen to hold no held-out colour x shape pair
+    combos = json.load(open(tmp_path / "runs" / "seed0" / "gem" / "eval_test" / "results.json"))["heldout_combo"]
+    for t in _tables(text):
+        for name, row in t.items():
+            assert not [c for col, c in row.items() if c == "n/a" and not (col == "held-out combos" and combos is None)], (name, row)
+            assert "nan" not in "".join(row.values()), (name, row)
     # the cells are the evaluations' numbers: recomputed here from each run's results.json
-    t1, t2 = _tables(text)[:2]
+    t1, _, t2 = _tables(text)[:3]  # table 1, 1b (per type), 2
 
     def mean(per, types, key="score"):
         types = [t for t in types if t in per]
         return f"{100 * sum(per[t][key] for t in types) / len(types):.1f}"
     probe = {}
-    for r in rp.RECIPES:
+    for r in rp.RECIPES:  # the columns are the in-distribution ("seen") test questions
         a = json.load(open(tmp_path / "runs" / "seed0" / r / "eval_test" / "results.json"))
-        per = a["all"]["per_type"]
-        assert t2[r]["reasoning (VSI-like)"].split()[0] == mean(per, a["all"]["per_family"]["reasoning"]["types"]), r
+        per = a["seen"]["per_type"]
+        if r in t2:
+            assert t2[r]["reasoning (VSI-like)"].split()[0] == mean(per, a["seen"]["per_family"]["reasoning"]["types"]), r
+            probe[r] = a["depth"]["probe"]["fg_ordinal"]
+            assert t2[r]["probe ordinal"].split()[0] == f"{100 * probe[r]:.1f}", r
         if r in t1:
-            assert t1[r]["macro"].split()[0] == mean(per, a["all"]["macro"]["types"]), r
-            assert t1["chance"]["macro"] == mean(per, a["all"]["macro"]["types"], "chance")
-        probe[r] = a["depth"]["probe"]["fg_ordinal"]
-        assert t2[r]["probe ordinal"].split()[0] == f"{100 * probe[r]:.1f}", r
-    assert t2["gem − direct"]["probe ordinal"].rstrip("*") == f"{100 * (probe['gem'] - probe['direct']):+.1f}"
+            assert t1[r]["macro"].split()[0] == mean(per, a["seen"]["macro"]["types"]), r
+            assert t1["chance"]["macro"] == mean(per, a["seen"]["macro"]["types"], "chance")
+    assert t2["gem − direct"]["probe ordinal"].split()[0] == f"{100 * (probe['gem'] - probe['direct']):+.1f}".replace("-", "−")
+    assert "one seed" not in text and "1 training seed: no claim" in text and "*" not in "".join(_table_rows(text))
+    saved = json.load(open(tmp_path / "results" / "results.json"))  # every per-seed number, for later pooling
+    assert set(saved["vlm"]) == set(rp.RECIPES) and saved["seeds"] == [0]
+    assert saved["vlm"]["gem"]["0"]["macro"][0] == pytest.approx(a["seen"]["macro"]["score"] if r == "gem" else
+                                                                  json.load(open(tmp_path / "runs/seed0/gem/eval_test/results.json"))["seen"]["macro"]["score"])
     for needle in ("| gem − sft |", "| vla_gem − vla_sft |", "| expert |", "| random |", "60.0 / 28.9 / 72.7"):
         assert needle in text
     assert re.search(r"\| expert \| 100\.0", text)  # the scripted expert solves its episodes

@@ -17,8 +17,8 @@ def _unproject(depth, K, pose):
     return xc @ R.T + C
 
 
-def _env_with(objects, size=64, grip=(0.3, 0.3, 0.28)):
-    """goal-suite env whose state is replaced by the given objects (dicts with shape/pos/yaw)."""
+def _env_with(objects, size=64, grip=(0.3, 0.3, 0.28), aug=None):
+    """goal-suite env whose state is replaced by the given objects (dicts with shape/pos/yaw); aug: its camera."""
     env = S.TabletopEnv("goal", 0, size)
     env.reset(seed=0)
     st = env.get_state()
@@ -32,14 +32,24 @@ def _env_with(objects, size=64, grip=(0.3, 0.3, 0.28)):
     for r in roles - {o["role"] for o in objs}:   # the goal predicate needs these roles; park them out of view
         objs.append({"id": len(objs) + 1, "role": r, "name": r, "shape": "cube", "colour": "red", "size": "medium",
                      "pos": [5.0, 5.0, 0.025], "yaw": 0.0, "half_extents": list(S.HALF["cube"])})
-    st.update(objects=objs, start=[o["pos"] for o in objs], grip=[*grip, 0.0, S.GRIP_OPEN], held=-1, closed=False)
+    st.update(objects=objs, start=[o["pos"] for o in objs], grip=[*grip, 0.0, S.GRIP_OPEN], held=-1, closed=False, aug=aug)
     env.set_state(st)
     return env
 
 
-def test_plane_depth_exact():
-    env = _env_with([{"shape": "cube", "pos": (0.0, 0.05, 0.025), "role": "cube"}])
+@pytest.mark.parametrize("aug", [None, {"cam": [0.2, -0.6, 0.7], "look": [0.05, 0.1, 0.0], "fov": 58.0},
+                                 {"cam": [-0.1, -0.3, 0.2], "look": [-0.05, 0.0, 0.0], "fov": 33.0}])
+def test_plane_depth_exact(aug):
+    """The default camera and two of the per-image cameras the VLM data draws (a high wide one, a low narrow one)."""
+    env = _env_with([{"shape": "cube", "pos": (0.0, 0.05, 0.025), "role": "cube"}], aug=aug)
     obs, info = env.render(), env._info()
+    fov = aug["fov"] if aug else S.FOV_DEG
+    assert np.isclose(info["K"][0][0], 32 / math.tan(math.radians(fov) / 2))
+    if aug:  # the camera sits where asked and looks at the look-at point (its optical axis passes through it)
+        pose = np.array(info["cam_pose"])
+        assert np.allclose(pose[:3, 3], aug["cam"])
+        v = np.subtract(aug["look"], aug["cam"])
+        assert np.allclose(pose[:3, 2], v / np.linalg.norm(v))
     P = _unproject(obs["depth"].astype(np.float64), info["K"], info["cam_pose"])
     bg = obs["seg"] == 0
     # every background pixel centre lies on the table top, the table's front / side faces, the wall or the floor
@@ -47,7 +57,7 @@ def test_plane_depth_exact():
                   np.abs(P[..., 1] - (S.TABLE_CY - S.TABLE_HALF[1])), np.abs(np.abs(P[..., 0]) - S.TABLE_HALF[0])]).min(0)
     assert bg.sum() > 2000 and d[bg].max() < 1e-3
     # table-top pixels: the analytic plane depth t = -C_z / dir_z, from K and the pose only
-    top = bg & (np.abs(P[..., 2]) < 1e-3)
+    top = bg & (np.abs(P[..., 2]) < 1e-5)  # not the pixels on the front face just below the edge
     n = 64
     j, i = np.meshgrid(np.arange(n) + 0.5, np.arange(n) + 0.5)
     K, pose = np.array(info["K"]), np.array(info["cam_pose"])
