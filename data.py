@@ -912,9 +912,9 @@ def gen_shard(job):
             combos = {(o["colour"], o["shape"]) for o in start["objects"]}
             if ok and (split == "test" or not combos & HELDOUT_COMBOS):
                 break
-        else:  # never with the real expert; a failed rollout or a held-out combination is never written
-            raise RuntimeError(f"gen_shard: {split} rollout {r}: no successful expert rollout without a held-out colour x "
-                               f"shape in seeds {SEED_BASE[split] + ATTEMPTS * r}..{SEED_BASE[split] + ATTEMPTS * (r + 1) - 1}")
+        else:  # never with the real expert; a failed rollout, touching resized objects or a held-out combination is never written
+            raise RuntimeError(f"gen_shard: {split} rollout {r}: no successful expert rollout (with non-touching resized objects) "
+                               f"without a held-out colour x shape in seeds {SEED_BASE[split] + ATTEMPTS * r}..{SEED_BASE[split] + ATTEMPTS * (r + 1) - 1}")
         renv, T = _env(cache, suite, task_id, S), len(states) - 1
         grip = [st["grip"][:3] for st in states]
         ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
@@ -954,7 +954,8 @@ def generate(cfg: GenConfig) -> dict:
     for d in ("images", "depth", "states", "shards"):
         os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
     # finished shards are only reused by the same recipe: refuse to mix two configs in one folder
-    recipe = {k: v for k, v in c.items() if k not in ("out", "workers", "preset")}
+    # the world's own settings too: data made before a change of cameras or sizes is never reused
+    recipe = {k: v for k, v in c.items() if k not in ("out", "workers", "preset")} | {"world": dict(VIEW=VIEW, SCALE=SCALE)}
     cfg_path = os.path.join(cfg.out, "gen_config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:

@@ -358,6 +358,9 @@ def eval_rules(cfg) -> dict:
         const = constant_answer(KIND[t], [_answer(r) for r in train])
         out["per_type"][t] = {"rule": best, "train": fitted, "score": s, "n": len(test), "lo": lo, "hi": hi,
                               "chance": score(lambda r: const, test)}
+    if not out["per_type"] and not any("obj_box" in (r.get("meta") or {}) for r in recs["train"]):
+        raise SystemExit(f"error: {cfg.data}/train.jsonl: no record has meta.obj_box (data made before the 2D-rule baseline? "
+                         f"regenerate it with data.py)")
     md = [f"# 2D-rule baseline: {cfg.data} ({cfg.split} split)\n", "| type | best rule on train | test score | chance |", "|---|---|---|---|"]
     md += [f"| {t} | {v['rule']} | {_pct(v['score'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] (n={v['n']}) | {_pct(v['chance'])} |"
            for t, v in out["per_type"].items()]

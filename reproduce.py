@@ -3,7 +3,7 @@
     python reproduce.py --preset=tiny --seeds=0        # ~30 min on a 2-core CPU
     python reproduce.py --preset=micro --seeds=0       # the same path in ~2 min (used by the tests)
     python reproduce.py --preset=small --seeds=0,1,2   # one GPU
-    python reproduce.py --preset=tiny --seeds=0,1,2    # the committed results/tiny (~95 min on 2 cores)
+    python reproduce.py --preset=tiny --seeds=0,1,2    # three training seeds: what a claim needs (~1.5 h on 2 cores)
 
 Steps (each a subprocess of the owning script; a step whose `.done` marker exists is skipped, so a rerun
 continues where an interrupted one stopped; an interrupted training step resumes with --resume):
@@ -148,6 +148,12 @@ def arm_name(recipe: str, share: float) -> str:
     return recipe if share >= 1 else f"{recipe}_{round(100 * share)}pct"
 
 
+def check_shares(shares) -> None:
+    names = [arm_name("sft", s) for s in shares]
+    if any(not 0.01 <= s <= 1 for s in shares) or len(set(names)) < len(names):
+        raise SystemExit(f"error: --shares={','.join(f'{s:g}' for s in shares)}: shares must lie in [0.01, 1] and differ in whole percents")
+
+
 def needed(steps: list[dict], names: set[str]) -> list[dict]:
     """The steps named, and every step they depend on, in plan order."""
     by_name, want, todo = {st["name"]: st for st in steps}, set(), list(names)
@@ -253,7 +259,9 @@ def vlm_cells(res: dict) -> dict:
     """One eval.py vlm results.json -> {column: (value, half-width, chance)}. Every column but the two
     held-out ones is over the in-distribution test questions (new scenes; training templates and colour x
     shape pairs): what was trained. The held-out parts are their own columns, not in the macro."""
-    s, cells = res.get("seen") or res["all"], {}
+    if not res.get("seen"):
+        raise SystemExit(f"error: {res.get('ckpt')}: its eval results have no in-distribution ('seen') test questions to report")
+    s, cells = res["seen"], {}
     for f in ("grounding", "reasoning", "planning", "trajectory"):
         cells[f] = _part(s, s["per_family"][f]["types"]) if f in s["per_family"] else None
     cells["macro"] = _part(s, s["macro"]["types"])
@@ -276,7 +284,8 @@ def vlm_cells(res: dict) -> dict:
 def rule_cells(res: dict) -> dict:
     """eval.py rules results.json -> {type: (score, half-width, chance)} (deterministic: no seeds)."""
     per = res["per_type"]
-    return {t: (per[t]["score"], (per[t]["hi"] - per[t]["lo"]) / 2, per[t]["chance"]) if t in per else "no rule" for t in TYPES}
+    return {t: (per[t]["score"], (per[t]["hi"] - per[t]["lo"]) / 2, per[t]["chance"]) if t in per
+            else "no rule" if t not in GEOMETRY else None for t in TYPES}  # None: no such test questions
 
 
 def vla_cells(sm: dict) -> dict:
@@ -387,7 +396,8 @@ def verdicts(vlm: dict, vla: dict, n_seeds: int) -> list[str]:
             k = 1 if col.endswith("AbsRel") else 100
             what = ("**beyond the seed spread**" if d["star"] else "within the seed spread: no difference shown"
                     if d["n"] >= MIN_SEEDS else "no claim (fewer than 3 seeds)")
-            note = "; sft is not above the blind baseline here, so this comparison shows nothing" if col in blind_cols and rows is vlm else ""
+            note = ("; sft is not above the blind baseline in this column, so no model's score here shows what the image adds"
+                    if col in blind_cols and rows is vlm else "")
             out.append(f"- {name}: {k * d['mean']:+.1f} points" + (f" (±{k * d['sd']:.1f} over {d['n']} seeds)" if d["n"] > 1 else "")
                        + f", {what}{note}")
     for r in ("blind", "sft", "gem"):
@@ -478,8 +488,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           (f"**{n} training seed{'s' if n > 1 else ''}: no claim.** Differences are claimed only over >= {MIN_SEEDS} seeds; "
            "nothing below is starred.\n" if n < MIN_SEEDS else
            f"{n} training seeds (stage 0, every recipe and VLA trained once per seed).\n"),
-          "Cells: mean ±sd over training seeds (±the 95% question-sampling half-width, averaged over seeds; a second, "
-          "smaller error bar that leaves out training noise). Δ rows: the mean ±sd of the per-seed paired differences; `*` "
+          "Cells: mean ±sd over training seeds (±the 95% sampling half-width over questions, depth frames or episodes, "
+          "averaged over seeds: a second error bar, which leaves out training noise). Δ rows: the mean ±sd of the per-seed paired differences; `*` "
           f"only with >= {MIN_SEEDS} seeds, every per-seed difference of one sign and |mean| > 2 sd / sqrt(n). Chance: the best "
           "constant answer from the train split (VLM), the average train depth map (depth), the random policy (VLA). "
           "Every number per seed is in results.json. Paper columns: the paper's numbers for the matching row.\n",
@@ -489,13 +499,15 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           "macro. blind: the sft recipe with every image one grey image (what the text alone gives).\n",
           table({r: vlm[r] for r in ("blind", "sft", "gem") if r in vlm}, t1, PAPER_T1, "paper 2B: VSI / MMSI / EmbSpatial",
                 [("gem", "sft")], marks={col: "†" for col in no_signal(vlm, t1[:-1])}),  # not the probe: blind features see grey
-          "† sft is not clearly above the blind baseline in this column: the gem − sft difference there shows nothing.\n",
+          ("† sft is not clearly above the blind baseline in this column: the gem − sft difference there shows nothing.\n"
+           if no_signal(vlm, t1[:-1]) else "" if "blind" in vlm else "No blind baseline was run (--recipes).\n"),
           "## 1b. Per question type: what the text, 2D boxes and the image give\n",
           "2D rule: the best rule on train that sees only the question text and the objects' 2D boxes (eval.py rules; "
           "on closer / marked / fit it shows how much of the question needs no depth). In-distribution test questions.\n",
           table(types_rows, TYPES, {}, "", [("gem", "sft")], marks={t: "†" for t in quiet}),
           (f"† sft is not clearly above blind on {', '.join(quiet)}: the comparison shows nothing for "
-           f"{'that type' if len(quiet) == 1 else 'those types'}.\n" if quiet else "sft is above the blind baseline on every type.\n"),
+           f"{'that type' if len(quiet) == 1 else 'those types'}.\n" if quiet else
+           "sft is above the blind baseline on every type.\n" if "blind" in vlm else "No blind baseline was run (--recipes).\n"),
           "## 2. Ablation: what kind of generative supervision, and how it is introduced\n",
           table(t2_rows, t2, PAPER_T2, "paper 2B: CV / VSI-abs / VSI-rel / VSI / RoboSpatial",
                 [("gem", r) for r in ("rgb", "direct", "regress") if r in vlm]),
@@ -525,6 +537,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
 
 def config(argv: list[str]) -> ReproConfig:
     c = parse_config(ReproConfig, argv, PRESETS)
+    check_shares(c.shares)
     c.data, c.runs, c.results = (os.path.abspath(x) for x in (c.data or f"data/{c.preset}", c.runs or f"runs/{c.preset}",
                                                               c.results or f"results/{c.preset}"))
     return c

@@ -631,6 +631,8 @@ def main(argv=None):
         die(f"unknown --loss_norm={tc.loss_norm!r}; valid: token, sample")
     if tc.recipe != "base" and not tc.init:
         die(f"--recipe={tc.recipe} starts from a stage-0 checkpoint: pass --init=RUN_DIR (from --recipe=base)")
+    if tc.blind and tc.recipe != "sft":
+        die(f"--blind=true is the blind baseline of --recipe=sft (a text-only model), not of --recipe={tc.recipe}")
     if tc.head_init and tc.recipe in ("base", "sft"):
         die(f"--head_init makes no sense with --recipe={tc.recipe} (no depth head)")
     stages = RECIPES[tc.recipe]

@@ -8,7 +8,7 @@ counts (reproduce.py --base_share), then each recipe trains on the first `share`
 of steps; share 1 is reproduce.py's own sft / gem run. Each arm is scored on the in-distribution test
 questions: the geometry types (closer, marked, distance, height) and the rest.
 
-Finished arms are kept in results/<preset>/data_efficiency.json (committed), so the curve can be filled over
+Finished arms are kept in results/<preset>/data_efficiency.json (commit it), so the curve can be filled over
 several sittings: an arm in it is never rerun, and reproduce.py's steps skip what runs/ already holds.
 Writes data_efficiency.md (mean ±sd over seeds; `*` by reproduce.compare: >= 3 seeds, every paired
 difference of one sign, |mean| > 2 sd / sqrt(n)) and data_efficiency.png (score vs share, one line per
@@ -51,7 +51,9 @@ def arm_key(recipe: str, share: float, seed: int) -> str:
 
 def arm_scores(res: dict) -> dict:
     """One eval.py vlm results.json -> geometry / rest / macro on the in-distribution test questions."""
-    per = (res.get("seen") or res["all"])["per_type"]
+    if not res.get("seen"):
+        raise SystemExit(f"error: {res.get('ckpt')}: no in-distribution ('seen') test questions in its eval results")
+    per = res["seen"]["per_type"]
     bench = [t for t, v in per.items() if v["family"] not in ("caption", "depth")]
     mean = lambda ts: float(np.mean([per[t]["score"] for t in ts])) if ts else None
     return {"geometry": mean([t for t in bench if t in GEOMETRY]), "rest": mean([t for t in bench if t not in GEOMETRY]),
@@ -118,15 +120,15 @@ def plot(arms: dict, seeds, shares, path: str, W: int = 360, H: int = 260) -> No
             d.text((p * W + 5, Y(v) - 5), f"{100 * v:.0f}%", fill=(0, 0, 0))
         for s in shares:
             d.text((X(s) - 10, y1 + 5), f"{100 * s:g}%", fill=(0, 0, 0))
-        for r in RECIPES:
-            pts = [(X(s), cell(arms, r, s, seeds, col)) for s in shares]
-            pts = [(x, v) for x, v in pts if v]
-            if len(pts) > 1:
-                band = [(x, Y(v["mean"] + v["sd"])) for x, v in pts] + [(x, Y(v["mean"] - v["sd"])) for x, v in reversed(pts)]
+        pts = {r: [(X(s), v) for s in shares if (v := cell(arms, r, s, seeds, col))] for r in RECIPES}
+        for r in RECIPES:  # every band first, so no band hides a line
+            if len(pts[r]) > 1:
+                band = [(x, Y(v["mean"] + v["sd"])) for x, v in pts[r]] + [(x, Y(v["mean"] - v["sd"])) for x, v in reversed(pts[r])]
                 d.polygon(band, fill=tuple(int(255 - 0.25 * (255 - ch)) for ch in colours[r]))
-            for (xa, va), (xb, vb) in zip(pts, pts[1:]):
+        for r in RECIPES:
+            for (xa, va), (xb, vb) in zip(pts[r], pts[r][1:]):
                 d.line([xa, Y(va["mean"]), xb, Y(vb["mean"])], fill=colours[r], width=2)
-            for x, v in pts:
+            for x, v in pts[r]:
                 d.ellipse([x - 3, Y(v["mean"]) - 3, x + 3, Y(v["mean"]) + 3], fill=colours[r])
         for k, r in enumerate(RECIPES):
             d.text((x0 + 8, y0 + 6 + 12 * k), r, fill=colours[r])
@@ -135,8 +137,7 @@ def plot(arms: dict, seeds, shares, path: str, W: int = 360, H: int = 260) -> No
 
 def main(argv):
     c = parse_config(EffConfig, argv, {p: {} for p in rp.PRESETS})  # the preset only names reproduce.py's
-    if not c.shares or any(not 0 < s <= 1 for s in c.shares):
-        raise SystemExit(f"error: --shares={','.join(map(str, c.shares))}: each share must be in (0, 1]")
+    rp.check_shares(c.shares)
     rc = rp.config([f"--preset={c.preset}", f"--seeds={','.join(map(str, c.seeds))}", f"--jobs={c.jobs}",
                     f"--shares={','.join(f'{s:g}' for s in c.shares)}"]
                    + [f"--{k}={getattr(c, k)}" for k in ("data", "runs", "results") if getattr(c, k)])

@@ -8,7 +8,7 @@
 2. height R^2 given the text: predicting each "how tall" answer by the mean answer for the same question
    text (two-fold over train scenes) explains this share of the answers' variance. Target <= 0.5.
 3. the best 2D rule per geometry type (eval.py rules: question text + 2D boxes only) next to chance.
-Last line: `world_check: absrel A height_r2 R`.
+Last line: `world_check: ROOT (SPLIT) absrel A height_r2 R`.
 """
 import json
 import os
@@ -25,8 +25,10 @@ def mean_depth_absrel(root: str, split: str) -> float:
     def maps(s):
         frames = sorted({r["depth"] for r in read_jsonl(os.path.join(root, f"{s}.jsonl")) if r.get("depth")})
         return [load_depth_png(os.path.join(root, f)) for f in frames]
-    train = [d / np.median(d[d > 0]) for d in maps("train")]
-    mean = np.mean(train, 0)
+    train = maps("train")
+    scaled = np.stack([np.where(d > 0, d / np.median(d[d > 0]), 0.0) for d in train])
+    valid = np.stack([d > 0 for d in train]).sum(0)
+    mean = scaled.sum(0) / np.maximum(valid, 1)  # over the maps valid at each pixel
     errs = []
     for d in maps(split):
         ok = d > 0
@@ -53,11 +55,16 @@ def height_r2(root: str) -> float:
                 y.append(parse_number(_answer(r)))
                 pred.append(np.mean(by_text[_question(r)]) if _question(r) in by_text else mean)
     y, pred = np.array(y, float), np.array(pred, float)
+    if len(y) < 4 or y.var() == 0:
+        raise SystemExit(f"error: {root}/train.jsonl: {len(y)} height questions, too few (or all equal) for an R^2")
     return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
 def main(argv):
-    kw = dict(a.lstrip("-").split("=", 1) for a in argv)
+    bad = [a for a in argv if not a.startswith("--") or "=" not in a or a[2:].split("=")[0] not in ("data", "split", "out")]
+    if bad:
+        raise SystemExit(f"error: {bad[0]!r}: flags are --data=DIR, --split=val|test, --out=DIR")
+    kw = dict(a[2:].split("=", 1) for a in argv)
     root, split = kw.get("data", "data/tiny"), kw.get("split", "val")
     a, r2 = mean_depth_absrel(root, split), height_r2(root)
 

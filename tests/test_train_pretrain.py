@@ -180,7 +180,9 @@ def test_killed_run_leaves_a_loadable_checkpoint(micro_data, tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--nope=1"], "--nope"), (["--steps0=abc"], "--steps0"), (["--recipe=magic"], "magic"),
-    (["--recipe=gem"], "--init"), (["--recipe=sft", "--init=/nonexistent/ckpt"], "/nonexistent/ckpt")])
+    (["--recipe=gem"], "--init"), (["--recipe=sft", "--init=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--recipe=gem", "--init=/nonexistent/ckpt", "--blind=true"], "--blind"), (["--recipe=base", "--scenes=0.5:0.2"], "--scenes"),
+    (["--recipe=base", "--scenes=0.1:0.11"], "no train records")])
 def test_bad_flags_give_one_line_errors(argv, needle, micro_data, tmp_path):
     with pytest.raises(SystemExit) as e:
         run([f"--data={micro_data}", f"--out={tmp_path / 'x'}"] + argv)

@@ -1,0 +1,76 @@
+"""bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import data_efficiency as de  # noqa: E402
+import world_check as wc  # noqa: E402
+
+import data  # noqa: E402
+
+
+def test_data_efficiency_table_and_plot(tmp_path):
+    # gem beats sft at 10% by 0.10, 0.12, 0.08 (star: mean 0.10 > 2 * 0.02 / sqrt(3)); at 100% the sign flips once
+    arms = {}
+    for s, (g10, g100) in enumerate([(0.10, 0.02), (0.12, -0.01), (0.08, 0.03)]):
+        arms[de.arm_key("sft", 0.1, s)] = {"geometry": 0.40 + 0.1 * s, "rest": 0.5}
+        arms[de.arm_key("gem", 0.1, s)] = {"geometry": 0.40 + 0.1 * s + g10, "rest": 0.55}
+        arms[de.arm_key("sft", 1.0, s)] = {"geometry": 0.60, "rest": 0.7}
+        arms[de.arm_key("gem", 1.0, s)] = {"geometry": 0.60 + g100, "rest": 0.75}
+    c = de.EffConfig(seeds=(0, 1, 2), shares=(0.1, 0.3, 1.0), results=str(tmp_path))
+    text = de.report(c, {"arms": arms, "scenes": {"0.1": 24, "0.3": 72, "1": 240}})
+    rows = {ln.split("|")[1].strip(): [x.strip() for x in ln.strip("|").split("|")] for ln in text.splitlines() if ln.startswith("| 10")}
+    row10 = rows["10%"]
+    assert row10[2] == "50.0 ±10.0 (3)" and row10[3] == "60.0 ±9.2 (3)" and row10[4] == "+10.0 ±2.0* (3)"
+    assert "Arms done: 12 of 18" in text
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    row100 = [x.strip() for x in lines["100%"].strip("|").split("|")]
+    assert row100[4] == "+1.3 ±2.1 (3)"  # one seed of the other sign: no star
+    assert row100[7] == "+5.0 ±0.0* (3)"  # the same +0.05 in every seed: a star
+    assert lines["30%"].count("—") == 6  # no arm yet: the row says so
+    img = np.array(Image.open(tmp_path / "data_efficiency.png").convert("RGB")).astype(int)
+    for half in (img[:, :img.shape[1] // 2], img[:, img.shape[1] // 2:]):  # both panels draw both recipes' colours
+        for col in [(60, 90, 200), (210, 80, 40)]:  # sft, gem
+            assert (np.abs(half - col).sum(-1) < 10).sum() > 100
+
+
+def _dataset(root, depths, heights):
+    os.makedirs(root / "images"), os.makedirs(root / "depth")
+    recs = {"train": [], "val": []}
+    for split, maps in depths.items():
+        for k, d in enumerate(maps):
+            fid = f"{split}-{k:05d}-000"
+            Image.fromarray(np.zeros((*d.shape, 3), np.uint8)).save(root / "images" / f"{fid}.png")
+            data.save_depth_png(str(root / "depth" / f"{fid}.png"), d)
+            recs[split].append(dict(id=fid, image=f"images/{fid}.png", depth=f"depth/{fid}.png", task="depth",
+                                    conversations=[{"from": "human", "value": "<image>"}], meta=dict(type="depth", frame=fid)))
+    for k, (name, h) in enumerate(heights):
+        fid = f"train-{k:05d}-000"
+        recs["train"].append(dict(id=f"{fid}-h", image=f"images/train-00000-000.png", task="reasoning", meta=dict(type="height", frame=fid),
+                                  conversations=[{"from": "human", "value": f"<image>\nHow tall is the {name}?"}, {"from": "gpt", "value": str(h)}]))
+    for s, rs in recs.items():
+        with open(root / f"{s}.jsonl", "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rs))
+
+
+def test_world_check_measures(tmp_path):
+    ramp = np.linspace(1.0, 2.0, 16)[:, None] * np.ones((16, 16))
+    # every map the same shape at another scale: the median-scaled mean map predicts each exactly
+    _dataset(tmp_path / "same", {"train": [ramp, 2 * ramp], "val": [3 * ramp]}, [("red can", h) for h in (3, 5, 3, 5)])
+    assert wc.mean_depth_absrel(str(tmp_path / "same"), "val") == pytest.approx(0.0, abs=1e-3)
+    # a val map of another shape: the error is its AbsRel against the scaled ramp, computed here directly
+    flat = np.full((16, 16), 1.5)
+    _dataset(tmp_path / "other", {"train": [ramp], "val": [flat]}, [("red can", h) for h in (3, 5, 3, 5)])
+    pred = ramp * 1.5 / np.median(ramp)
+    assert wc.mean_depth_absrel(str(tmp_path / "other"), "val") == pytest.approx(np.mean(np.abs(pred - flat) / flat), rel=1e-3)
+    # heights: one text always 3 cm, another always 9 cm, in both folds -> the text explains everything (R^2 = 1);
+    # one text with 3 and 9 in each fold (folds split by rollout) -> the text explains nothing (R^2 = 0)
+    _dataset(tmp_path / "named", {"train": [ramp], "val": [ramp]}, [("red can", 3), ("red can", 3), ("blue cube", 9), ("blue cube", 9)])
+    assert wc.height_r2(str(tmp_path / "named")) == pytest.approx(1.0)
+    _dataset(tmp_path / "image", {"train": [ramp], "val": [ramp]}, [("red can", 3), ("red can", 9), ("red can", 9), ("red can", 3)])
+    assert wc.height_r2(str(tmp_path / "image")) == pytest.approx(0.0)
