@@ -45,6 +45,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import zlib
 from collections import Counter
@@ -176,7 +177,7 @@ def encode_prompt(tok, question: str, n_image_tokens: int, image_first: bool = T
 
 def pixel_values_from_rgb(rgb: np.ndarray) -> torch.Tensor:
     """uint8 (H,W,3) -> float32 (3,H,W) in [-1,1]: THE image preprocessing (datasets and VLA Policy)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # (C,H,W) -> (C,size,size), area average
@@ -304,18 +305,31 @@ def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
     return [r for r in records if scene_of(r) in keep]
 
 
+CACHE_VERSION = 1  # bump whenever what the cache holds, or how it is computed, changes
+
+
 class GemDataset(torch.utils.data.Dataset):
     """One record -> model inputs: chat-templated ids/labels, image tensor, depth and RGB targets.
 
     Records without "depth" (GEM-250K style) get depth_valid False and a zero target: the depth loss is
     masked for them. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
-    (select_scenes); `blind` replaces every image by one constant grey image (the blind baseline)."""
+    (select_scenes); `blind` replaces every image by one constant grey image (the blind baseline).
+
+    cache=True decodes the split once (build_cache: images at the model's size, depth in millimetres, both
+    targets at the head's size, token ids and labels, as memory-mapped .npy files under <root>/cache, or
+    `cache_root`) and reads every item from there: the same tensors as from the PNGs, without the PNG
+    decoding, percentiles, resizes and tokenisation per sample per step."""
 
     def __init__(self, root, split, tok, image_size, n_image_tokens, head_size, families=None,
-                 image_first=True, max_len=512, scenes=None, blind=False):
+                 image_first=True, max_len=512, scenes=None, blind=False, cache=False, cache_root=None):
         self.root, self.tok, self.image_size, self.n_image_tokens = root, tok, image_size, n_image_tokens
         self.head_size, self.image_first, self.max_len, self.blind = head_size, image_first, max_len, blind
         recs = read_jsonl(os.path.join(root, f"{split}.jsonl"))
+        self.arrays = None
+        if cache:  # every record of the split is cached (one cache serves every --families / --scenes)
+            self.arrays = build_cache(self, recs, os.path.join(cache_root or os.path.join(root, "cache"), split))
+            for k, r in enumerate(recs):
+                r["_row"] = k
         if scenes is not None:
             recs = select_scenes(recs, *scenes)
         if families is not None:
@@ -328,32 +342,100 @@ class GemDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, i):
-        r = self.records[i]
-        where = r["_where"]
-        rgb = load_rgb(os.path.join(self.root, r["image"]), self.image_size, where)
-        if self.blind:
-            rgb = np.full_like(rgb, 128)
+    def load_image(self, r):
+        """From the files: uint8 RGB (S,S,3) and metric depth (S,S) (zeros without depth), depth valid."""
+        rgb = load_rgb(os.path.join(self.root, r["image"]), self.image_size, r["_where"])
         if r.get("depth"):
-            depth = load_depth(os.path.join(self.root, r["depth"]), rgb.shape[:2], where)
-            valid = bool((depth > 0).any())
-        else:
-            depth, valid = np.zeros(rgb.shape[:2], np.float32), False
+            depth = load_depth(os.path.join(self.root, r["depth"]), rgb.shape[:2], r["_where"])
+            return rgb, depth, bool((depth > 0).any())
+        return rgb, np.zeros(rgb.shape[:2], np.float32), False
+
+    def encode(self, r):
+        """Token ids and labels of a record's conversation, cut at max_len."""
         ids, labels = encode_chat(self.tok, r["conversations"], self.n_image_tokens, self.image_first)
         if len(ids) > self.max_len:
             if ids.index(special_ids(self.tok)["vision_end_id"]) >= self.max_len:
-                raise ValueError(f"{where}: the image tokens do not fit in max_len={self.max_len}")
+                raise ValueError(f"{r['_where']}: the image tokens do not fit in max_len={self.max_len}")
             ids, labels = ids[:self.max_len], labels[:self.max_len]
+        return ids, labels
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        if self.arrays is None:
+            rgb, depth, valid = self.load_image(r)
+            ids, labels = self.encode(r)
+            target = depth_target(depth, self.head_size) if valid else torch.zeros(1, self.head_size, self.head_size)
+            rgb_t = rgb_target(rgb, self.head_size)
+        else:
+            a, k = self.arrays, r["_row"]
+            j, (lo, hi) = int(a["image_of"][k]), a["offsets"][k:k + 2]
+            rgb, valid = np.array(a["images"][j]), bool(a["depth_valid"][j])
+            depth = a["depth_mm"][j].astype(np.float32) / 1000.0  # exactly load_depth_png's conversion
+            ids, labels = torch.from_numpy(a["ids"][lo:hi].astype(np.int64)), torch.from_numpy(a["labels"][lo:hi].astype(np.int64))
+            target, rgb_t = torch.from_numpy(np.array(a["depth_target"][j])), torch.from_numpy(np.array(a["rgb_target"][j]))
+        if self.blind:
+            rgb = np.full_like(rgb, 128)
+            rgb_t = rgb_target(rgb, self.head_size)
         conv = r["conversations"]
         question = next((t["value"] for t in conv if t["from"] == "human"), "")
         meta = r.get("meta") or {}
-        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
-                    pixel_values=pixel_values_from_rgb(rgb),
-                    depth_target=depth_target(depth, self.head_size) if valid else torch.zeros(1, self.head_size, self.head_size),
-                    rgb_target=rgb_target(rgb, self.head_size), depth_valid=valid,
-                    depth_m=torch.from_numpy(depth), id=r["id"], task=r["task"], type=meta.get("type", r["task"]),
-                    question=question.replace(IMAGE, "").strip(),
+        return dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), pixel_values=pixel_values_from_rgb(rgb),
+                    depth_target=target, rgb_target=rgb_t, depth_valid=valid, depth_m=torch.from_numpy(depth),
+                    id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question.replace(IMAGE, "").strip(),
                     answer=next((t["value"] for t in conv if t["from"] == "gpt"), ""), meta=meta)
+
+
+CACHE_ARRAYS = ("images", "depth_mm", "depth_valid", "depth_target", "rgb_target", "image_of", "ids", "labels", "offsets")
+
+
+def cache_key(ds: GemDataset, records: list[dict]) -> str:
+    """What the cached content depends on: the split's records, every image / depth file (size and mtime),
+    the tokenizer, the sizes and prompt settings, CACHE_VERSION. Another key = another cache directory."""
+    import hashlib
+    h = hashlib.sha256(json.dumps(dict(version=CACHE_VERSION, image_size=ds.image_size, head_size=ds.head_size,
+                                       n_image_tokens=ds.n_image_tokens, image_first=ds.image_first, max_len=ds.max_len,
+                                       resize="area", tokenizer=ds.tok.to_str()), sort_keys=True).encode())
+    for r in records:
+        h.update(json.dumps({k: v for k, v in r.items() if k != "_where"}, sort_keys=True).encode())
+        for key in ("image", "depth"):
+            if r.get(key):
+                st = os.stat(os.path.join(ds.root, r[key]))
+                h.update(f"{r[key]}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cache(ds: GemDataset, records: list[dict], prefix: str) -> dict:
+    """Memory-mapped arrays of every record (built once through the dataset's own file path, written to
+    a temporary directory and renamed into place, so a cache is whole or absent) -> {name: array}."""
+    path = f"{prefix}-{cache_key(ds, records)}"
+    if not os.path.isdir(path):
+        images = sorted({r["image"] for r in records})
+        first = {im: next(r for r in records if r["image"] == im) for im in images}
+        row = {im: j for j, im in enumerate(images)}
+        S, H, n = ds.image_size, ds.head_size, len(images)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        new = lambda name, shape, dt: np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dt, shape)
+        a = dict(images=new("images", (n, S, S, 3), np.uint8), depth_mm=new("depth_mm", (n, S, S), np.uint16),
+                 depth_valid=new("depth_valid", (n,), np.bool_), depth_target=new("depth_target", (n, 1, H, H), np.float32),
+                 rgb_target=new("rgb_target", (n, 3, H, H), np.float32))
+        for j, im in enumerate(images):
+            rgb, depth, valid = ds.load_image(first[im])
+            a["images"][j], a["depth_mm"][j], a["depth_valid"][j] = rgb, np.round(depth * 1000.0).astype(np.uint16), valid
+            a["depth_target"][j] = depth_target(depth, H).numpy() if valid else 0.0
+            a["rgb_target"][j] = rgb_target(rgb, H).numpy()
+        enc = [ds.encode(r) for r in records]
+        np.save(os.path.join(tmp, "ids.npy"), np.array([t for ids, _ in enc for t in ids], np.int32))
+        np.save(os.path.join(tmp, "labels.npy"), np.array([t for _, lab in enc for t in lab], np.int32))
+        np.save(os.path.join(tmp, "offsets.npy"), np.cumsum([0] + [len(ids) for ids, _ in enc]).astype(np.int64))
+        np.save(os.path.join(tmp, "image_of.npy"), np.array([row[r["image"]] for r in records], np.int32))
+        for m in a.values():
+            m.flush()
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process built the same cache first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {k: np.load(os.path.join(path, k + ".npy"), mmap_mode="r") for k in CACHE_ARRAYS}
 
 
 def collate(batch, pad_id: int) -> dict:

@@ -405,7 +405,8 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     from train_pretrain import build_head, depth_grid, distinct_frames
     pad = special_ids(tok)["pad_id"]
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind)
+              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind,
+              cache=tc.cache, cache_root=tc.cache_dir or None)
 
     def frames(split, n):  # one item per distinct frame with depth
         ds = GemDataset(tc.data, split, **kw)
@@ -461,9 +462,10 @@ def eval_vlm(cfg) -> dict:
     tc.data = cfg.data or tc.data
     gem.eval()
     kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind)
+              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind,
+              cache=tc.cache, cache_root=tc.cache_dir or None)
     test = GemDataset(tc.data, cfg.split, **kw)
-    train_recs = GemDataset(tc.data, "train", **kw).records
+    train_recs = GemDataset(tc.data, "train", **(kw | dict(cache=False))).records  # the answers only
     items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth", "caption")]  # not benchmark questions
     if cfg.max_questions:
         items = items[::max(1, len(items) // cfg.max_questions)][:cfg.max_questions]  # spread over types

@@ -39,6 +39,7 @@ Paper -> code map (GEM's four ideas, each in one place)
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -101,6 +102,8 @@ class TrainConfig:
     families: str = ""               # stage 1-3 families, comma separated ("" = every record of the split)
     scenes: str = ""                 # "lo:hi": only these train scenes (data.select_scenes; "" = all)
     blind: bool = False              # every image one constant grey (the blind baseline; eval.py follows it)
+    cache: bool = True               # decode the data once into <data>/cache (data.build_cache); false: PNGs every step
+    cache_dir: str = ""              # where the cache goes when the data directory is read-only ("" = <data>/cache)
     max_len: int = 160
     # logging, evaluation, checkpoints
     log_every: int = 10
@@ -561,10 +564,12 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
     ds_kw = dict(tok=ctx["tok"], image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-                 head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len, blind=tc.blind)
+                 head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len, blind=tc.blind,
+                 cache=tc.cache, cache_root=tc.cache_dir or None)
     ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
     if not len(ds):
         die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
+    gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
     params = trainable(gem, head, stage, head_trained, log)
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step = 0

@@ -659,3 +659,43 @@ def test_demo_dataset_and_obs_to_inputs_match_the_policy_path(micro_demos, micro
     assert torch.allclose(data.unnormalize(data.normalize(x, stats, "state"), stats, "state"), x, atol=1e-5)
     with pytest.raises(ValueError, match="image_size"):
         data.obs_to_inputs(dict(obs, rgb=obs["rgb"][:32, :32]), tok, cfg, stats)
+
+
+def _copy_micro(micro_data, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(micro_data, root, ignore=shutil.ignore_patterns("cache"))
+    return str(root)
+
+
+def test_cache_gives_the_same_items_as_the_files_and_is_rebuilt_when_stale(micro_data, tmp_path):
+    root = _copy_micro(micro_data, tmp_path)
+    tok = data.load_tokenizer(os.path.join(root, "tokenizer.json"))
+    kw = dict(tok=tok, image_size=64, n_image_tokens=16, head_size=16, max_len=96)
+    for extra in (dict(), dict(families=["reasoning", "depth"], scenes=(0.0, 0.7)), dict(blind=True)):
+        files, cached = data.GemDataset(root, "train", **kw, **extra), data.GemDataset(root, "train", cache=True, **kw, **extra)
+        assert [r["id"] for r in files.records] == [r["id"] for r in cached.records]
+        for i in range(len(files)):
+            a, b = files[i], cached[i]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert (torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype) if torch.is_tensor(a[k]) else a[k] == b[k], (i, k)
+    made = sorted(os.listdir(os.path.join(root, "cache")))
+    assert len(made) == 1 and made[0].startswith("train-")  # one cache serves every filter
+    # an image rewritten in place, another head size, another tokenizer: each is a new cache, never the old one
+    r0 = cached.records[0]
+    img = os.path.join(root, r0["image"])
+    Image.fromarray(255 - np.array(Image.open(img))).save(img)
+    fresh = data.GemDataset(root, "train", cache=True, **kw)
+    assert torch.equal(fresh[0]["pixel_values"], data.GemDataset(root, "train", **kw)[0]["pixel_values"])
+    assert not torch.equal(fresh[0]["pixel_values"], cached[0]["pixel_values"])
+    data.GemDataset(root, "train", cache=True, **(kw | dict(head_size=32)))
+    other = str(tmp_path / "tok.json")
+    data.train_tokenizer(["a few other words"], other, 300)
+    data.GemDataset(root, "train", cache=True, **(kw | dict(tok=data.load_tokenizer(other))))
+    assert len(os.listdir(os.path.join(root, "cache"))) == 4
+    # a half-written cache (a build killed before its rename) is never read; cache_root puts it elsewhere
+    os.makedirs(os.path.join(root, "cache", "val-0000000000000000.tmp-1"))
+    out = tmp_path / "elsewhere"
+    v = data.GemDataset(root, "val", cache=True, cache_root=str(out), **kw)
+    assert torch.equal(v[0]["depth_target"], data.GemDataset(root, "val", **kw)[0]["depth_target"])
+    assert [p.name.split("-")[0] for p in out.iterdir()] == ["val"]
