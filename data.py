@@ -1038,6 +1038,7 @@ def generate(cfg: GenConfig) -> dict:
     # finished shards are only reused by the same recipe: refuse to mix two configs in one folder
     # the world's own settings too: data made before a change of cameras or sizes is never reused
     recipe = {k: v for k, v in c.items() if k not in ("out", "workers", "preset")} | {"world": dict(VIEW=VIEW, SCALE=SCALE)}
+    recipe = json.loads(json.dumps(recipe))  # as read back from gen_config.json (tuples become lists)
     cfg_path = os.path.join(cfg.out, "gen_config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
