@@ -175,9 +175,14 @@ def encode_prompt(tok, question: str, n_image_tokens: int, image_first: bool = T
 # ----------------------------------------------------------------------------------------------------
 # Images, depth targets and coordinates
 
+def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1]: THE image preprocessing (batches, the VLA Policy)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
 def pixel_values_from_rgb(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 (H,W,3) -> float32 (3,H,W) in [-1,1]: THE image preprocessing (datasets and VLA Policy)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    """uint8 (H,W,3) -> float32 (3,H,W) in [-1,1] (to_pixel_values of one image)."""
+    return to_pixel_values(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # (C,H,W) -> (C,size,size), area average
@@ -305,7 +310,7 @@ def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
     return [r for r in records if scene_of(r) in keep]
 
 
-CACHE_VERSION = 1  # bump whenever what the cache holds, or how it is computed, changes
+CACHE_VERSION = 2  # bump whenever what the cache holds, or how it is computed, changes
 
 
 class GemDataset(torch.utils.data.Dataset):
@@ -366,20 +371,21 @@ class GemDataset(torch.utils.data.Dataset):
             ids, labels = self.encode(r)
             target = depth_target(depth, self.head_size) if valid else torch.zeros(1, self.head_size, self.head_size)
             rgb_t = rgb_target(rgb, self.head_size)
+            image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # uint8 (3,S,S): collate makes pixel_values
         else:
             a, k = self.arrays, r["_row"]
             j, (lo, hi) = int(a["image_of"][k]), a["offsets"][k:k + 2]
-            rgb, valid = np.array(a["images"][j]), bool(a["depth_valid"][j])
+            image, valid = torch.from_numpy(np.array(a["images"][j])), bool(a["depth_valid"][j])  # (3,S,S) uint8
             depth = a["depth_mm"][j].astype(np.float32) / 1000.0  # exactly load_depth_png's conversion
             ids, labels = torch.from_numpy(a["ids"][lo:hi].astype(np.int64)), torch.from_numpy(a["labels"][lo:hi].astype(np.int64))
             target, rgb_t = torch.from_numpy(np.array(a["depth_target"][j])), torch.from_numpy(np.array(a["rgb_target"][j]))
         if self.blind:
-            rgb = np.full_like(rgb, 128)
-            rgb_t = rgb_target(rgb, self.head_size)
+            image = torch.full_like(image, 128)
+            rgb_t = rgb_target(image.permute(1, 2, 0).numpy(), self.head_size)
         conv = r["conversations"]
         question = next((t["value"] for t in conv if t["from"] == "human"), "")
         meta = r.get("meta") or {}
-        return dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), pixel_values=pixel_values_from_rgb(rgb),
+        return dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), image=image,
                     depth_target=target, rgb_target=rgb_t, depth_valid=valid, depth_m=torch.from_numpy(depth),
                     id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question.replace(IMAGE, "").strip(),
                     answer=next((t["value"] for t in conv if t["from"] == "gpt"), ""), meta=meta)
@@ -416,12 +422,12 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str) -> dict:
         tmp = f"{path}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         new = lambda name, shape, dt: np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dt, shape)
-        a = dict(images=new("images", (n, S, S, 3), np.uint8), depth_mm=new("depth_mm", (n, S, S), np.uint16),
+        a = dict(images=new("images", (n, 3, S, S), np.uint8), depth_mm=new("depth_mm", (n, S, S), np.uint16),
                  depth_valid=new("depth_valid", (n,), np.bool_), depth_target=new("depth_target", (n, 1, H, H), np.float32),
                  rgb_target=new("rgb_target", (n, 3, H, H), np.float32))
         for j, im in enumerate(images):
             rgb, depth, valid = ds.load_image(first[im])
-            a["images"][j], a["depth_mm"][j], a["depth_valid"][j] = rgb, np.round(depth * 1000.0).astype(np.uint16), valid
+            a["images"][j], a["depth_mm"][j], a["depth_valid"][j] = rgb.transpose(2, 0, 1), np.round(depth * 1000.0).astype(np.uint16), valid
             a["depth_target"][j] = depth_target(depth, H).numpy() if valid else 0.0
             a["rgb_target"][j] = rgb_target(rgb, H).numpy()
         enc = [ds.encode(r) for r in records]
@@ -435,11 +441,13 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str) -> dict:
             os.replace(tmp, path)
         except OSError:  # another process built the same cache first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
-    return {k: np.load(os.path.join(path, k + ".npy"), mmap_mode="r") for k in CACHE_ARRAYS}
+    # plain ndarray views of the maps: indexing a np.memmap subclass costs ~10 us per access
+    return {k: np.asarray(np.load(os.path.join(path, k + ".npy"), mmap_mode="r")) for k in CACHE_ARRAYS}
 
 
 def collate(batch, pad_id: int) -> dict:
-    """Right-pad ids (pad_id) and labels (-100); stack tensors; keep strings and meta as lists."""
+    """Right-pad ids (pad_id) and labels (-100); stack tensors; keep strings and meta as lists. The uint8
+    images become the batch's pixel_values in one conversion (a quarter of the bytes to stack)."""
     T = max(len(b["input_ids"]) for b in batch)
     out = {"input_ids": torch.full((len(batch), T), pad_id, dtype=torch.long),
            "labels": torch.full((len(batch), T), -100, dtype=torch.long),
@@ -452,7 +460,9 @@ def collate(batch, pad_id: int) -> dict:
     for k, v in batch[0].items():
         if k in out:
             continue
-        if isinstance(v, torch.Tensor):
+        if k == "image":
+            out["pixel_values"] = to_pixel_values(torch.stack([b[k] for b in batch]))
+        elif isinstance(v, torch.Tensor):
             out[k] = torch.stack([b[k] for b in batch])
         elif isinstance(v, bool):
             out[k] = torch.tensor([b[k] for b in batch])

@@ -486,7 +486,7 @@ def eval_vlm(cfg) -> dict:
     rows, scenes = [], {}
     for it, p in zip(items, preds):
         kind = KIND.get(it["type"], "exact")
-        shape = tuple(it["pixel_values"].shape[-2:])
+        shape = tuple(it["image"].shape[-2:])
         sc, extra = score_answer(kind, p, it["answer"], it["meta"], shape)
         ch, _ = score_answer(kind, const.get(it["type"], ""), it["answer"], it["meta"], shape)
         rows.append({"id": it["id"], "type": it["type"], "family": it["task"], "score": sc, "chance": ch,

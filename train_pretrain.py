@@ -392,7 +392,7 @@ def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size:
     """Greedy answers (text) to dataset items' questions, through the chat template and GEM.answer."""
     sid = D.special_ids(tok)
     prompts = [D.encode_prompt(tok, D.IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in items]
-    pixels = torch.stack([it["pixel_values"] for it in items]) if items else None
+    pixels = D.to_pixel_values(torch.stack([it["image"] for it in items])) if items else None
     ids = gem.answer(prompts, pixels, max_new_tokens, sid["im_end_id"], batch_size) if items else []
     return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
 

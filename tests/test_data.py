@@ -389,11 +389,14 @@ def test_select_scenes_cuts_whole_scenes_disjoint_and_nested():
 def test_blind_dataset_shows_one_grey_image(micro_data):
     kw = dict(tok=data.load_tokenizer(os.path.join(micro_data, "tokenizer.json")), image_size=64, n_image_tokens=16, head_size=16)
     seeing, blind = data.GemDataset(micro_data, "train", **kw), data.GemDataset(micro_data, "train", blind=True, **kw)
-    grey = data.pixel_values_from_rgb(np.full((64, 64, 3), 128, np.uint8))
+    grey = torch.full((3, 64, 64), 128, dtype=torch.uint8)
     for i in (0, len(blind) // 2, len(blind) - 1):
-        assert torch.equal(blind[i]["pixel_values"], grey)
-        assert not torch.equal(seeing[i]["pixel_values"], grey)
+        assert torch.equal(blind[i]["image"], grey)
+        assert not torch.equal(seeing[i]["image"], grey)
         assert torch.equal(blind[i]["input_ids"], seeing[i]["input_ids"])  # the same text
+    # what the model sees: collate turns the grey uint8 image into the preprocessing of a grey RGB array
+    b = data.collate([blind[0], blind[1]], 0)
+    assert torch.equal(b["pixel_values"][1], data.pixel_values_from_rgb(np.full((64, 64, 3), 128, np.uint8)))
 
 
 def test_split_rules_heldout_templates_and_combos(micro_data):
@@ -438,7 +441,7 @@ def test_every_reference_answer_scores_one_in_eval(micro_data):
                 continue
             it = ds[i]
             score, _ = E.score_answer(E.KIND.get(it["type"], "exact"), it["answer"], it["answer"], it["meta"],
-                                      tuple(it["pixel_values"].shape[-2:]))
+                                      tuple(it["image"].shape[-2:]))
             assert score == 1.0, (it["id"], it["type"], it["answer"])
             types.add(it["type"])
     assert types == set(data.TYPE_FAMILY) - {"caption", "depth"}
@@ -686,8 +689,8 @@ def test_cache_gives_the_same_items_as_the_files_and_is_rebuilt_when_stale(micro
     img = os.path.join(root, r0["image"])
     Image.fromarray(255 - np.array(Image.open(img))).save(img)
     fresh = data.GemDataset(root, "train", cache=True, **kw)
-    assert torch.equal(fresh[0]["pixel_values"], data.GemDataset(root, "train", **kw)[0]["pixel_values"])
-    assert not torch.equal(fresh[0]["pixel_values"], cached[0]["pixel_values"])
+    assert torch.equal(fresh[0]["image"], data.GemDataset(root, "train", **kw)[0]["image"])
+    assert not torch.equal(fresh[0]["image"], cached[0]["image"])
     data.GemDataset(root, "train", cache=True, **(kw | dict(head_size=32)))
     other = str(tmp_path / "tok.json")
     data.train_tokenizer(["a few other words"], other, 300)
