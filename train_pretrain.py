@@ -116,7 +116,7 @@ class TrainConfig:
     cfg_scale: float = 5.0
     device: str = "auto"             # auto | cpu | cuda
     compile: bool = False
-    peak_tflops: float = 989.0       # for MFU on GPU (H100 bf16 dense)
+    peak_tflops: float = 0.0         # MFU denominator per GPU; 0 = from the GPU's name (PEAK_BF16_TFLOPS)
     threads: int = 0                 # torch CPU threads (0 = torch's default; 1 on a shared 2-core box)
     workers: int = 0                 # processes loading the next steps' samples (GPU: the data path is the bottleneck)
     stop_after: int = 0              # stop with a checkpoint after this many steps of this invocation (0 = never)
@@ -517,11 +517,51 @@ def train_step(model, has_head, batches, params, stage, step, tc, ddp, device, a
     return terms, gnorm
 
 
-def flops_per_token(gem, stage) -> float:
-    """Training FLOPs per token: 6 N for parameters that train (forward + backward), 2 N for a VLM that only
-    runs forward (stages 1-2). The head's convolutions are not counted (small next to the VLM)."""
-    n_vlm = sum(p.numel() for p in gem.parameters())
-    return (6 if "vlm" in STAGES[stage]["trains"] else 2) * n_vlm
+# Dense BF16 tensor-core peaks (TFLOP/s, FP32 accumulate, no sparsity; vendor data sheets), matched against
+# torch.cuda.get_device_name() in this order; --peak_tflops overrides, an unknown GPU logs no MFU.
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
+                    ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 0)]
+
+
+def peak_tflops(device, flag: float) -> float:
+    if flag or device.type != "cuda":
+        return flag
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), 0.0)
+
+
+def vlm_flops(c: GEMConfig, mask: torch.Tensor, trains: bool) -> float:
+    """FLOPs of the VLM on one batch: its matmuls (2 x rows x weights) and attention (4 x queries x keys x
+    width), on non-padding tokens only (mask (B, T)). A training VLM adds the backward: twice the forward,
+    less the patch embedding's input gradient (pixels need none). Checked against torch.utils.flop_counter."""
+    B, P, m2 = mask.shape[0], (c.image_size // c.patch_size) ** 2, c.merge ** 2
+    patch = 2 * P * c.vit_dim * 3 * c.patch_size ** 2
+    vit = c.vit_layers * (2 * P * (4 * c.vit_dim ** 2 + 2 * c.vit_dim * c.vit_mlp) + 4 * P * P * c.vit_dim)
+    merger = 2 * (P // m2) * (m2 * c.vit_dim) * (m2 * c.vit_dim + c.dim)
+    T = mask.sum(1).double()  # (B,) real tokens
+    weights = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.mlp_dim
+    llm = (2 * c.n_layers * weights + 2 * c.dim * c.vocab_size) * T.sum() + 4 * c.n_layers * c.n_heads * c.head_dim * (T ** 2).sum()
+    fwd = B * (patch + vit + merger) + float(llm)
+    return 3 * fwd - B * patch if trains else fwd
+
+
+class HeadFlops:
+    """The head's FLOPs in one forward + backward, counted as they run (forward hooks on its Linear / Conv2d
+    layers): 2 x output elements x fan-in forward; backward, the weight gradient where the weights train
+    plus the input gradient where the input needs one (autograd computes no other)."""
+
+    def __init__(self, head):
+        self.total, self.hooks = 0.0, [m.register_forward_hook(self.count) for m in head.modules()
+                                       if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def count(self, m, inp, out):
+        fan = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
+        grads = torch.is_grad_enabled() * (int(m.weight.requires_grad) + int(inp[0].requires_grad))
+        self.total += 2.0 * out.numel() * fan * (1 + grads)
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
 
 
 def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
@@ -596,29 +636,39 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     loader = iter(torch.utils.data.DataLoader(
         StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum),
         batch_size=None, collate_fn=_as_is, num_workers=tc.workers, prefetch_factor=4 if tc.workers else None))
-    t0, seen_s, seen_t = time.time(), 0, 0
+    t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}
+    vlm_trains, peak_tf, head_per_sample = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops), None
     while step < total:
         lr = lr_at(step, total, peak, tc.warmup, tc.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         batches = [make_batch(ds, None, pad_id, modality, device, ch) for items in next(loader)
                    for ch in length_chunks(items)]
+        counter = HeadFlops(head) if head is not None and head_per_sample is None else None  # the head: counted once
         terms, gnorm = train_step(model, head is not None, batches, params, stage, step, tc, ddp, device, amp, ctx["ckpt"])
+        n_samples = sum(len(b["input_ids"]) for b in batches)
+        if counter is not None:
+            counter.close()
+            head_per_sample = counter.total / n_samples
+        seen_f += sum(vlm_flops(gem.cfg, b["attention_mask"], vlm_trains) for b in batches) + (head_per_sample or 0.0) * n_samples
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         seen_s += gbatch
         seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches)), device=device), ddp).item())
         bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"}, refresh=False)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"} | speed, refresh=False)
         if step % tc.log_every == 0 or step == total:
             dt = time.time() - t0
+            flops = all_sum(torch.tensor(seen_f, dtype=torch.float64, device=device), ddp).item()  # all ranks
             rec = dict(stage=stage, step=step, **terms, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
-                       tokens_per_s=seen_t / dt)
-            if device.type == "cuda":  # all ranks together
-                rec["mfu"] = flops_per_token(gem, stage) * seen_t / dt / (tc.peak_tflops * 1e12 * world)
+                       tokens_per_s=seen_t / dt, tflops=flops / dt / 1e12)
+            speed = {"samples/s": f"{seen_s / dt:.0f}"}
+            if peak_tf:
+                rec["mfu"] = flops / dt / (peak_tf * 1e12 * world)
+                speed["mfu"] = f"{rec['mfu']:.1%}"
             logf(rec)
-            t0, seen_s, seen_t = time.time(), 0, 0
+            t0, seen_s, seen_t, seen_f = time.time(), 0, 0, 0.0
         if after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
             break
     bar.close()

@@ -273,3 +273,43 @@ def test_text_loss_normalisation_against_a_per_sample_loop():
     assert torch.allclose(TP.text_ce_sum(logits, labels, per_sample=True), smp_ref, atol=1e-5)
     assert TP.text_count(labels).item() == 5 and TP.text_count(labels, per_sample=True).item() == 2
     assert not torch.allclose(tok_ref / 5, smp_ref / 2)  # the two means differ here: the test can tell them apart
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_step_flops_match_torch_flop_counter(base, micro_data, stage, monkeypatch):
+    """The FLOPs MFU is computed from (vlm_flops + the head's HeadFlops count) equal what torch's
+    FlopCounterMode counts for the same forward + backward: stage 0 (VLM only), 1 (frozen VLM forward,
+    head trains), 3 (both train). A batch of one sample repeated has no padding, so both count the same tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import model
+    # torch's counter does not see SDPA's CPU kernel; the reference attention path runs the same two matmuls
+    monkeypatch.setattr(model, "SDPA", False)
+    gem, _, tok, tc = TP.load_pretrained(base)
+    head = None if stage == 0 else TP.build_head(tc, gem, "gem")
+    TP.trainable(gem, head, stage, True, lambda *a: None)
+    ds = TP.D.GemDataset(micro_data, "train", tok, gem.cfg.image_size, gem.cfg.n_image_tokens, tc.head_size)
+    b = TP.make_batch(ds, [3, 3, 3], TP.D.special_ids(tok)["pad_id"], "depth", "cpu")
+    model = TP.Bundle(gem, head, stage, tc)
+    with FlopCounterMode(display=False) as fc:
+        model(b, 1.0, 1.0)[0].backward()
+    counter = TP.HeadFlops(head) if head is not None else None
+    model(b, 1.0, 1.0)[0].backward()
+    ours = TP.vlm_flops(gem.cfg, b["attention_mask"], stage != 1) + (counter.total if counter else 0.0)
+    assert ours == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    if counter:
+        counter.close()
+        assert not head.connector.fc1._forward_hooks  # hooks removed: later steps run uncounted
+    # padding is not counted: a padded batch costs exactly its samples counted one by one
+    mixed = TP.make_batch(ds, [0, 3, 7], TP.D.special_ids(tok)["pad_id"], "depth", "cpu")
+    assert not mixed["attention_mask"].all()
+    one_by_one = sum(TP.vlm_flops(gem.cfg, m[None, m], True) for m in mixed["attention_mask"])
+    assert TP.vlm_flops(gem.cfg, mixed["attention_mask"], True) == pytest.approx(one_by_one)
+
+
+def test_peak_table_picks_the_gpu_by_name(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, want in (("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989), ("NVIDIA L4", 121),
+                       ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", 165), ("Some Future GPU", 0.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
+        assert TP.peak_tflops(cuda, 0.0) == want, name
+    assert TP.peak_tflops(cuda, 123.0) == 123.0 and TP.peak_tflops(torch.device("cpu"), 0.0) == 0.0
