@@ -510,7 +510,9 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
            "sft is above the blind baseline on every type.\n" if "blind" in vlm else "No blind baseline was run (--recipes).\n"),
           "## 2. Ablation: what kind of generative supervision, and how it is introduced\n",
           table(t2_rows, t2, PAPER_T2, "paper 2B: CV / VSI-abs / VSI-rel / VSI / RoboSpatial",
-                [("gem", r) for r in ("rgb", "direct", "regress") if r in vlm]),
+                [("gem", r) for r in ("rgb", "direct", "regress") if r in vlm], marks={c: "†" for c in no_signal(vlm, t2[:5])}),
+          "† as in table 1: sft is not clearly above the blind baseline there, so no recipe's score shows what the image adds.\n"
+          if no_signal(vlm, t2[:5]) else "",
           "Depth probe: a fresh head fitted on each checkpoint's frozen features for the same budget, then "
           "scale-and-shift aligned on inverse depth (AbsRel lower is better); own head: the checkpoint's "
           "depth head, where it has one. Depth columns are on foreground pixels (where a frame differs from the "
