@@ -4,10 +4,14 @@ Run:
     python data.py --out data/gem-mini --preset tiny          # VLM data (presets micro, tiny, small)
     python data.py demos --suite all --per-task 20 --out data/demos   # expert demos for the VLA
 
-VLM data layout (= the released GEM-250K subset, so real data drops in; DESIGN.md section 3):
+VLM data layout (ours; DESIGN.md section 3):
     <root>/{train,val,test}.jsonl   {"id","image","depth"(optional),"task","conversations","meta"}
     <root>/images/<id>.png (RGB)    <root>/depth/<id>.png (16-bit, millimetres, 0 = invalid)
     <root>/tokenizer.json  <root>/stats.json (counts per family and type)  <root>/shards/ (restart points)
+The released GEM-250K layout is read as it is (split_records, read_jsonl): one GEM-250K.jsonl of LLaVA-style
+{"image", "conversations"} records (no id, no task: family OTHER), images of any size (squashed to the model's
+square input: load_rgb), depth at <depth root>/depth/<image basename> (depth_by_basename; resized with nearest
+neighbour: load_depth), video and multi-image records skipped and counted, val = every 100th record.
 Every answer is computed from the simulator state; "meta" holds the machine-readable answer and type
 so eval.py scores without parsing the question (and the named objects' 2D boxes, obj_box / ref_box, for
 the 2D-rule baseline). Coordinates in text: integers in [0, 1000).
@@ -34,7 +38,8 @@ Paper -> code map
   depth target: inverse depth, 2nd-98th percentile, clip, 1 - x          depth_target
   RGB-reconstruction ablation target                                     rgb_target
   Qwen-VL chat template, loss on assistant tokens only                   encode_chat / encode_prompt
-  LLaVA-style JSONL + depth/ folder (GEM-250K layout; depth optional)    read_jsonl / GemDataset / collate
+  LLaVA-style JSONL + depth/ folder (GEM-250K layout; depth optional)    split_records / read_jsonl / GemDataset / collate
+  invalid depth pixels (0) masked per pixel in L_flow                    depth_target / depth_mask
   GEM-VLA demonstrations, action chunks, state/action normalisation      demo_task / DemoDataset / normalize
   one preprocessing for training and the deployed policy                 obs_to_inputs
 """
@@ -152,7 +157,17 @@ def _assistant_head(tok) -> list[int]:
 
 
 def encode_chat(tok, conversations, n_image_tokens: int, image_first: bool = True):
-    """Conversations -> (ids, labels); labels are -100 except the assistant's tokens and its <|im_end|>."""
+    """Conversations -> (ids, labels); labels are -100 except the assistant's tokens and its <|im_end|>.
+
+    With a real Qwen3 tokenizer (hf preset) the ids equal Qwen3's own chat template (tests/test_hf.py, with
+    the template of Qwen3-0.6B) rendered on the same turns, `<image>` replaced by
+    `<|vision_start|>` + n_image_tokens x `<|image_pad|>` + `<|vision_end|>` as Qwen-VL's fine-tuning code
+    does (Qwen3's text template cannot render image items itself), for `<image>\\nQ` user turns (image_first
+    moves an image that stood elsewhere to the front). One deliberate difference: no think
+    block. Qwen3's template writes an empty `<think>\\n\\n</think>\\n\\n` before the LAST assistant answer
+    (its non-thinking mode); we train and prompt without it, as Qwen3-VL-Instruct's template does, so the
+    answer follows `<|im_start|>assistant\\n` directly, and encode_prompt is exactly Qwen3's generation
+    prompt (enable_thinking left at its default)."""
     im_end, tail = special_ids(tok)["im_end_id"], _text_ids(tok, "\n")
     ids, labels = [], []
     for turn in conversations:
@@ -192,7 +207,8 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # (C,H,W) -> (C,size,s
 def depth_target(depth_m: np.ndarray, size: int) -> torch.Tensor:
     """GEM target: inverse depth, normalised to its 2nd-98th percentile, clipped, then 1 - x (near = 0).
 
-    Invalid pixels (depth 0 or not finite) are left out of the percentiles and set to 1 (far)."""
+    Invalid pixels (depth 0 or not finite) are left out of the percentiles and of the resize (each cell is
+    the mean of its valid source pixels); a cell without any is 1 (far), and depth_mask leaves it out of the loss."""
     d = np.asarray(depth_m, dtype=np.float64)
     valid = np.isfinite(d) & (d > 0)
     out = np.ones(d.shape, np.float32)
@@ -200,7 +216,17 @@ def depth_target(depth_m: np.ndarray, size: int) -> torch.Tensor:
         inv = 1.0 / d[valid]
         lo, hi = np.percentile(inv, [2, 98])
         out[valid] = 1.0 - np.clip((inv - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
-    return _resize(torch.from_numpy(out)[None], size)  # (1,size,size)
+    if valid.all():
+        return _resize(torch.from_numpy(out)[None], size)  # (1,size,size)
+    w = _resize(torch.from_numpy(valid.astype(np.float32))[None], size)  # share of valid pixels per cell
+    t = _resize(torch.from_numpy(out * valid)[None], size) / w.clamp(min=1e-8)
+    return torch.where(w > 0, t, torch.ones_like(t))
+
+
+def depth_mask(depth_m: np.ndarray, size: int) -> torch.Tensor:
+    """(1,size,size) bool: the cells of the depth target that the loss trains, those at least half valid."""
+    d = np.asarray(depth_m, dtype=np.float64)
+    return _resize(torch.from_numpy((np.isfinite(d) & (d > 0)).astype(np.float32))[None], size) >= 0.5
 
 
 def rgb_target(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -240,11 +266,37 @@ def fmt_box(b) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Reading the JSONL layout (ours or GEM-250K-style) with one-line errors naming file and line
 
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a split file; each gets "_where" = "file:line" for later error messages."""
+OTHER = "other"  # the family of records that carry no "task" (released GEM-250K): scored by exact match, own row
+HOLDOUT_EVERY = 100  # a single JSONL has no val split: every 100th record (about 1%, at least one) is val
+
+
+def parse_depth_root(spec: str) -> list[tuple[str, str]]:
+    """--depth_root: "DIR" or "PREFIX=DIR,PREFIX=DIR,DIR" -> [(image path prefix, depth root)], longest prefix
+    first; a bare DIR serves every image (the official get_depth_path maps each data source to its root)."""
+    out = [tuple(e.split("=", 1)) if "=" in e else ("", e) for e in spec.split(",") if e]
+    return sorted(out, key=lambda pr: -len(pr[0]))
+
+
+def depth_by_basename(image: str, roots: list[tuple[str, str]]) -> str | None:
+    """The released layout: <depth root>/depth/<basename of the image> (no field points at it)."""
+    root = next((d for pre, d in roots if image.startswith(pre)), None)
+    return None if root is None else os.path.join(root, "depth", os.path.basename(image))
+
+
+def read_jsonl(path: str, image_root: str = "", depth_root: str | None = None, skipped: Counter | None = None) -> list[dict]:
+    """Records of a JSONL file (our split files or the released GEM-250K.jsonl), with one-line errors naming
+    file and line. Each kept record gets "_where" ("file:line"), "_image" and "_depth" (resolved paths; _depth
+    None without depth). Missing "id" -> "<file name>:<line>"; missing "task" -> OTHER. The depth map comes from
+    the "depth" field, else (when `depth_root` is given: parse_depth_root) from depth_by_basename if that file
+    exists, else there is none (its depth loss is masked). Records with several images, a video or no image are
+    left out and counted in `skipped` (reason -> count). Paths are relative to `image_root` (default: the
+    JSONL's directory)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: split file missing")
-    root, out = os.path.dirname(path), []
+    root, out = image_root or os.path.dirname(path), []
+    roots = parse_depth_root(depth_root) if depth_root is not None else None
+    skipped = Counter() if skipped is None else skipped
+    by_depth = {}  # depth file found by basename -> the image that claimed it first
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -256,43 +308,90 @@ def read_jsonl(path: str) -> list[dict]:
                 raise ValueError(f"{where}: malformed JSON line ({e.msg})") from None
             if not isinstance(r, dict):
                 raise ValueError(f"{where}: record is not a JSON object")
-            for key in ("id", "image", "task", "conversations"):
-                if key not in r:
-                    raise ValueError(f"{where}: missing field {key!r}")
-            if r["task"] not in FAMILY_TYPES:
-                raise ValueError(f"{where}: unknown task family {r['task']!r} (valid: {', '.join(FAMILY_TYPES)})")
+            if "conversations" not in r:
+                raise ValueError(f"{where}: missing field 'conversations'")
             conv = r["conversations"]
             if not isinstance(conv, list) or not conv or any(
                     not isinstance(t, dict) or t.get("from") not in ("human", "gpt") or not isinstance(t.get("value"), str)
                     for t in conv):
                 raise ValueError(f"{where}: field 'conversations' must be a list of {{from: human|gpt, value: str}}")
-            for key in ("image", "depth"):
-                if r.get(key) is not None and not os.path.isfile(os.path.join(root, r[key])):
-                    raise FileNotFoundError(f"{where}: {key} file {os.path.join(root, r[key])} missing")
+            image = r.get("image")
+            if isinstance(image, list) and len(image) == 1:
+                image = r["image"] = image[0]
+            reason = ("video" if "video" in r else "no image" if not image else
+                      "several images" if isinstance(image, list) else None)
+            if reason:
+                skipped[reason] += 1
+                continue
+            if not isinstance(image, str):
+                raise ValueError(f"{where}: field 'image' must be a path (or a list of one path)")
+            tags = sum(t["value"].count(IMAGE) for t in conv if t["from"] == "human")
+            if tags != 1:
+                raise ValueError(f"{where}: {tags} {IMAGE} tags in the human turns for 1 image")
+            r.setdefault("id", f"{os.path.basename(path)}:{n}")
+            r.setdefault("task", OTHER)
+            if r["task"] not in FAMILY_TYPES and r["task"] != OTHER:
+                raise ValueError(f"{where}: unknown task family {r['task']!r} (valid: {', '.join(FAMILY_TYPES)}, {OTHER})")
+            r["_image"] = os.path.join(root, image)
+            if not os.path.isfile(r["_image"]):
+                raise FileNotFoundError(f"{where}: image file {r['_image']} missing")
+            r["_depth"] = os.path.join(root, r["depth"]) if r.get("depth") else None
+            if r["_depth"] is not None and not os.path.isfile(r["_depth"]):
+                raise FileNotFoundError(f"{where}: depth file {r['_depth']} missing")
+            if r["_depth"] is None and roots is not None:
+                d = depth_by_basename(image, roots)
+                if d is not None and os.path.isfile(d):
+                    first = by_depth.setdefault(d, (image, where))
+                    if first[0] != image:
+                        raise ValueError(f"{where}: images {first[0]} ({first[1]}) and {image} share the basename, so both "
+                                         f"would get the depth map {d}: give each source its own --depth_root=PREFIX=DIR")
+                    r["_depth"] = d
             r["_where"] = where
             out.append(r)
     return out
 
 
+def split_records(source: str, split: str, image_root: str = "", depth_root: str = "",
+                  skipped: Counter | None = None) -> list[dict]:
+    """A split of a data source: a directory (our layout: <source>/<split>.jsonl) or one JSONL file (the released
+    GEM-250K.jsonl: no splits, so val = every HOLDOUT_EVERY-th record and train = the rest; no test split).
+    For a file, depth is looked up by basename under `depth_root` (default: the file's directory)."""
+    if not source.endswith(".jsonl"):
+        return read_jsonl(os.path.join(source, f"{split}.jsonl"), image_root, depth_root or None, skipped)
+    if split not in ("train", "val"):
+        raise ValueError(f"{source}: a single JSONL has the splits train and val (every {HOLDOUT_EVERY}th record), "
+                         f"not {split!r}: pass --split=val")
+    recs = read_jsonl(source, image_root, depth_root or os.path.dirname(source), skipped)
+    return [r for k, r in enumerate(recs) if (k % HOLDOUT_EVERY == 0) == (split == "val")]
+
+
+def data_dir(source: str) -> str:
+    """The directory a data source lives in (where its cache and tokenizer.json go by default)."""
+    return os.path.dirname(source) if source.endswith(".jsonl") else source
+
+
 def load_rgb(path: str, image_size: int | None, where: str) -> np.ndarray:
+    """uint8 (S, S, 3). An image of another size or aspect is squashed to the model's square input (bicubic):
+    text coordinates are relative (integers in [0, 1000)), so they stay exact."""
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))
+            im = im.convert("RGB")
+            if image_size is not None and im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BICUBIC)
+            return np.array(im)
     except Exception as e:  # truncated, not an image, ...
         raise ValueError(f"{path} ({where}): cannot read image ({type(e).__name__}: {e})") from None
-    if image_size is not None and rgb.shape[:2] != (image_size, image_size):
-        raise ValueError(f"{path} ({where}): image is {rgb.shape[1]}x{rgb.shape[0]}, expected "
-                         f"{image_size}x{image_size} (image_size)")
-    return rgb
 
 
 def load_depth(path: str, shape, where: str) -> np.ndarray:
+    """Metres (H, W) at `shape`; a depth map of another size is resized with nearest neighbour (as the
+    official loader does: no blend of near and far, invalid zeros stay zeros)."""
     try:
         d = load_depth_png(path)
     except Exception as e:
         raise ValueError(f"{path} ({where}): cannot read depth PNG ({type(e).__name__}: {e})") from None
     if d.shape != tuple(shape):
-        raise ValueError(f"{path} ({where}): depth is {d.shape[1]}x{d.shape[0]}, image is {shape[1]}x{shape[0]}")
+        d = np.array(Image.fromarray(d).resize((shape[1], shape[0]), Image.NEAREST))
     return d
 
 
@@ -310,37 +409,42 @@ def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
     return [r for r in records if scene_of(r) in keep]
 
 
-CACHE_VERSION = 2  # bump whenever what the cache holds, or how it is computed, changes
+CACHE_VERSION = 3  # bump whenever what the cache holds, or how it is computed, changes
 
 
 class GemDataset(torch.utils.data.Dataset):
     """One record -> model inputs: chat-templated ids/labels, image tensor, depth and RGB targets.
 
-    Records without "depth" (GEM-250K style) get depth_valid False and a zero target: the depth loss is
-    masked for them. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
+    `source` is a data directory (our layout) or one JSONL file (the released GEM-250K layout): split_records.
+    Records without depth get depth_valid False and a zero target, and pixels without depth (0 in the PNG)
+    a False depth_mask: the depth loss is masked for both. `skipped` counts the records left out (several
+    images, video) and `no_depth` those without a depth map. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
     (select_scenes); `blind` replaces every image by one constant grey image (the blind baseline).
 
     cache=True decodes the split once (build_cache: images at the model's size, depth in millimetres, both
     targets at the head's size, token ids and labels, as memory-mapped .npy files under <root>/cache, or
-    `cache_root`) and reads every item from there: the same tensors as from the PNGs, without the PNG
+    `cache_root`; the directory of a JSONL source) and reads every item from there: the same tensors as from the PNGs, without the PNG
     decoding, percentiles, resizes and tokenisation per sample per step."""
 
-    def __init__(self, root, split, tok, image_size, n_image_tokens, head_size, families=None,
-                 image_first=True, max_len=512, scenes=None, blind=False, cache=False, cache_root=None):
-        self.root, self.tok, self.image_size, self.n_image_tokens = root, tok, image_size, n_image_tokens
+    def __init__(self, source, split, tok, image_size, n_image_tokens, head_size, families=None,
+                 image_first=True, max_len=512, scenes=None, blind=False, cache=False, cache_root=None,
+                 image_root="", depth_root=""):
+        self.tok, self.image_size, self.n_image_tokens = tok, image_size, n_image_tokens
         self.head_size, self.image_first, self.max_len, self.blind = head_size, image_first, max_len, blind
-        recs = read_jsonl(os.path.join(root, f"{split}.jsonl"))
+        self.skipped = Counter()
+        recs = split_records(source, split, image_root, depth_root, self.skipped)
+        self.no_depth = sum(r["_depth"] is None for r in recs)
         self.arrays = None
         if cache:  # every record of the split is cached (one cache serves every --families / --scenes)
-            self.arrays = build_cache(self, recs, os.path.join(cache_root or os.path.join(root, "cache"), split))
+            self.arrays = build_cache(self, recs, os.path.join(cache_root or os.path.join(data_dir(source), "cache"), split))
             for k, r in enumerate(recs):
                 r["_row"] = k
         if scenes is not None:
             recs = select_scenes(recs, *scenes)
         if families is not None:
-            bad = [f for f in families if f not in FAMILY_TYPES]
+            bad = [f for f in families if f not in FAMILY_TYPES and f != OTHER]
             if bad:
-                raise ValueError(f"families: unknown task family {bad[0]!r} (valid: {', '.join(FAMILY_TYPES)})")
+                raise ValueError(f"families: unknown task family {bad[0]!r} (valid: {', '.join(FAMILY_TYPES)}, {OTHER})")
             recs = [r for r in recs if r["task"] in families]
         self.records = recs
 
@@ -349,9 +453,9 @@ class GemDataset(torch.utils.data.Dataset):
 
     def load_image(self, r):
         """From the files: uint8 RGB (S,S,3) and metric depth (S,S) (zeros without depth), depth valid."""
-        rgb = load_rgb(os.path.join(self.root, r["image"]), self.image_size, r["_where"])
-        if r.get("depth"):
-            depth = load_depth(os.path.join(self.root, r["depth"]), rgb.shape[:2], r["_where"])
+        rgb = load_rgb(r["_image"], self.image_size, r["_where"])
+        if r["_depth"]:
+            depth = load_depth(r["_depth"], rgb.shape[:2], r["_where"])
             return rgb, depth, bool((depth > 0).any())
         return rgb, np.zeros(rgb.shape[:2], np.float32), False
 
@@ -370,6 +474,7 @@ class GemDataset(torch.utils.data.Dataset):
             rgb, depth, valid = self.load_image(r)
             ids, labels = self.encode(r)
             target = depth_target(depth, self.head_size) if valid else torch.zeros(1, self.head_size, self.head_size)
+            mask = depth_mask(depth, self.head_size)
             rgb_t = rgb_target(rgb, self.head_size)
             image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # uint8 (3,S,S): collate makes pixel_values
         else:
@@ -379,6 +484,7 @@ class GemDataset(torch.utils.data.Dataset):
             depth = a["depth_mm"][j].astype(np.float32) / 1000.0  # exactly load_depth_png's conversion
             ids, labels = torch.from_numpy(a["ids"][lo:hi].astype(np.int64)), torch.from_numpy(a["labels"][lo:hi].astype(np.int64))
             target, rgb_t = torch.from_numpy(np.array(a["depth_target"][j])), torch.from_numpy(np.array(a["rgb_target"][j]))
+            mask = torch.from_numpy(np.array(a["depth_mask"][j]))
         if self.blind:
             image = torch.full_like(image, 128)
             rgb_t = rgb_target(image.permute(1, 2, 0).numpy(), self.head_size)
@@ -386,12 +492,12 @@ class GemDataset(torch.utils.data.Dataset):
         question = next((t["value"] for t in conv if t["from"] == "human"), "")
         meta = r.get("meta") or {}
         return dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), image=image,
-                    depth_target=target, rgb_target=rgb_t, depth_valid=valid, depth_m=torch.from_numpy(depth),
+                    depth_target=target, depth_mask=mask, rgb_target=rgb_t, depth_valid=valid, depth_m=torch.from_numpy(depth),
                     id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question.replace(IMAGE, "").strip(),
                     answer=next((t["value"] for t in conv if t["from"] == "gpt"), ""), meta=meta)
 
 
-CACHE_ARRAYS = ("images", "depth_mm", "depth_valid", "depth_target", "rgb_target", "image_of", "ids", "labels", "offsets")
+CACHE_ARRAYS = ("images", "depth_mm", "depth_valid", "depth_target", "depth_mask", "rgb_target", "image_of", "ids", "labels", "offsets")
 
 
 def cache_key(ds: GemDataset, records: list[dict]) -> str:
@@ -400,12 +506,12 @@ def cache_key(ds: GemDataset, records: list[dict]) -> str:
     import hashlib
     h = hashlib.sha256(json.dumps(dict(version=CACHE_VERSION, image_size=ds.image_size, head_size=ds.head_size,
                                        n_image_tokens=ds.n_image_tokens, image_first=ds.image_first, max_len=ds.max_len,
-                                       resize="area", tokenizer=ds.tok.to_str()), sort_keys=True).encode())
+                                       resize="area; image bicubic; depth nearest", tokenizer=ds.tok.to_str()), sort_keys=True).encode())
     for r in records:
-        h.update(json.dumps({k: v for k, v in r.items() if k != "_where"}, sort_keys=True).encode())
-        for key in ("image", "depth"):
-            if r.get(key):
-                st = os.stat(os.path.join(ds.root, r[key]))
+        h.update(json.dumps({k: v for k, v in r.items() if k not in ("_where", "_row")}, sort_keys=True).encode())
+        for key in ("_image", "_depth"):
+            if r[key]:
+                st = os.stat(r[key])
                 h.update(f"{r[key]}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
@@ -415,8 +521,10 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str) -> dict:
     a temporary directory and renamed into place, so a cache is whole or absent) -> {name: array}."""
     path = f"{prefix}-{cache_key(ds, records)}"
     if not os.path.isdir(path):
-        images = sorted({r["image"] for r in records})
-        first = {im: next(r for r in records if r["image"] == im) for im in images}
+        images = sorted({r["_image"] for r in records})
+        first = {}
+        for r in records:
+            first.setdefault(r["_image"], r)
         row = {im: j for j, im in enumerate(images)}
         S, H, n = ds.image_size, ds.head_size, len(images)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -424,17 +532,19 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str) -> dict:
         new = lambda name, shape, dt: np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dt, shape)
         a = dict(images=new("images", (n, 3, S, S), np.uint8), depth_mm=new("depth_mm", (n, S, S), np.uint16),
                  depth_valid=new("depth_valid", (n,), np.bool_), depth_target=new("depth_target", (n, 1, H, H), np.float32),
+                 depth_mask=new("depth_mask", (n, 1, H, H), np.bool_),
                  rgb_target=new("rgb_target", (n, 3, H, H), np.float32))
         for j, im in enumerate(images):
             rgb, depth, valid = ds.load_image(first[im])
             a["images"][j], a["depth_mm"][j], a["depth_valid"][j] = rgb.transpose(2, 0, 1), np.round(depth * 1000.0).astype(np.uint16), valid
             a["depth_target"][j] = depth_target(depth, H).numpy() if valid else 0.0
+            a["depth_mask"][j] = depth_mask(depth, H).numpy()
             a["rgb_target"][j] = rgb_target(rgb, H).numpy()
         enc = [ds.encode(r) for r in records]
         np.save(os.path.join(tmp, "ids.npy"), np.array([t for ids, _ in enc for t in ids], np.int32))
         np.save(os.path.join(tmp, "labels.npy"), np.array([t for _, lab in enc for t in lab], np.int32))
         np.save(os.path.join(tmp, "offsets.npy"), np.cumsum([0] + [len(ids) for ids, _ in enc]).astype(np.int64))
-        np.save(os.path.join(tmp, "image_of.npy"), np.array([row[r["image"]] for r in records], np.int32))
+        np.save(os.path.join(tmp, "image_of.npy"), np.array([row[r["_image"]] for r in records], np.int32))
         for m in a.values():
             m.flush()
         try:

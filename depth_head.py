@@ -197,9 +197,10 @@ class GenerativeHead(nn.Module):
         self.generator = Generator(c)
 
     def loss(self, image_hidden, target, valid=None, seeds=None):
-        """L_flow: image_hidden (B, N, D), target (B, C, S, S) in [0, 1], valid (B,) bool -> scalar.
+        """L_flow: image_hidden (B, N, D), target (B, C, S, S) in [0, 1], valid (B,) bool or a per-pixel
+        mask (B, 1, S, S) (pixels without depth) -> scalar.
 
-        Mean over valid samples only; a batch without any valid sample gives 0.0 that still has a graph
+        Each sample's loss is the mean over its valid pixels; the result the mean over samples with any; a batch without any valid sample gives 0.0 that still has a graph
         (so DDP / the optimizer see the same parameters every step). The CFG drop applies only in
         training mode. seeds: see draw_noise.
         """
@@ -207,21 +208,24 @@ class GenerativeHead(nn.Module):
         if tuple(target.shape[1:]) != (C, S, S):
             raise ValueError(f"depth head target: shape {tuple(target.shape)}, expected (B, {C}, {S}, {S}) "
                              f"for modality={self.cfg.modality!r}, out_size={S}")
-        valid = torch.ones(B, dtype=torch.bool, device=target.device) if valid is None else valid.bool()
+        m = torch.ones(B, dtype=torch.bool, device=target.device) if valid is None else valid.bool()
+        m = (m[:, None, None, None] if m.dim() == 1 else m).expand(B, C, S, S)  # (B, C, S, S) pixels trained
         cond = self.connector(image_hidden)  # (B, N, cond)
         # invalid samples may carry garbage targets (NaN): zero them so 0 * NaN never reaches a gradient
-        x0 = torch.where(valid[:, None, None, None], target.nan_to_num(0.0), 0.0).to(cond.dtype) * 2 - 1
+        x0 = torch.where(m, target.nan_to_num(0.0), 0.0).to(cond.dtype) * 2 - 1
         if self.cfg.objective == "regress":  # one pass from a blank input, straight onto the target
             pred = self.generator(torch.zeros_like(x0), torch.zeros(B, device=x0.device), cond)
-            per = (pred - x0).float().pow(2).flatten(1).mean(1)  # (B,)
+            err = (pred - x0).float().pow(2)  # (B, C, S, S)
         else:
             t, noise, u = draw_noise(x0, seeds)
             if self.training:
                 drop = u < self.cfg.cfg_drop  # (B,)
                 cond = torch.where(drop[:, None, None], null_condition(cond), cond)
             xt, v = flow_pair(x0, noise, t)
-            per = (self.generator(xt, t, cond) - v).float().pow(2).flatten(1).mean(1)  # (B,)
-        return (per * valid).sum() / valid.sum().clamp(min=1)
+            err = (self.generator(xt, t, cond) - v).float().pow(2)  # (B, C, S, S)
+        n = m.flatten(1).sum(1)  # (B,) valid pixels per sample
+        per = (err * m).flatten(1).sum(1) / n.clamp(min=1)  # (B,) mean over the valid pixels
+        return per.sum() / (n > 0).sum().clamp(min=1)
 
     @torch.no_grad()
     def sample(self, image_hidden, steps: int = 30, cfg_scale: float = 5.0, generator=None):

@@ -290,7 +290,9 @@ def score_table(rows: list[dict]) -> dict:
                 "types": list(types)}
     bench = [t for t in per_type if per_type[t]["family"] not in ("caption", "depth")]
     fams = {f: agg([t for t in bench if per_type[t]["family"] == f]) for f in sorted({per_type[t]["family"] for t in bench})}
-    return {"per_type": per_type, "per_family": fams, "macro": agg(bench) if bench else None}
+    from data import OTHER
+    macro = [t for t in bench if per_type[t]["family"] != OTHER]  # free-text records (no task): their own row only
+    return {"per_type": per_type, "per_family": fams, "macro": agg(macro) if macro else None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,25 +374,26 @@ def eval_rules(cfg) -> dict:
 
 @torch.no_grad()
 def image_features(gem, ds, idx: list[int], pad_id: int, bs: int = 32):
-    """Frozen last-layer image-token states (N, n_img, D), depth targets (N, 1, S, S), metric depth (N, H, W)."""
+    """Frozen last-layer image-token states (N, n_img, D), depth targets (N, 1, S, S), metric depth (N, H, W),
+    the target cells with depth (N, 1, S, S)."""
     from data import collate
     gem.eval()
-    hid, tgt, dm = [], [], []
+    hid, tgt, dm, mask = [], [], [], []
     for s in range(0, len(idx), bs):
         b = collate([ds[i] for i in idx[s:s + bs]], pad_id)
         hid.append(gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"].float())
-        tgt.append(b["depth_target"]), dm.append(b["depth_m"])
-    return torch.cat(hid), torch.cat(tgt), torch.cat(dm)
+        tgt.append(b["depth_target"]), dm.append(b["depth_m"]), mask.append(b["depth_mask"])
+    return torch.cat(hid), torch.cat(tgt), torch.cat(dm), torch.cat(mask)
 
 
-def fit_probe(head, feats, targets, steps: int, lr: float = 2e-3, bs: int = 32, seed: int = 0):
+def fit_probe(head, feats, targets, masks, steps: int, lr: float = 2e-3, bs: int = 32, seed: int = 0):
     """Train a fresh head on frozen features for a fixed budget (same for every checkpoint)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     head.train()
     for _ in range(steps):
         i = torch.randint(0, len(feats), (min(bs, len(feats)),), generator=g)
-        loss = head.loss(feats[i], targets[i], torch.ones(len(i), dtype=torch.bool))
+        loss = head.loss(feats[i], targets[i], masks[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -402,11 +405,9 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     frozen features with a fixed budget (every checkpoint, so recipes compare on equal terms)."""
     import torch.nn.functional as F
     from data import GemDataset, special_ids
-    from train_pretrain import build_head, depth_grid, distinct_frames
+    from train_pretrain import build_head, dataset_kw, depth_grid, distinct_frames
     pad = special_ids(tok)["pad_id"]
-    kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind,
-              cache=tc.cache, cache_root=tc.cache_dir or None)
+    kw = dataset_kw(tc, gem, tok, max_len=4096)
 
     def frames(split, n):  # one item per distinct frame with depth
         ds = GemDataset(tc.data, split, **kw)
@@ -415,7 +416,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     train_ds, train_idx = frames("train", max(4 * cfg.depth_frames, 128))
     if not test_idx or not train_idx:
         return {}
-    h_te, t_te, d_te = image_features(gem, test_ds, test_idx, pad)
+    h_te, t_te, d_te, _ = image_features(gem, test_ds, test_idx, pad)
     S = t_te.shape[-1]
     d = d_te[:, None].float()  # (N, 1, H, W) metres
     inv = torch.where(d > 0, 1.0 / d.clamp_min(1e-6), torch.zeros_like(d))
@@ -426,10 +427,11 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
         heads["own head"] = head.eval()
     torch.manual_seed(cfg.seed)
     probe = build_head(tc, gem, "gem")
-    h_tr, t_tr, _ = image_features(gem, train_ds, train_idx, pad)
-    heads["probe"] = fit_probe(probe, h_tr, t_tr, cfg.probe_steps, seed=cfg.seed)
+    h_tr, t_tr, _, m_tr = image_features(gem, train_ds, train_idx, pad)
+    heads["probe"] = fit_probe(probe, h_tr, t_tr, m_tr, cfg.probe_steps, seed=cfg.seed)
     res = {}
-    mean_map = t_tr.float().mean(0)[0].numpy()  # chance: the average train depth map, whatever the image
+    mean_map = ((t_tr.float() * m_tr).sum(0) / m_tr.sum(0).clamp(min=1))[0].numpy()  # chance: the average train
+    # depth map (over the cells with depth), whatever the image
     for name, hd in [("chance", None)] + list(heads.items()):
         with torch.no_grad():
             gen = np.broadcast_to(mean_map, gt_inv.shape) if hd is None else hd.sample(
@@ -455,15 +457,13 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
 
 def eval_vlm(cfg) -> dict:
     from data import GemDataset
-    from train_pretrain import answer_questions, load_pretrained
+    from train_pretrain import answer_questions, dataset_kw, load_pretrained
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)
     tc.data = cfg.data or tc.data
     gem.eval()
-    kw = dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-              head_size=tc.head_size, image_first=tc.image_first, max_len=4096, blind=tc.blind,
-              cache=tc.cache, cache_root=tc.cache_dir or None)
+    kw = dataset_kw(tc, gem, tok, max_len=4096)
     test = GemDataset(tc.data, cfg.split, **kw)
     train_recs = GemDataset(tc.data, "train", **(kw | dict(cache=False))).records  # the answers only
     items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth", "caption")]  # not benchmark questions
@@ -522,7 +522,8 @@ def vlm_markdown(res: dict) -> str:
           "| type | family | metric | " + " | ".join(cols) + " | chance |", "|---" * (len(cols) + 4) + "|"]
     rows = [(t, v["family"], v["metric"], ("per_type", t)) for t, v in res["all"]["per_type"].items()]
     rows += [(f"**{f}**", "family", "mean of types", ("per_family", f)) for f in res["all"]["per_family"]]
-    for name, fam, metric, (part, key) in rows + [("**macro**", "all", "mean of types", ("macro", None))]:
+    macro = [("**macro**", "all", "mean of types (not other)", ("macro", None))] if res["all"]["macro"] else []
+    for name, fam, metric, (part, key) in rows + macro:
         cells = [res[c][part] if key is None else res[c][part].get(key) for c in cols]
         md.append(f"| {name} | {fam} | {metric} | " + " | ".join("-" if c is None else
                   f"{_pct(c['score'])} [{_pct(c['lo'])}, {_pct(c['hi'])}] (n={c['n']})" for c in cells) + f" | {_pct(cells[0]['chance'])} |")
@@ -743,7 +744,12 @@ def main(argv: list[str]) -> dict:
     if cfg.ckpt not in ("expert", "random") and not os.path.isdir(cfg.ckpt):
         raise SystemExit(f"error: --ckpt={cfg.ckpt!r}: no such checkpoint directory")
     cfg.out = cfg.out or os.path.join(cfg.ckpt if os.path.isdir(cfg.ckpt) else "out", f"eval_{cfg.split if argv[0] == 'vlm' else 'vla'}")
-    return eval_vlm(cfg) if argv[0] == "vlm" else eval_vla(cfg)
+    if argv[0] == "vla":
+        return eval_vla(cfg)
+    try:
+        return eval_vlm(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad data or checkpoint files: one line naming the file
+        raise SystemExit(f"error: {str(e).strip(chr(39))}") from None
 
 
 if __name__ == "__main__":

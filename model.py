@@ -14,7 +14,8 @@ Use:
 
 Paper -> code map (PAPER.md "Architecture")
   Qwen3-VL vision tower (ViT, patch 16)     VisionEncoder   (pre-norm ViT, SigLIP-compatible weights)
-  2x2 merger MLP                             Merger          (LayerNorm -> concat 2x2 -> Linear-GELU-Linear)
+  2x2 merger MLP                             Merger          (LayerNorm -> concat 2x2 -> Linear-GELU-Linear;
+                                                             odd patch grids zero-padded: 27x27 -> 14x14)
   Qwen3 LLM (RMSNorm, RoPE, GQA, q/k-norm)   LanguageModel, Block, Attention, SwiGLU, RMSNorm, rope()
   visual tokens spliced at <|image_pad|>     GEM.embed
   condition = last-layer hidden at image     GEM.forward -> out["image_hidden"] (B, n_image_tokens, dim)
@@ -26,7 +27,9 @@ Paper -> code map (PAPER.md "Architecture")
   inference                                  GEM.generate -> LanguageModel.generate (KVCache, greedy or
                                               temperature; left-padded batches); GEM.answer: batched
                                               greedy answers to prompts of any lengths
-  real backbones (hf preset)                 load_hf_qwen3, load_hf_siglip_vision, GEM.from_hf
+  real backbones (hf preset)                 load_hf_qwen3, load_hf_siglip_vision, GEM.from_hf; the SigLIP's
+                                              image size and mean/std (siglip_preprocessing) go into GEMConfig,
+                                              VisionEncoder.features maps [-1, 1] pixels to them
 Speed notes: attention is F.scaled_dot_product_attention with native GQA; no padding or right padding
 takes the is_causal fast path (no mask tensor); q/k/v and gate/up projections are fused matmuls; the
 KV cache is preallocated. `SDPA = False` switches to a plain softmax path (tests check they agree).
@@ -52,7 +55,7 @@ from common import config_from_dict, config_to_dict, load_checkpoint, save_check
 
 @dataclasses.dataclass
 class GEMConfig:
-    # vision encoder (ViT); image_size // patch_size patches per side
+    # vision encoder (ViT); image_size // patch_size patches per side (the conv drops any remainder: 384 // 14 = 27)
     image_size: int = 64
     patch_size: int = 8
     vit_dim: int = 128
@@ -60,7 +63,11 @@ class GEMConfig:
     vit_heads: int = 4
     vit_mlp: int = 512
     vit_eps: float = 1e-6
-    merge: int = 2  # merge x merge neighbouring patches -> one LLM token
+    merge: int = 2  # merge x merge neighbouring patches -> one LLM token (odd grids are padded: Merger)
+    # the ViT's input normalisation, (x/255 - mean) / std per channel (hf: the SigLIP checkpoint's
+    # preprocessor_config.json); the data gives [-1, 1], i.e. 0.5 / 0.5, converted in VisionEncoder.features
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # language model (Qwen3-style)
     vocab_size: int = 2048
     dim: int = 192
@@ -79,8 +86,8 @@ class GEMConfig:
     image_pad_id: int = 5
 
     @property
-    def grid(self) -> int:  # merged visual tokens per side
-        return self.image_size // self.patch_size // self.merge
+    def grid(self) -> int:  # merged visual tokens per side: ceil(patches / merge), odd grids padded (Merger)
+        return -(-(self.image_size // self.patch_size) // self.merge)
 
     @property
     def n_image_tokens(self) -> int:
@@ -151,12 +158,19 @@ class VisionEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(self.side ** 2, c.vit_dim) * 0.02)  # learned, one per patch
         self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.vit_layers))
         self.post_norm = nn.LayerNorm(c.vit_dim, eps=c.vit_eps)
+        # [-1, 1] pixels p = (x/255 - 0.5) / 0.5  ->  (x/255 - mean) / std = p * 0.5/std + (0.5 - mean)/std:
+        # one affine map per channel, exactly the identity for mean = std = 0.5 (not saved: it is the config's)
+        mean, std = torch.tensor(c.image_mean).view(1, 3, 1, 1), torch.tensor(c.image_std).view(1, 3, 1, 1)
+        self.register_buffer("pix_scale", 0.5 / std, persistent=False)
+        self.register_buffer("pix_shift", (0.5 - mean) / std, persistent=False)
 
     def features(self, pixel_values):
-        """pixel_values (B, 3, H, W) in [-1, 1] -> final post-layernorm patch features (B, N, D), row-major."""
+        """pixel_values (B, 3, H, W) in [-1, 1] (data.to_pixel_values) -> final post-layernorm patch features
+        (B, N, D), row-major. The ViT sees them in its checkpoint's normalisation (cfg.image_mean / image_std)."""
         if pixel_values.shape[-2:] != (self.cfg.image_size,) * 2:
             raise ValueError(f"pixel_values: image size {tuple(pixel_values.shape[-2:])} but the model config "
                              f"has image_size={self.cfg.image_size}")
+        pixel_values = pixel_values * self.pix_scale + self.pix_shift  # the ONE place the normalisation changes
         x = self.patch(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         for blk in self.blocks:
             x = blk(x)
@@ -166,7 +180,18 @@ class VisionEncoder(nn.Module):
 
 
 class Merger(nn.Module):
-    """Concatenate each m x m block of neighbouring patches and project to the LLM width (Qwen2-VL)."""
+    """Concatenate each m x m block of neighbouring patches and project to the LLM width (Qwen2-VL).
+
+    Odd patch grids are PADDED, not cropped: SigLIP-so400m-384 has 384 // 14 = 27 x 27 patches, extended at
+    the bottom and right to 28 x 28 with zero features, so 14 x 14 merged tokens (GEMConfig.grid =
+    ceil(patches / merge); the depth head's condition grid is the same). Why: cropping to 26 x 26 would hide
+    the image's last 14-px strip from the LLM (grounding near the right or bottom edge), while the depth
+    target still covers the whole image. Qwen2-VL never meets the case because it resizes images to
+    multiples of 28; a SigLIP's learned position table is for one fixed grid, and padding after the encoder
+    keeps the pretrained ViT exactly as trained. The zeros go in AFTER this module's LayerNorm (before it,
+    LayerNorm would turn them into its bias), so a padded slot adds nothing to fc1: an edge token is a
+    function of its real patches alone.
+    """
 
     def __init__(self, vit_dim: int, llm_dim: int, merge: int = 2, eps: float = 1e-6):
         super().__init__()
@@ -175,11 +200,17 @@ class Merger(nn.Module):
         self.fc1 = nn.Linear(vit_dim * merge ** 2, vit_dim * merge ** 2)
         self.fc2 = nn.Linear(vit_dim * merge ** 2, llm_dim)
 
-    def forward(self, x):  # (B, N, Dv), N = side * side patches in row-major order
+    def forward(self, x):  # (B, N, Dv), N = s * s patches in row-major order
         B, N, D = x.shape
         s, m = math.isqrt(N), self.m
-        x = self.norm(x).view(B, s // m, m, s // m, m, D).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, m, m, Dv)
-        x = x.reshape(B, (s // m) ** 2, m * m * D)  # (B, g*g, m*m*Dv): tokens row-major over the merged grid
+        if s * s != N:
+            raise ValueError(f"Merger: {N} patch features do not form a square grid")
+        g = -(-s // m)  # merged tokens per side (= GEMConfig.grid)
+        x = self.norm(x).view(B, s, s, D)
+        if g * m != s:  # odd grid: zero patches at the bottom and the right (class docstring)
+            x = F.pad(x, (0, 0, 0, g * m - s, 0, g * m - s))  # (B, g*m, g*m, Dv)
+        x = x.view(B, g, m, g, m, D).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, m, m, Dv)
+        x = x.reshape(B, g * g, m * m * D)  # (B, g*g, m*m*Dv): tokens row-major over the merged grid
         return self.fc2(F.gelu(self.fc1(x)))  # (B, g*g, D_llm)
 
 
@@ -397,9 +428,8 @@ def lm_loss(logits, labels):
 class GEM(nn.Module):
     def __init__(self, cfg: GEMConfig):
         super().__init__()
-        if (cfg.image_size // cfg.patch_size) % cfg.merge:
-            raise ValueError(f"GEMConfig: image_size/patch_size = {cfg.image_size // cfg.patch_size} patches per "
-                             f"side is not divisible by merge={cfg.merge}")
+        if cfg.image_size < cfg.patch_size:
+            raise ValueError(f"GEMConfig: image_size={cfg.image_size} is smaller than patch_size={cfg.patch_size}")
         self.cfg = cfg
         self.vit = VisionEncoder(cfg)
         self.merger = Merger(cfg.vit_dim, cfg.dim, cfg.merge, cfg.vit_eps)
@@ -481,9 +511,11 @@ class GEM(nn.Module):
 
     @classmethod
     def from_hf(cls, vit_path, llm_path, **overrides):
-        """A GEM whose ViT and LLM come from local SigLIP / Qwen3 directories; the merger starts fresh."""
+        """A GEM whose ViT and LLM come from local SigLIP / Qwen3 directories; the merger starts fresh.
+        Image size and normalisation are the SigLIP checkpoint's (load_hf_siglip_vision)."""
         vit, llm = load_hf_siglip_vision(vit_path), load_hf_qwen3(llm_path)
-        vit_fields = ("image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "vit_eps")
+        vit_fields = ("image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "vit_eps",
+                      "image_mean", "image_std")
         model = cls(dataclasses.replace(llm.cfg, **{k: getattr(vit.cfg, k) for k in vit_fields}, **overrides))
         model.vit.load_state_dict(vit.state_dict())
         model.llm.load_state_dict(llm.state_dict())
@@ -568,17 +600,48 @@ def load_hf_qwen3(path: str) -> LanguageModel:
     return model
 
 
+def siglip_preprocessing(path: str, image_size: int):
+    """-> (mean, std) per channel that the SigLIP checkpoint in `path` was trained with, from its
+    preprocessor_config.json (image_mean, image_std, do_normalize; its size must equal config.json's
+    image_size). Without that file: SigLIP's usual mean = std = 0.5 (= our [-1, 1] pixels), said on stdout."""
+    f = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(f):
+        print(f"note: {f} missing: assuming SigLIP's usual normalisation (mean = std = 0.5) and config.json's "
+              f"image_size={image_size}", flush=True)
+        return (0.5,) * 3, (0.5,) * 3
+    with open(f) as fh:
+        p = json.load(fh)
+    if not p.get("do_rescale", True) or abs(p.get("rescale_factor", 1 / 255) * 255 - 1) > 1e-6:
+        raise ValueError(f"{f}: only pixels rescaled by 1/255 are supported (do_rescale, rescale_factor)")
+    size = p.get("size") or {}
+    side = size.get("shortest_edge", image_size)
+    h, w = size.get("height", side), size.get("width", side)
+    if (h, w) != (image_size, image_size):
+        raise ValueError(f"{f}: size {h}x{w} but config.json has image_size={image_size}")
+    if not p.get("do_normalize", True):
+        return (0.0,) * 3, (1.0,) * 3  # the ViT takes x/255 as it is
+    per_channel = lambda v: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))  # noqa: E731
+    mean, std = per_channel(p.get("image_mean", 0.5)), per_channel(p.get("image_std", 0.5))
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{f}: image_mean / image_std need 3 channels, got {mean} / {std}")
+    return mean, std
+
+
 def load_hf_siglip_vision(path: str) -> VisionEncoder:
     """Hugging Face SiglipVisionModel (or full SiglipModel) directory -> VisionEncoder (fp32).
-    The attention-pooling head is not used (GEM feeds all patch features to the merger)."""
+    The attention-pooling head is not used (GEM feeds all patch features to the merger). Image size from
+    config.json; normalisation from preprocessor_config.json (siglip_preprocessing), applied inside the
+    encoder, so the data keeps giving [-1, 1] pixels resized to cfg.image_size."""
     hf, t = _read_hf_dir(path)
     hf = hf.get("vision_config", hf)
     if hf.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ValueError(f"{path}/config.json: hidden_act {hf['hidden_act']!r} is not supported")
-    c = GEMConfig(image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
+    image_size = hf.get("image_size", 224)
+    mean, std = siglip_preprocessing(path, image_size)
+    c = GEMConfig(image_size=image_size, patch_size=hf.get("patch_size", 16),
                   vit_dim=hf.get("hidden_size", 768), vit_layers=hf.get("num_hidden_layers", 12),
                   vit_heads=hf.get("num_attention_heads", 12), vit_mlp=hf.get("intermediate_size", 3072),
-                  vit_eps=hf.get("layer_norm_eps", 1e-6))  # its LLM fields are unused
+                  vit_eps=hf.get("layer_norm_eps", 1e-6), image_mean=mean, image_std=std)  # its LLM fields are unused
     # SigLIP checkpoints on the Hub prefix keys with "vision_model."; transformers 5 saves them without
     pre = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in t else ""
     g = lambda k: _take(t, pre + k, path)  # noqa: E731

@@ -66,7 +66,11 @@ from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
 class TrainConfig:
     preset: str = "tiny"
     recipe: str = "gem"              # base | sft | gem | rgb | direct | regress
-    data: str = "data/gem-mini"      # dataset root (train/val.jsonl, images/, depth/, tokenizer.json)
+    data: str = "data/gem-mini"      # a data directory (train/val.jsonl, images/, depth/, tokenizer.json) or one
+                                     # released-layout JSONL (GEM-250K.jsonl: val = every 100th record)
+    image_root: str = ""             # images are relative to this ("" = the JSONL's directory)
+    depth_root: str = ""             # depth by basename: DIR/depth/<image basename>, or PREFIX=DIR,... per source
+                                     # ("" = the JSONL's directory for a JSONL file; none for a data directory)
     out: str = "runs/tiny/gem"       # run directory
     init: Optional[str] = None       # stage-0 checkpoint (run dir or stage dir); required unless recipe=base
     head_init: Optional[str] = None  # checkpoint holding a trained head: stage 1 then trains the connector alone
@@ -133,8 +137,10 @@ PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config rou
     "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=4000, steps1=300,
                   steps2=1500, steps3=6000, lr0=1e-3, lr3=3e-4, batch_size=64, workers=6, eval_every=1000, viz_every=1000,
                   ckpt_every=1000, val_gen=256),
-    # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm; sizes come from their configs)
-    "hf": dict(image_size=224, patch_size=16, head_width=128, cond_dim=512, head_size=64, steps0=2000, steps1=500,
+    # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm): every model size, the image size and
+    # the pixel normalisation come from their configs (build_gem). head_size must be the token grid times a
+    # power of two: 56 fits siglip-base-patch16-224 (grid 7) and siglip-so400m-patch14-384 (27 patches, grid 14)
+    "hf": dict(head_width=128, cond_dim=512, head_size=56, steps0=2000, steps1=500,
                steps2=2000, steps3=6000, lr0=1e-4, lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4,
                workers=6, eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
 }
@@ -170,11 +176,20 @@ def build_gem(tc: TrainConfig, tok) -> GEM:
     if tc.hf_vision or tc.hf_llm or tc.preset == "hf":
         if not (tc.hf_vision and tc.hf_llm):
             die("the hf preset needs both --hf_vision=DIR and --hf_llm=DIR")
-        return GEM.from_hf(tc.hf_vision, tc.hf_llm, **ids)
+        # every shape, the image size and the pixel normalisation come from the checkpoints, not the flags
+        gem = GEM.from_hf(tc.hf_vision, tc.hf_llm, **ids)
+        if tok.get_vocab_size() > gem.cfg.vocab_size:  # Qwen3: 151,669 tokens, 151,936 embedding rows
+            die(f"{tc.hf_llm}/tokenizer.json: {tok.get_vocab_size()} tokens but config.json has vocab_size="
+                f"{gem.cfg.vocab_size} (tokenizer of another model?)")
+        return gem
     return GEM(dataclasses.replace(tc.model, **ids, vocab_size=tok.get_vocab_size()))
 
 
 def build_head(tc: TrainConfig, gem: GEM, recipe: str) -> GenerativeHead:
+    g, ratio = gem.cfg.grid, tc.head_size // gem.cfg.grid
+    if tc.head_size % g or ratio < 1 or ratio & (ratio - 1):  # the generator halves head_size down to the token grid
+        die(f"--head_size={tc.head_size}: must be the image-token grid ({g} per side) times a power of two, "
+            f"e.g. {', '.join(str(g * 2 ** k) for k in range(1, 5))}")
     hc = DepthHeadConfig(llm_dim=gem.cfg.dim, cond_dim=tc.cond_dim, width=tc.head_width, grid=gem.cfg.grid,
                          out_size=tc.head_size, modality="rgb" if recipe == "rgb" else "depth",
                          objective="regress" if recipe == "regress" else "flow")
@@ -311,7 +326,7 @@ class Bundle(nn.Module):
         if use_text:  # summed CE: the caller's weight makes it a mean over the global batch's tokens / samples
             text_sum = text_ce_sum(out["logits"], b["labels"], self.tc.loss_norm == "sample")
         if use_flow:
-            flow = self.head.loss(out["image_hidden"].float(), b["target"], b["target_valid"],
+            flow = self.head.loss(out["image_hidden"].float(), b["target"], b["target_mask"],
                                   sample_seeds(self.tc.seed, self.stage, b["pos"]))
         loss = gem_loss(self.stage, w_text * text_sum, w_flow * flow, self.tc.lam)
         return loss, text_sum.detach(), flow.detach()
@@ -355,13 +370,21 @@ def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (
     return x
 
 
+def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
+    """GemDataset's settings for a model and a run's TrainConfig (training, evaluation and the depth probe)."""
+    return dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens, head_size=tc.head_size,
+                image_first=tc.image_first, max_len=tc.max_len, blind=tc.blind, cache=tc.cache,
+                cache_root=tc.cache_dir or None, image_root=tc.image_root, depth_root=tc.depth_root) | over
+
+
 def make_batch(ds, idx, pad_id, modality, device, items=None):
-    """Collated batch on `device`, plus the head's target ("target", depth or RGB) and its validity: an
-    RGB target always exists; a depth target only where the record has depth."""
+    """Collated batch on `device`, plus the head's target ("target", depth or RGB), the pixels its loss trains
+    ("target_mask": every RGB pixel; the depth pixels that have depth) and the samples with any ("target_valid")."""
     b = D.collate(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id)
     rgb = modality == "rgb"
     b["target"] = b["rgb_target"] if rgb else b["depth_target"]
-    b["target_valid"] = torch.ones_like(b["depth_valid"]) if rgb else b["depth_valid"]
+    b["target_mask"] = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
+    b["target_valid"] = b["target_mask"].flatten(1).any(1)  # (B,) samples the head's loss counts
     return to_device(b, device)
 
 
@@ -417,7 +440,7 @@ def validate(gem, head, ds, tc, stage, pad_id, device, amp):
             n_tok += (b["labels"][:, 1:] != -100).sum().item()
             if head is not None and "flow" in losses:
                 nv = b["target_valid"].sum().item()
-                flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["target_valid"],
+                flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["target_mask"],
                                       sample_seeds(1234, stage, b["pos"])).item() * nv
                 n_flow += nv
     res = {"val_text": text_sum / max(n_tok, 1)}  # per answer token whatever --loss_norm: comparable across runs
@@ -453,9 +476,9 @@ def distinct_frames(records: list[dict], need_depth: bool = True) -> list[int]:
     and a frame with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
     seen, idx = set(), []
     for i, r in enumerate(records):
-        d = r.get("depth")
-        key = (d if os.path.basename(r["image"]) == os.path.basename(d) else None) if d else \
-            (None if need_depth else r["image"])
+        d = r["_depth"]
+        key = (d if os.path.basename(r["_image"]) == os.path.basename(d) else None) if d else \
+            (None if need_depth else r["_image"])
         if key and key not in seen:
             seen.add(key)
             idx.append(i)
@@ -537,7 +560,7 @@ def vlm_flops(c: GEMConfig, mask: torch.Tensor, trains: bool) -> float:
     B, P, m2 = mask.shape[0], (c.image_size // c.patch_size) ** 2, c.merge ** 2
     patch = 2 * P * c.vit_dim * 3 * c.patch_size ** 2
     vit = c.vit_layers * (2 * P * (4 * c.vit_dim ** 2 + 2 * c.vit_dim * c.vit_mlp) + 4 * P * P * c.vit_dim)
-    merger = 2 * (P // m2) * (m2 * c.vit_dim) * (m2 * c.vit_dim + c.dim)
+    merger = 2 * c.n_image_tokens * (m2 * c.vit_dim) * (m2 * c.vit_dim + c.dim)  # odd grids: padded cells count
     T = mask.sum(1).double()  # (B,) real tokens
     weights = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.mlp_dim
     llm = (2 * c.n_layers * weights + 2 * c.dim * c.vocab_size) * T.sum() + 4 * c.n_layers * c.n_heads * c.head_dim * (T ** 2).sum()
@@ -603,10 +626,17 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     modality = head.cfg.modality if head is not None else "depth"
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
-    ds_kw = dict(tok=ctx["tok"], image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens,
-                 head_size=tc.head_size, families=fams, image_first=tc.image_first, max_len=tc.max_len, blind=tc.blind,
-                 cache=tc.cache, cache_root=tc.cache_dir or None)
+    ds_kw = dataset_kw(tc, gem, ctx["tok"], families=fams)
     ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+    if stage == 0 and not len(ds):  # data without a caption family (released GEM-250K): stage 0 trains on everything
+        ds_kw["families"] = None
+        ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+        log("stage 0: no caption records in the data: training on every record")
+    one_file = tc.data.endswith(".jsonl")  # then both splits read (and skip in) the same file
+    log(f"data: {tc.data}: train {len(ds)} records, val {len(val)}"
+        + (f" (val = every {D.HOLDOUT_EVERY}th record of the file)" if one_file else "")
+        + f"; without depth (depth loss masked): {ds.no_depth} train, {val.no_depth} val"
+        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (D.Counter() if one_file else val.skipped)).items())))
     if not len(ds):
         die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
     gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
@@ -718,7 +748,17 @@ def train(tc: TrainConfig, stages: list):
 
     torch.manual_seed(tc.seed)
     if tc.recipe == "base":
-        tok_path = os.path.join(tc.hf_llm or tc.data, "tokenizer.json")  # hf: the Qwen3 tokenizer
+        tok_path = os.path.join(tc.hf_llm or D.data_dir(tc.data), "tokenizer.json")  # hf: the Qwen3 tokenizer
+        if not tc.hf_llm and not os.path.isfile(tok_path):  # data that brings no tokenizer (GEM-250K)
+            tok_path = os.path.join(tc.out, "tokenizer.json")  # the data directory may be read-only
+            if rank == 0 and not os.path.isfile(tok_path):  # (a resumed run keeps the one it trained)
+                recs = D.split_records(tc.data, "train", tc.image_root, tc.depth_root)
+                texts = [t["value"].replace(D.IMAGE, "") for r in recs for t in r["conversations"]]
+                D.train_tokenizer(texts, tok_path, tc.model.vocab_size)
+                log(f"no tokenizer.json beside {tc.data}: trained a {tc.model.vocab_size}-token BPE (--vocab_size) "
+                    f"on its train text -> {tok_path}")
+            if ddp:
+                dist.barrier()  # rank 0 writes the file the others read
         tok = D.load_tokenizer(tok_path)
         gem, head = build_gem(tc, tok), None
         tc.model = gem.cfg  # record the model as built (vocab and token ids from the tokenizer; hf: the checkpoints')

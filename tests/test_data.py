@@ -88,7 +88,21 @@ def test_depth_target_matches_independent_formula():
     near = np.unravel_index(np.argmin(np.where(d > 0, d, 9)), d.shape)
     assert t[near] == 0.0 and t.max() == 1.0
     small = data.depth_target(d, 4)
-    assert small.shape == (1, 4, 4) and abs(float(small[0, 0, 0]) - float(np.mean(t[:2, :2]))) < 1e-5
+    assert small.shape == (1, 4, 4) and abs(float(small[0, 1, 1]) - float(np.mean(t[2:4, 2:4]))) < 1e-5
+    # a cell with an invalid pixel is the mean of its valid pixels only (not pulled towards "far")
+    assert abs(float(small[0, 0, 0]) - float(np.mean([t[0, 1], t[1, 0], t[1, 1]]))) < 1e-5
+
+
+def test_depth_mask_keeps_cells_at_least_half_valid():
+    d = np.ones((8, 8))
+    d[0:2, 0:2] = 0.0             # cell (0, 0) of a 4x4 grid: no valid pixel
+    d[2, 2] = d[2, 3] = 0.0       # cell (1, 1): half valid -> kept
+    d[4, 4] = d[4, 5] = d[5, 4] = np.nan  # cell (2, 2): a quarter valid -> dropped
+    m = data.depth_mask(d, 4)[0].numpy()
+    expect = np.ones((4, 4), bool)
+    expect[0, 0] = expect[2, 2] = False
+    assert m.dtype == bool and (m == expect).all()
+    assert float(data.depth_target(d, 4)[0, 0, 0]) == 1.0  # no valid pixel: far, and masked out of the loss
 
 
 def test_pixel_values_and_rgb_target():
@@ -166,7 +180,9 @@ def test_bad_inputs_give_one_line_errors(tok, tmp_path):
         f.write(b"not a png at all")
     ds = mk()
     _expect_error(lambda: ds[1], "1.png", "train.jsonl:2", "cannot read image")
-    _expect_error(lambda: data.GemDataset(root, "train", tok, 32, 4, 8)[0], "0.png", "expected 32x32")
+    bad = json.loads(lines[1]); bad["conversations"][0]["value"] = "<image>\n<image>\nIs it red?"
+    write(lines[:1] + [json.dumps(bad)])
+    _expect_error(mk, "train.jsonl:2", "2 <image> tags", "1 image")
     bad = json.loads(lines[0]); bad["depth"] = "images/0.png"  # an RGB file where depth should be
     write([json.dumps(bad)])
     _expect_error(lambda: mk()[0], "0.png", "train.jsonl:1", "depth")

@@ -248,7 +248,7 @@ def test_frames_and_targets(micro_data):
     items = [dict(ds[i], pos=i, depth_valid=False) for i in idx[:2]]  # as for a record without depth
     assert TP.make_batch(ds, None, 0, "rgb", "cpu", items)["target_valid"].all()
     assert not TP.make_batch(ds, None, 0, "depth", "cpu", items)["target_valid"].any()
-    bare = [{k: v for k, v in r.items() if k != "depth"} for r in ds.records]  # GEM-250K style, no depth
+    bare = [dict(r, _depth=None) for r in ds.records]  # GEM-250K style, no depth
     assert TP.distinct_frames(bare) == [] and len(TP.distinct_frames(bare, need_depth=False)) >= len(idx)
     # validation samples are spread over the split (its first records are a few consecutive rollouts)
     assert TP.spread(100, 4) == [0, 33, 66, 99] and TP.spread(3, 8) == [0, 1, 2] and TP.spread(0, 4) == []
