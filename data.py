@@ -1396,39 +1396,88 @@ def obs_to_inputs(obs: dict, tok, cfg, stats: dict) -> dict:
                 state=normalize(np.asarray(obs["state"], np.float32), stats, "state"))
 
 
+DEMO_CACHE_VERSION = 1  # bump whenever what the demo frame cache holds, or how it is computed, changes
+
+
+def _render_frames(job) -> None:
+    """One episode's frames, re-rendered exactly from its stored simulator states, into rows [row, row + T)
+    of the demo cache being built in `tmp` (a worker process writes its own rows of the shared .npy maps)."""
+    path, row, tmp, image_size, head_size = job
+    ep, envs = load_episode(path), {}
+    env = _env(envs, ep["suite"], ep["task_id"], image_size)
+    maps = {k: np.load(os.path.join(tmp, k + ".npy"), mmap_mode="r+") for k in ("rgb", "depth_target", "depth_valid")}
+    for t in range(len(ep["actions"])):  # a state per action (sim_states also holds the final one)
+        env.set_state(ep["sim_states"][t])
+        obs = env.render()
+        maps["rgb"][row + t] = obs["rgb"]
+        maps["depth_target"][row + t] = depth_target(obs["depth"], head_size).half().numpy()
+        maps["depth_valid"][row + t] = bool((obs["depth"] > 0).any())
+    for m in maps.values():
+        m.flush()
+
+
+def build_demo_cache(ds, root: str, workers: int = 1) -> dict:
+    """Every demo step's frame rendered once into memory-mapped arrays under <root>/cache/frames-<key> (rgb
+    uint8 (N,S,S,3), depth target float16 (N,1,H,H), depth valid (N,)), keyed by the episode files (name,
+    size, mtime), the sizes and DEMO_CACHE_VERSION; built in a temporary directory by `workers` processes
+    and renamed into place, so a cache is whole or absent -> {name: array}."""
+    import hashlib
+    h = hashlib.sha256(json.dumps(dict(version=DEMO_CACHE_VERSION, image_size=ds.cfg.image_size, head_size=ds.head_size)).encode())
+    for p in ds.files:
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    path = os.path.join(root, "cache", f"frames-{h.hexdigest()[:16]}")
+    if not os.path.isdir(path):
+        S, H, N = ds.cfg.image_size, ds.head_size, int(ds.offsets[-1])
+        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for name, shape, dt in (("rgb", (N, S, S, 3), np.uint8), ("depth_target", (N, 1, H, H), np.float16),
+                                ("depth_valid", (N,), np.bool_)):
+            np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dt, shape).flush()
+        jobs = [(p, int(ds.offsets[e]), tmp, S, H) for e, p in enumerate(ds.files)]
+        _run_jobs(_render_frames, jobs, workers, total=len(jobs), desc="demo frames", disable=len(jobs) < 4)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process built the same cache first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {k: np.asarray(np.load(os.path.join(path, k + ".npy"), mmap_mode="r")) for k in ("rgb", "depth_target", "depth_valid")}
+
+
 class DemoDataset(torch.utils.data.Dataset):
     """(frame, instruction, state) -> normalised action chunk of length `horizon` with a padding mask.
 
-    Frames are re-rendered from the stored simulator state (exact) and cached in memory per step."""
+    Frames are re-rendered exactly from the stored simulator states: once for the whole folder into a
+    memory-mapped cache (cache=True: build_demo_cache, under <root>/cache or `cache_root`, shared by every
+    VLA run on these demos), or for every sample (cache=False)."""
 
     def __init__(self, root, tok, image_size, horizon, head_size, n_image_tokens, image_first=True, stats=None,
-                 cache=True):
+                 cache=True, cache_root=None, workers=1):
         self.files = episode_files(root)
         self.eps = [load_episode(p, parse_states=False) for p in self.files]
         path = os.path.join(root, "norm_stats.json")
         self.stats = stats if stats is not None else (json.load(open(path)) if os.path.isfile(path) else compute_norm_stats(root))
         self.cfg = dataclasses.make_dataclass("C", ["image_size", "n_image_tokens", "image_first"])(
             image_size, n_image_tokens, image_first)
-        self.tok, self.horizon, self.head_size, self.cache = tok, horizon, head_size, ({} if cache else None)
+        self.tok, self.horizon, self.head_size = tok, horizon, head_size
         self.index = [(e, t) for e, ep in enumerate(self.eps) for t in range(len(ep["actions"]))]
+        self.offsets = np.cumsum([0] + [len(ep["actions"]) for ep in self.eps])  # episode e's first cache row
         self._envs = {}
+        self.frames = build_demo_cache(self, cache_root or root, workers) if cache else None
 
     def __len__(self):
         return len(self.index)
 
     def frame(self, e: int, t: int):
-        """(rgb uint8 (H,W,3), depth target (1,S,S), depth valid) of step t of episode e, re-rendered
-        exactly from the stored simulator state; cached compactly (~13 KB a step at 64x64)."""
-        if self.cache is not None and (e, t) in self.cache:
-            return self.cache[(e, t)]
+        """(rgb uint8 (H,W,3), depth target (1,S,S) float16, depth valid) of step t of episode e."""
+        if self.frames is not None:
+            k = int(self.offsets[e]) + t
+            return (np.array(self.frames["rgb"][k]), torch.from_numpy(np.array(self.frames["depth_target"][k])),
+                    bool(self.frames["depth_valid"][k]))
         ep = self.eps[e]
         env = _env(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
         env.set_state(ep["sim_states"][t])
         obs = env.render()
-        out = (obs["rgb"], depth_target(obs["depth"], self.head_size).half(), bool((obs["depth"] > 0).any()))
-        if self.cache is not None:
-            self.cache[(e, t)] = out
-        return out
+        return obs["rgb"], depth_target(obs["depth"], self.head_size).half(), bool((obs["depth"] > 0).any())
 
     def __getitem__(self, i):
         e, t = self.index[i]

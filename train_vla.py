@@ -197,6 +197,7 @@ class VLAConfig:
     device: str = "auto"            # auto | cpu | cuda
     compile: bool = False
     threads: int = 0                # torch CPU threads (0 = torch's default)
+    render_workers: int = 0         # processes rendering the demo frame cache once (data.build_demo_cache; 0 = every core)
     stop_after: int = 0             # stop (with a checkpoint) after this many steps of this invocation; 0 = never
 
 
@@ -420,8 +421,13 @@ def main(argv=None):
 
     # demos: the last --val_episodes episodes of every task are held out for the validation action L1; the
     # normalisation statistics come from the training episodes of the selected tasks only
+    if ddp and rank:
+        torch.distributed.barrier()  # rank 0 renders the demo frame cache; the others then read it
     ds = D.DemoDataset(cfg.demos, tok, vlm.cfg.image_size, cfg.horizon, head.cfg.out_size if head else 32,
-                       vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats={})
+                       vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats={},
+                       workers=cfg.render_workers or os.cpu_count() or 1)
+    if ddp and not rank:
+        torch.distributed.barrier()
     train_idx, val_idx = split_demos(ds, cfg.tasks, cfg.val_episodes)
     val_idx = val_idx[::max(1, math.ceil(len(val_idx) / cfg.val_max))]
     if not train_idx:

@@ -718,3 +718,28 @@ def test_cache_gives_the_same_items_as_the_files_and_is_rebuilt_when_stale(micro
     v = data.GemDataset(root, "val", cache=True, cache_root=str(out), **kw)
     assert torch.equal(v[0]["depth_target"], data.GemDataset(root, "val", **kw)[0]["depth_target"])
     assert [p.name.split("-")[0] for p in out.iterdir()] == ["val"]
+
+
+def test_demo_frame_cache_equals_rendering_and_follows_the_files(micro_demos, micro_data, tmp_path):
+    """The memory-mapped demo frames (built by 2 worker processes) give exactly the items that rendering
+    every sample gives, at every episode boundary; a changed episode file gets a new cache."""
+    import shutil
+    tok = data.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    demos = str(tmp_path / "demos")
+    shutil.copytree(micro_demos, demos, ignore=shutil.ignore_patterns("cache"))
+    kw = dict(tok=tok, image_size=64, horizon=8, head_size=16, n_image_tokens=16)
+    cached, fresh = data.DemoDataset(demos, cache=True, workers=2, **kw), data.DemoDataset(demos, cache=False, **kw)
+    firsts = [int(o) for o in cached.offsets[:-1]]
+    idx = sorted({0, len(cached) - 1} | {i for o in firsts for i in (o - 1, o, o + 1) if 0 <= i < len(cached)})
+    assert len(cached.eps) >= 2 and len(idx) >= 6
+    for i in idx:
+        a, b = cached[i], fresh[i]
+        for k, v in b.items():
+            assert (torch.equal(a[k], v) if torch.is_tensor(v) else a[k] == v), (i, k)
+    dirs = lambda: sorted(d for d in os.listdir(os.path.join(demos, "cache")) if d.startswith("frames-"))
+    assert len(dirs()) == 1
+    data.DemoDataset(demos, **kw)  # same files: the same cache, nothing rebuilt
+    assert len(dirs()) == 1
+    os.utime(cached.files[-1], ns=(1, 1))  # an episode file changed: its frames may differ, a new cache
+    data.DemoDataset(demos, **kw)
+    assert len(dirs()) == 2
