@@ -1,4 +1,5 @@
-"""bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs."""
+"""bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs;
+bench/profile_step.py's CPU smoke run."""
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import data_efficiency as de  # noqa: E402
+import profile_step  # noqa: E402
 import world_check as wc  # noqa: E402
 
 import data  # noqa: E402
@@ -74,3 +76,14 @@ def test_world_check_measures(tmp_path):
     assert wc.height_r2(str(tmp_path / "named")) == pytest.approx(1.0)
     _dataset(tmp_path / "image", {"train": [ramp], "val": [ramp]}, [("red can", 3), ("red can", 9), ("red can", 9), ("red can", 3)])
     assert wc.height_r2(str(tmp_path / "image")) == pytest.approx(0.0)
+
+
+def test_profile_step_runs_on_cpu(capsys):
+    """The GPU session's profiler (bench/gpu_session.sh) on the micro preset: it runs, lists the ops that
+    take the time and ends with its one-line verdict."""
+    import profile_step
+    r = profile_step.main(["--preset=micro", "--batch_size=2", "--steps=1", "--warmup=0", "--device=cpu", "--top=3"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("profile_step: cpu batch 2 eager:") and "ms/step" in out[-1]
+    assert any("aten::" in line for line in out[-4:-1])  # the top ops by time
+    assert r["wall"] > 0 and r["flops"] > 1e6 and 0 < r["busy"]
