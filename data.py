@@ -209,6 +209,7 @@ def depth_target(depth_m: np.ndarray, size: int) -> torch.Tensor:
 
     Invalid pixels (depth 0 or not finite) are left out of the percentiles and of the resize (each cell is
     the mean of its valid source pixels); a cell without any is 1 (far), and depth_mask leaves it out of the loss."""
+    # >>> exercise: depth_target
     d = np.asarray(depth_m, dtype=np.float64)
     valid = np.isfinite(d) & (d > 0)
     out = np.ones(d.shape, np.float32)
@@ -221,6 +222,7 @@ def depth_target(depth_m: np.ndarray, size: int) -> torch.Tensor:
     w = _resize(torch.from_numpy(valid.astype(np.float32))[None], size)  # share of valid pixels per cell
     t = _resize(torch.from_numpy(out * valid)[None], size) / w.clamp(min=1e-8)
     return torch.where(w > 0, t, torch.ones_like(t))
+    # <<< exercise
 
 
 def depth_mask(depth_m: np.ndarray, size: int) -> torch.Tensor:

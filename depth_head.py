@@ -45,17 +45,21 @@ FLOW_CONVENTION = "x_t=(1-t)*x0+t*eps; v=eps-x0; sample t=1->0"
 
 def flow_pair(x0, noise, t):
     """-> (x_t, velocity target) for data x0 (B, ...), noise like x0 and flow time t (B,) in [0, 1]."""
+    # >>> exercise: flow_pair
     t = t.view(-1, *[1] * (x0.dim() - 1))  # (B, 1, ...) broadcasts over each sample
     return (1 - t) * x0 + t * noise, noise - x0
+    # <<< exercise
 
 
 def euler_sample(velocity, noise, steps: int):
     """Integrate dx/dt = velocity(x, t) from x(1) = noise down to x(0) (data) in `steps` Euler steps."""
+    # >>> exercise: euler_sample
     x = noise
     for i in range(steps):
         t = torch.full((x.shape[0],), 1.0 - i / steps, device=x.device)
         x = x - velocity(x, t) / steps  # a step of -1/steps in t
     return x
+    # <<< exercise
 
 
 def timestep_embedding(t, dim: int):
@@ -113,7 +117,9 @@ class Connector(nn.Module):
         self.norm = RMSNorm(cond_dim)
 
     def forward(self, h):  # (B, N, llm_dim) -> (B, N, cond_dim)
+        # >>> exercise: connector
         return self.norm(self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
+        # <<< exercise
 
 
 class ResBlock(nn.Module):
@@ -208,6 +214,7 @@ class GenerativeHead(nn.Module):
         if tuple(target.shape[1:]) != (C, S, S):
             raise ValueError(f"depth head target: shape {tuple(target.shape)}, expected (B, {C}, {S}, {S}) "
                              f"for modality={self.cfg.modality!r}, out_size={S}")
+        # >>> exercise: head_loss
         m = torch.ones(B, dtype=torch.bool, device=target.device) if valid is None else valid.bool()
         m = (m[:, None, None, None] if m.dim() == 1 else m).expand(B, C, S, S)  # (B, C, S, S) pixels trained
         cond = self.connector(image_hidden)  # (B, N, cond)
@@ -226,6 +233,7 @@ class GenerativeHead(nn.Module):
         n = m.flatten(1).sum(1)  # (B,) valid pixels per sample
         per = (err * m).flatten(1).sum(1) / n.clamp(min=1)  # (B,) mean over the valid pixels
         return per.sum() / (n > 0).sum().clamp(min=1)
+        # <<< exercise
 
     @torch.no_grad()
     def sample(self, image_hidden, steps: int = 30, cfg_scale: float = 5.0, generator=None):
@@ -239,11 +247,13 @@ class GenerativeHead(nn.Module):
             return ((x.float() + 1) / 2).clamp(0, 1)
         both = torch.cat([cond, null_condition(cond)])  # conditional and unconditional in one batch
 
-        def velocity(x, t):
+        def velocity(x, t):  # the guided velocity at (x, t), one generator call for both conditions
+            # >>> exercise: cfg
             if cfg_scale == 1.0:
                 return self.generator(x, t, cond)
             vc, vu = self.generator(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
             return vu + cfg_scale * (vc - vu)
+            # <<< exercise
         noise = torch.randn(B, C, S, S, device=cond.device, generator=generator).to(cond.dtype)
         x = euler_sample(velocity, noise, steps)
         return ((x.float() + 1) / 2).clamp(0, 1)

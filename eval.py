@@ -126,11 +126,13 @@ def point_in_mask(pt, mask: np.ndarray) -> bool:
 
 def mean_relative_accuracy(pred, gt: float) -> float:
     """VSI-Bench MRA: mean over thresholds theta in {0.50, 0.55, ..., 0.95} of 1[|pred - gt| / |gt| < 1 - theta]."""
+    # >>> exercise: mra
     if pred is None or not math.isfinite(pred):
         return 0.0
     rel = abs(pred - gt) / max(abs(gt), 1e-9)
     thetas = np.arange(0.50, 0.951, 0.05)
     return float(np.mean(rel < 1.0 - thetas))
+    # <<< exercise
 
 
 def plan_scores(pred: list[str], gt: list[str]) -> tuple[float, float]:
@@ -143,6 +145,7 @@ def plan_scores(pred: list[str], gt: list[str]) -> tuple[float, float]:
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a rate k/n (k may be fractional, e.g. summed MRA)."""
+    # >>> exercise: wilson
     if n == 0:
         return 0.0, 1.0
     p = k / n
@@ -150,6 +153,7 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return max(0.0, mid - half), min(1.0, mid + half)
+    # <<< exercise
 
 
 def align_scale_shift(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -113,6 +113,7 @@ SDPA = True  # False: the plain softmax reference path below (tests compare the 
 
 def attention(q, k, v, mask=None, is_causal=False):
     """q (B, H, T, hd), k/v (B, KV, S, hd) with H % KV == 0 (GQA); mask (B, 1, T, S) bool, True = attend."""
+    # >>> exercise: attention
     if SDPA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               enable_gqa=k.shape[1] != q.shape[1])
@@ -125,6 +126,7 @@ def attention(q, k, v, mask=None, is_causal=False):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1) @ v  # (B, H, T, hd)
+    # <<< exercise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,11 +144,13 @@ class ViTBlock(nn.Module):
         self.fc2 = nn.Linear(c.vit_mlp, c.vit_dim)
 
     def forward(self, x):  # (B, N, D)
+        # >>> exercise: vit_block
         B, N, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
         a = attention(q, k, v).transpose(1, 2).reshape(B, N, D)  # bidirectional: every patch sees every patch
         x = x + self.proj(a)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        # <<< exercise
 
 
 class VisionEncoder(nn.Module):
@@ -201,6 +205,7 @@ class Merger(nn.Module):
         self.fc2 = nn.Linear(vit_dim * merge ** 2, llm_dim)
 
     def forward(self, x):  # (B, N, Dv), N = s * s patches in row-major order
+        # >>> exercise: merger
         B, N, D = x.shape
         s, m = math.isqrt(N), self.m
         if s * s != N:
@@ -212,6 +217,7 @@ class Merger(nn.Module):
         x = x.view(B, g, m, g, m, D).permute(0, 1, 3, 2, 4, 5)  # (B, g, g, m, m, Dv)
         x = x.reshape(B, g * g, m * m * D)  # (B, g*g, m*m*Dv): tokens row-major over the merged grid
         return self.fc2(F.gelu(self.fc1(x)))  # (B, g*g, D_llm)
+        # <<< exercise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,8 +235,10 @@ class RMSNorm(nn.Module):
 
 def rope(x, cos, sin):
     """Rotary embedding, 'rotate half' layout (Qwen/Llama). x (B, H, T, hd), cos/sin (B, 1, T, hd)."""
+    # >>> exercise: rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # <<< exercise
 
 
 class KVCache:
@@ -259,6 +267,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x, cos, sin, mask, is_causal, cache):
+        # >>> exercise: llm_block
         B, T, _ = x.shape
         H, KV, hd = self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
         q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).split((H, KV, KV), dim=2)  # (B, T, heads, hd)
@@ -269,6 +278,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
         y = attention(q, k, v, mask, is_causal)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))
+        # <<< exercise
 
 
 class SwiGLU(nn.Module):
@@ -291,8 +301,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(c.dim, c.mlp_dim)
 
     def forward(self, x, cos, sin, mask, is_causal, cache):
+        # >>> exercise: llm_block
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache)
         return x + self.mlp(self.mlp_norm(x))
+        # <<< exercise
 
 
 class LanguageModel(nn.Module):

@@ -269,6 +269,7 @@ def scene_range(text: str):
 
 def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
     """Set requires_grad for the stage (STAGES) and return the parameters the optimizer updates."""
+    # >>> exercise: stage_freezing
     parts = set(STAGES[stage]["trains"])
     if stage == 1 and head is not None:
         log("stage 1: " + ("head loaded from --head_init: training the connector alone" if head_trained else
@@ -281,6 +282,7 @@ def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
         head.generator.requires_grad_("generator" in parts)
     mods = [gem] + ([head] if head is not None else [])
     return [p for m in mods for p in m.parameters() if p.requires_grad]
+    # <<< exercise
 
 
 def text_ce_sum(logits, labels, per_sample: bool = False):

@@ -72,9 +72,11 @@ class ExpertBlock(nn.Module):
 
     def context(self, h, mask):
         """VLM hidden states (B, L, C) + mask (B, L) -> cached K, V (B, heads, L, hd) and attention mask."""
+        # >>> exercise: cross_attention
         k, v = self.kv(self.ctx_norm(h)).chunk(2, dim=-1)
         bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill(~mask, float("-inf"))
         return self.split(k), self.split(v), bias[:, None, None, :]  # additive mask (B,1,1,L): -inf = padding
+        # <<< exercise
 
     def forward(self, x, mod, ctx):
         """x (B, 1+H, D); mod (B, 9D) = shared AdaLN shift/scale/gate for the three sub-layers."""
@@ -114,7 +116,9 @@ class ActionExpert(nn.Module):
 
     def context(self, hidden_states: list, mask):
         """Per-block cross-attention K/V, computed once per observation and reused by every Euler step."""
+        # >>> exercise: cross_attention
         return [blk.context(hidden_states[i], mask) for i, blk in enumerate(self.blocks)]
+        # <<< exercise
 
     def forward(self, x_t, t, state, ctx):
         """x_t (B,H,A), t (B,), state (B,S), ctx from context() -> velocity (B,H,A)."""
@@ -141,6 +145,7 @@ def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 
     actions (B,H,A) normalised, state (B,S), action_mask (B,H) bool (False past the episode end).
     `repeats` draws several (t, eps) per sample: the VLM forward is shared, so this is nearly free.
     """
+    # >>> exercise: flow_loss
     if repeats > 1:  # (B, ...) -> (B * repeats, ...), each sample's copies adjacent
         ctx = [tuple(z.repeat_interleave(repeats, 0) for z in kv) for kv in ctx]
         actions, state, action_mask = (z.repeat_interleave(repeats, 0) for z in (actions, state, action_mask))
@@ -151,6 +156,7 @@ def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 
     err = (expert(x_t, t, state, ctx) - v).pow(2).mean(-1)  # (B, H)
     m = action_mask.float()
     return (err * m).sum() / m.sum().clamp(min=1.0)
+    # <<< exercise
 
 
 # ----------------------------------------------------------------------------------------------------

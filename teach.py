@@ -1,0 +1,760 @@
+"""teach.py: course exercises cut from the reference code itself, graded by their own tests.
+
+The holes are marked in the real source by two comment lines around a body or block,
+    # >>> exercise: NAME
+    ...reference code...
+    # <<< exercise
+with the signature and the docstring outside the markers, so the reference runs unchanged. A cut copy
+replaces what is between the markers by `raise NotImplementedError("exercise NAME: see docs/exercises/NAME.md")`
+and keeps everything else as reference code: exercises never cascade.
+
+Commands (function that runs each):
+  python teach.py list [NAME]                           cmd_list      exercises, tier, files, grading tests, dependents
+  python teach.py start NAME|all [DIR]                  cmd_start     a plain copy of the repo (no history), NAME cut
+  python teach.py grade [NAME] [--tree=DIR] [--json=F]  cmd_grade     NAME's grading tests on the student's tree
+                                                                      (default: the current directory), score + JSON
+  python teach.py verify [--full]                       cmd_verify    the teacher's check (CI: tests/test_teach.py)
+  python teach.py snapshot                              cmd_snapshot  regenerate the medium tier's snapshots + hashes
+  python teach.py calibrate                             cmd_calibrate the large tier's thresholds (several reference seeds)
+  python teach.py deps FILE...                          cmd_deps      which tests of FILE fail when each hole is cut
+
+Files: the manifest is EXERCISES below; grading tests tests/exercises/test_ex_NAME.py (each has
+test_shapes_and_finite); stored wrong implementations teach/wrong/NAME__MISTAKE.py (a replacement body,
+never copied into a student's tree); medium-tier snapshots teach/snapshots/NAME.safetensors + hashes.json (the
+commit and the sha256 of the files they were made from); large-tier thresholds teach/thresholds.json (the same);
+the task sheets docs/exercises/NAME.md.
+Runtime imports: the standard library and pytest (torch in `snapshot` / `calibrate`, and preloaded once by
+`verify` / `deps` so that each forked test run only imports the project).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BEGIN = re.compile(r"^(\s*)# >>> exercise: (\w+)\s*$")
+END = re.compile(r"^\s*# <<< exercise\s*$")
+HOLE = 'raise NotImplementedError("exercise {0}: see docs/exercises/{0}.md")'
+HOLE_ERROR = re.compile(r"NotImplementedError: exercise (\w+): see docs/exercises/")
+SNAPSHOTS = os.path.join("teach", "snapshots")
+WRONG = os.path.join("teach", "wrong")
+NEVER_COPIED = (".git", "__pycache__", ".pytest_cache", ".venv", ".venv-ci", "venv", "data", "runs", "out", WRONG,
+                "test_teach.py")  # the teacher's own tests (verify, the round trip) are not the student's
+TEACHING = ("docs/exercises/", "tests/exercises/", "teach/", "teach.py")  # written for the course
+SHAPE_TEST = "test_shapes_and_finite"
+SLOW = {"GEM_SLOW": "1"}  # the large tier's training tests run only with it (grade, verify --full, calibrate)  # every grading file has one: the wrong implementations must pass it
+
+
+def _ex(tier, files, uses=(), depends=(), snapshot_files=(), large=None):
+    return dict(tier=tier, files=list(files), uses=list(uses), depends=list(depends),
+                snapshot_files=list(snapshot_files), large=large)
+
+
+def _t(file: str, *names: str) -> list[str]:
+    return [f"tests/{file}::{n}" for n in names]
+
+
+# Tests outside tests/exercises/ that run a whole GEM forward: every hole on that path breaks them.
+GEM_FORWARD = _t("test_model.py", "test_gem_from_hf", "test_generate_eos_and_temperature",
+                 "test_image_hidden_is_the_last_layer_at_the_image_tokens_in_patch_order",
+                 "test_kv_cache_generation_equals_full_forward", "test_padding_does_not_change_real_tokens",
+                 "test_save_load_roundtrip_and_errors", "test_sdpa_equals_plain_softmax",
+                 "test_text_loss_ignores_masked_labels", "test_tiny_gem_overfits_through_the_image")
+HEAD_TESTS = ("test_cfg_guidance_and_the_training_drop", "test_flow_overfits_and_sampler_reproduces_target",
+              "test_rgb_target_has_three_channels")
+
+# The manifest. tests: tests/exercises/test_ex_NAME.py (all of its tests grade NAME). uses: other exercises'
+# functions that NAME's code calls (they stay reference code in a cut tree). depends: the tests of DEP_FILES
+# that fail when NAME alone is cut (measured by `python teach.py deps tests/test_model.py tests/test_depth_head.py
+# tests/test_eval.py`; `verify` checks them on the cut tree; the other test files are checked by `verify --full`).
+# snapshot_files: what the medium tier's snapshot was computed from (verify checks their hashes).
+EXERCISES = {
+    # small: one function, graded against an oracle written differently inside the test plus properties
+    "rope": _ex("small", ["model.py"], depends=GEM_FORWARD + _t("test_model.py", "test_qwen3_parity")),
+    "attention": _ex("small", ["model.py"], depends=GEM_FORWARD + _t("test_model.py", "test_qwen3_parity",
+                                                                     "test_siglip_vision_parity")),
+    "merger": _ex("small", ["model.py"], depends=GEM_FORWARD + _t("test_model.py", "test_merger_layout")),
+    "connector": _ex("small", ["depth_head.py"], depends=_t(
+        "test_depth_head.py", *HEAD_TESTS, "test_drop_rate_and_null_condition_match_the_sampler",
+        "test_invalid_samples_contribute_nothing", "test_regress_learns_with_the_right_sign")),
+    "depth_target": _ex("small", ["data.py"]),
+    "flow_pair": _ex("small", ["depth_head.py"], depends=_t(
+        "test_depth_head.py", *HEAD_TESTS, "test_drop_rate_and_null_condition_match_the_sampler",
+        "test_invalid_samples_contribute_nothing", "test_flow_convention_analytic")),
+    "euler_sample": _ex("small", ["depth_head.py"], depends=_t("test_depth_head.py", *HEAD_TESTS,
+                                                               "test_flow_convention_analytic")),
+    "cfg": _ex("small", ["depth_head.py"], uses=["euler_sample", "connector"],
+               depends=_t("test_depth_head.py", *HEAD_TESTS)),
+    "wilson": _ex("small", ["eval.py"], depends=_t(
+        "test_eval.py", "test_wilson_hand_cases", "test_eval_rules_on_generated_data_scores_the_best_train_rule",
+        "test_expert_reference_row_smoke", "test_score_table_macro_and_chance", "test_summarise_vla_rates")),
+    "mra": _ex("small", ["eval.py"], depends=_t(
+        "test_eval.py", "test_mean_relative_accuracy_hand_cases", "test_score_answer_per_kind",
+        "test_eval_rules_on_generated_data_scores_the_best_train_rule", "test_parsers_malformed_do_not_crash_and_count_wrong")),
+    "flow_loss": _ex("small", ["train_vla.py"], uses=["flow_pair"]),
+    # medium: a module swapped into the reference model, checked against a stored snapshot + properties
+    "vit_block": _ex("medium", ["model.py"], uses=["attention"], snapshot_files=["model.py"],
+                     depends=GEM_FORWARD + _t("test_model.py", "test_siglip_vision_parity")),
+    "llm_block": _ex("medium", ["model.py"], uses=["rope", "attention"], snapshot_files=["model.py"],
+                     depends=GEM_FORWARD + _t("test_model.py", "test_qwen3_parity")),
+    "cross_attention": _ex("medium", ["train_vla.py"], snapshot_files=["train_vla.py", "model.py", "depth_head.py"]),
+    "stage_freezing": _ex("medium", ["train_pretrain.py"]),
+    # large: write it, train with it, hit a number. threshold = mean + k * std of the reference's error over
+    # `seeds` (teach.py calibrate); graded on grade_seed. Slow: out of CI (GEM_SLOW=1 runs it: grade, verify --full)
+    "head_loss": _ex("large", ["depth_head.py"], uses=["connector", "flow_pair", "euler_sample", "cfg"],
+                     depends=_t("test_depth_head.py", "test_flow_overfits_and_sampler_reproduces_target",
+                                "test_cfg_guidance_and_the_training_drop", "test_drop_rate_and_null_condition_match_the_sampler",
+                                "test_regress_learns_with_the_right_sign", "test_rgb_target_has_three_channels",
+                                "test_invalid_samples_contribute_nothing"),
+                     large=dict(procedure="tests/exercises/large.py:head_loss", seeds=[0, 1, 2, 3, 4], k=3.0,
+                                grade_seed=11, steps=400, metric="mean abs error of the mean of 4 samples (lower is better)",
+                                made_from=["depth_head.py", "sim_env.py", "model.py", "tests/exercises/large.py",
+                                           "tests/exercises/oracles.py"])),
+}
+THRESHOLDS = os.path.join("teach", "thresholds.json")
+
+# `verify --full` runs the whole suite on the cut-all tree: what else fails there, by the first hole it hits
+# (measured by that run; the plain verify checks only the dependents in `depends` above).
+FULL_DEPENDS = {
+    "depth_target": _t("test_data.py", "test_blind_dataset_shows_one_grey_image",
+                       "test_cache_gives_the_same_items_as_the_files_and_is_rebuilt_when_stale",
+                       "test_demo_dataset_and_obs_to_inputs_match_the_policy_path",
+                       "test_demo_frame_cache_equals_rendering_and_follows_the_files",
+                       "test_depth_mask_keeps_cells_at_least_half_valid", "test_depth_target_matches_independent_formula",
+                       "test_every_reference_answer_scores_one_in_eval", "test_gem_dataset_on_micro_data")
+    + _t("test_gem250k.py", "test_split_of_one_file_and_items", "test_train_on_the_released_file")
+    + _t("test_hf.py", "test_hf_preset_end_to_end")
+    + _t("test_train_pretrain.py", "test_checkpoint_of_another_shape_and_nan_stop",
+         "test_ddp_two_processes_equal_one_with_double_batch", "test_each_stage_trains_exactly_its_parameters",
+         "test_frames_and_targets", "test_resume_is_exact", "test_stage_losses", "test_step_flops_match_torch_flop_counter",
+         "test_bad_flags_give_one_line_errors[argv7-no train records]")
+    + _t("test_train_vla.py", "test_bad_flags_one_line[args1---tasks]", "test_bad_flags_one_line[args2-spatial]",
+         "test_bad_flags_one_line[args3-long]", "test_block_j_reads_only_layer_j_and_padding_changes_nothing",
+         "test_closed_loop_evaluation_is_reproducible_across_workers", "test_depth_loss_sends_gradients_into_the_vlm",
+         "test_depth_term_only_when_weighted", "test_expert_overfits_demo_chunks", "test_freeze_vlm_really_freezes",
+         "test_nan_gradient_with_a_finite_loss_stops", "test_nan_loss_stops_with_one_line",
+         "test_policy_preprocessing_equals_training", "test_policy_runs_closed_loop", "test_resume_is_exact"),
+    "head_loss": _t("test_gem250k.py", "test_masked_pixels_do_not_reach_the_depth_loss"),
+    "merger": _t("test_hf.py", "test_merger_pads_odd_grids_like_a_loop_over_cells"),
+    "stage_freezing": _t("test_bench.py", "test_profile_step_runs_on_cpu"),
+    "vit_block": _t("test_hf.py", "test_checkpoints_without_the_normalisation_fields_load",
+                    "test_siglip_normalisation_from_the_checkpoint", "test_vlm_flops_count_the_padded_cells"),
+    "wilson": _t("test_gem250k.py", "test_other_family_has_its_own_row_outside_the_macro"),
+}
+# Tests that run the pipeline in a subprocess: in a cut tree they fail without naming the hole.
+PIPELINE = (_t("test_reproduce.py", "test_micro_reproduction_fills_every_cell")
+            + _t("test_train_pretrain.py", "test_killed_run_leaves_a_loadable_checkpoint")
+            + _t("test_walkthrough.py", "test_walkthrough_section"))
+TIERS = ("small", "medium", "large")
+
+
+def grading_file(name: str) -> str:
+    return f"tests/exercises/test_ex_{name}.py"
+
+
+def die(msg: str):
+    print(f"teach.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_name(name: str) -> list[str]:
+    if name == "all":
+        return list(EXERCISES)
+    if name not in EXERCISES:
+        die(f"unknown exercise {name!r}; `python teach.py list` shows them: {', '.join(EXERCISES)}")
+    return [name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regions: find the markers, cut or replace what is between them
+
+def regions(text: str, path: str = "?") -> list[tuple[str, int, int, str]]:
+    """-> [(name, begin line index, end line index, indent)] of the marker pairs in text (markers excluded)."""
+    out, open_ = [], None
+    for i, line in enumerate(text.splitlines()):
+        m = BEGIN.match(line)
+        if m:
+            if open_:
+                raise ValueError(f"{path}:{i + 1}: exercise marker inside exercise {open_[0]!r}")
+            open_ = (m.group(2), i, m.group(1))
+        elif END.match(line):
+            if not open_:
+                raise ValueError(f"{path}:{i + 1}: '# <<< exercise' without an opening marker")
+            out.append((open_[0], open_[1], i, open_[2]))
+            open_ = None
+    if open_:
+        raise ValueError(f"{path}:{open_[1] + 1}: exercise {open_[0]!r} is never closed by '# <<< exercise'")
+    return out
+
+
+def splice(text: str, name: str, bodies: list[str] | None = None, path: str = "?") -> str:
+    """Replace exercise `name`'s regions in text: by the NotImplementedError (bodies None) or by bodies[k]
+    (k-th region of this file; None keeps that region's reference code). Markers stay."""
+    lines, out, last, k = text.splitlines(keepends=True), [], 0, 0
+    for n, b, e, indent in regions(text, path):
+        if n != name:
+            continue
+        out += lines[last:b + 1]
+        body = HOLE.format(name) if bodies is None else (bodies[k] if k < len(bodies) else None)
+        if body is None:
+            out += lines[b + 1:e]
+        else:
+            out += [indent + line if line.strip() else "\n" for line in textwrap.dedent(body).strip("\n").splitlines(True)]
+            out[-1] = out[-1].rstrip("\n") + "\n"
+        last, k = e, k + 1
+    return "".join(out + lines[last:])
+
+
+def region_text(root: str, name: str) -> list[str]:
+    """The reference code of every region of `name` (file order), markers excluded."""
+    out = []
+    for f in EXERCISES[name]["files"]:
+        text = open(os.path.join(root, f)).read()
+        lines = text.splitlines(True)
+        out += ["".join(lines[b + 1:e]) for n, b, e, _ in regions(text, f) if n == name]
+    return out
+
+
+def tree_files(src: str) -> list[str]:
+    """The repo's files, relative: tracked + untracked-not-ignored when src is a git work tree, else a walk."""
+    try:
+        r = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=src, capture_output=True,
+                           text=True, timeout=60)
+        files = [f for f in r.stdout.split("\0") if f] if r.returncode == 0 else None
+    except OSError:
+        files = None
+    if files is None:
+        files = [os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs]
+    keep = []
+    for f in files:
+        parts = f.replace(os.sep, "/").split("/")
+        if any(p in NEVER_COPIED for p in parts) or f.replace(os.sep, "/").startswith(WRONG.replace(os.sep, "/")):
+            continue
+        if f.endswith((".pyc", ".pyo")) or not os.path.isfile(os.path.join(src, f)):
+            continue
+        keep.append(f)
+    return sorted(keep)
+
+
+def make_tree(dst: str, cut=(), wrong: dict | None = None, src: str = ROOT) -> str:
+    """Copy the repo to dst (no history, no caches, no stored wrong implementations); cut the exercises in
+    `cut`; wrong = {name: [body per region]} splices those bodies in instead."""
+    for f in tree_files(src):
+        os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    todo = [(n, None) for n in cut] + list((wrong or {}).items())
+    for name, bodies in todo:
+        for f in EXERCISES[name]["files"]:
+            p = os.path.join(dst, f)
+            with open(p) as fh:
+                text = fh.read()
+            with open(p, "w") as fh:
+                fh.write(splice(text, name, bodies, f))
+    return dst
+
+
+def load_wrong(path: str) -> tuple[str, str, list]:
+    """teach/wrong/NAME__MISTAKE.py -> (name, mistake line, bodies per region). Header comment lines:
+    '# mistake: ...' (what it gets wrong) and optionally '# region: K' (which region of NAME it replaces)."""
+    name = os.path.basename(path).split("__")[0]
+    text, mistake, region = open(path).read(), "", 0
+    body = []
+    for line in text.splitlines(True):
+        if line.startswith("# mistake:"):
+            mistake = line[len("# mistake:"):].strip()
+        elif line.startswith("# region:"):
+            region = int(line.split(":")[1])
+        else:
+            body.append(line)
+    bodies = [None] * region + ["".join(body)]
+    return name, mistake, bodies
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running pytest on a tree: a fresh interpreter per tree (forked where possible), per-test outcomes back
+
+class _Collect:
+    """pytest plugin: nodeid -> {outcome, message} (the first failure of a test wins: setup, call, teardown)."""
+
+    def __init__(self):
+        self.res = {}
+
+    def pytest_runtest_logreport(self, report):
+        prev = self.res.get(report.nodeid)
+        if prev and prev["outcome"] == "failed":
+            return
+        if report.failed or report.when == "call" or (report.skipped and prev is None):
+            crash = getattr(report.longrepr, "reprcrash", None)
+            msg = crash.message if crash is not None else (str(report.longrepr)[-1500:] if report.failed else "")
+            self.res[report.nodeid] = dict(outcome=report.outcome, message=msg, when=report.when)
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.res[report.nodeid or "<collection>"] = dict(outcome="failed", message=str(report.longrepr)[-1500:],
+                                                             when="collect")
+
+
+def _pytest_child(tree: str, args: list[str], out: str, log: str, env: dict | None = None) -> int:
+    """Run pytest in THIS process on `tree`: cwd and sys.path point at the tree, never at the reference."""
+    tree = os.path.abspath(tree)
+    os.environ.update(env or {})
+    os.chdir(tree)
+    here = {ROOT, tree}
+    sys.path[:] = [tree] + [p for p in sys.path if os.path.abspath(p or ".") not in here]
+    for m in list(sys.modules):  # a project module imported from elsewhere must not answer `import model`
+        f = getattr(sys.modules[m], "__file__", None) or ""
+        if m != "__main__" and any(os.path.abspath(f).startswith(h + os.sep) for h in here):
+            del sys.modules[m]
+    sys.dont_write_bytecode = True
+    import pytest
+    col = _Collect()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", tree, "-c", os.path.join(tree, "pytest.ini"),
+                        *args], plugins=[col])
+    with open(out, "w") as fh:
+        json.dump(col.res, fh)
+    return int(code)
+
+
+def run_tests(jobs: list[tuple], parallel: int = 1) -> list[dict]:
+    """jobs [(tree, pytest args[, env])] -> per job {nodeid: {outcome, message}} (+ '<log>': pytest's output).
+    Each job runs in a fresh process: a fork of this one (cheap: project modules are never imported here)
+    or, without fork, `python teach.py _pytest`."""
+    tmp = tempfile.mkdtemp(prefix="teach-run-")
+    procs, results = {}, [None] * len(jobs)
+
+    def finish(i, code):
+        out, log = os.path.join(tmp, f"{i}.json"), os.path.join(tmp, f"{i}.log")
+        res = json.load(open(out)) if os.path.exists(out) else {}
+        res["<log>"] = open(log).read()[-6000:] if os.path.exists(log) else ""
+        if not os.path.exists(out):
+            res["<crash>"] = dict(outcome="failed", message=f"pytest did not finish (exit {code})", when="run")
+        results[i] = res
+
+    for i, (tree, args, *env) in enumerate(jobs):
+        env = env[0] if env else {}
+        while len(procs) >= parallel:
+            pid, status = os.wait()
+            finish(procs.pop(pid), status)
+        out, log = os.path.join(tmp, f"{i}.json"), os.path.join(tmp, f"{i}.log")
+        if hasattr(os, "fork"):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = _pytest_child(tree, args, out, log, env)
+                finally:
+                    os._exit(code)
+            procs[pid] = i
+        else:
+            p = subprocess.run([sys.executable, os.path.join(ROOT, "teach.py"), "_pytest", tree, out, log, "--", *args],
+                               cwd=tree, env=dict(os.environ, **env))
+            finish(i, p.returncode)
+    while procs:
+        pid, status = os.wait()
+        finish(procs.pop(pid), status)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def tests_of(res: dict, prefix: str) -> dict:
+    """The results whose nodeid is `prefix` itself, one of its parametrisations, or inside the file `prefix`."""
+    return {k: v for k, v in res.items() if k == prefix or k.startswith(prefix + "[") or k.startswith(prefix + "::")}
+
+
+def hole_names(message: str) -> set[str]:
+    return set(HOLE_ERROR.findall(message or ""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+
+def cmd_list(args):
+    """All exercises in one table; `list NAME` adds every test that cutting NAME breaks."""
+    names = check_name(args[0]) if args else list(EXERCISES)
+    print(f"{'exercise':16s} {'tier':7s} {'files':15s} {'grading tests':40s} also breaks (tests outside tests/exercises)")
+    for name in names:
+        e = EXERCISES[name]
+        per_file = {}
+        for d in e["depends"] + FULL_DEPENDS.get(name, []):
+            f = d.split("::")[0].split("/")[-1]
+            per_file[f] = per_file.get(f, 0) + 1
+        breaks = ", ".join(f"{f} ({k})" for f, k in per_file.items()) or "-"
+        print(f"{name:16s} {e['tier']:7s} {', '.join(e['files']):15s} {grading_file(name):40s} {breaks}")
+        if e["uses"]:
+            print(f"{'':40s} uses (reference code when cut alone): {', '.join(e['uses'])}")
+        if e["large"]:
+            print(f"{'':40s} large: {e['large']['metric']}; threshold from seeds {e['large']['seeds']}, "
+                  f"k = {e['large']['k']} ({THRESHOLDS}; slow, out of CI)")
+        if args:
+            for d in e["depends"] + FULL_DEPENDS.get(name, []):
+                print(f"{'':40s} breaks {d}")
+
+
+def cmd_start(args):
+    if not args or args[0].startswith("-"):
+        die("start: give an exercise name (or `all`), e.g. `python teach.py start rope`")
+    names = check_name(args[0])
+    dst = os.path.abspath(args[1] if len(args) > 1 else f"gem-mini-{args[0]}")
+    if os.path.exists(dst) and os.listdir(dst):
+        die(f"start: {dst} exists and is not empty; give another DIR")
+    make_tree(dst, cut=names)
+    print(f"{dst}: the repo with {', '.join(names)} cut (raise NotImplementedError between the markers)")
+    for n in names:
+        print(f"  {n}: read docs/exercises/{n}.md, fill in {', '.join(EXERCISES[n]['files'])}, "
+              f"then `python teach.py grade {n}`")
+
+
+def _flag(args, key, default=None):
+    for a in args:
+        if a.startswith(f"--{key}="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def cmd_grade(args):
+    for a in args:
+        if a.startswith("--") and not a.startswith(("--tree=", "--json=")):
+            die(f"grade: unknown flag {a.split('=')[0]} (known: --tree=DIR, --json=FILE)")
+    pos = [a for a in args if not a.startswith("--")]
+    names = check_name(pos[0]) if pos else list(EXERCISES)
+    tree = os.path.abspath(_flag(args, "tree", os.getcwd()))
+    missing = [grading_file(n) for n in names if not os.path.isfile(os.path.join(tree, grading_file(n)))]
+    if missing:
+        die(f"grade: --tree={tree} has no {missing[0]} (is it a copy made by `teach.py start`?)")
+    t0 = time.time()
+    res = run_tests([(tree, [grading_file(n) for n in names], SLOW)])[0]
+    report, total = [], 0.0
+    for n in names:
+        mine = tests_of(res, grading_file(n))
+        passed = sum(v["outcome"] == "passed" for v in mine.values())
+        score = passed / max(len(mine), 1)
+        total += score
+        fails = [f"{k.split('::')[-1]}: {v['message'].splitlines()[0] if v['message'] else v['outcome']}"
+                 for k, v in mine.items() if v["outcome"] != "passed"]
+        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {score:.2f}" + ("" if fails else "  ok"))
+        for f in fails:
+            print(f"    {f[:200]}")
+        report.append(dict(name=n, score=round(score, 4), max_score=1.0, tier=EXERCISES[n]["tier"],
+                           output="\n".join(fails) or "all grading tests pass", visibility="visible"))
+    if "<crash>" in res or "<collection>" in res:
+        print(res["<log>"][-3000:])
+    out = _flag(args, "json", os.path.join(tree, "grade.json"))
+    with open(out, "w") as fh:  # the Gradescope autograder layout: score, max_score, one entry per exercise
+        json.dump(dict(score=round(total, 4), max_score=float(len(names)), execution_time=round(time.time() - t0, 1),
+                       tests=report), fh, indent=1)
+    print(f"total {total:.2f} / {len(names)}   ({out})")
+    return 0 if total == len(names) else 1
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        d = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        return (r.stdout.strip() or "unknown") + ("+dirty" if d.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def cmd_snapshot(args):
+    """Regenerate teach/snapshots/NAME.safetensors for the medium exercises that have snapshot_files, from the reference."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "exercises"))
+    import snapshots  # tests/exercises/snapshots.py: how each snapshot is computed (the grading tests reuse it)
+    os.makedirs(os.path.join(ROOT, SNAPSHOTS), exist_ok=True)
+    meta = dict(commit=_commit(), note="made by `python teach.py snapshot`; verify fails when a file hash changes",
+                snapshots={})
+    for name, e in EXERCISES.items():
+        if not e["snapshot_files"]:
+            continue
+        path = os.path.join(ROOT, SNAPSHOTS, f"{name}.safetensors")
+        snapshots.save(name, path)
+        meta["snapshots"][name] = dict(file=f"{SNAPSHOTS}/{name}.safetensors", sha256=sha256(path),
+                                       made_from={f: sha256(os.path.join(ROOT, f)) for f in e["snapshot_files"]})
+        print(f"{path}: written from {', '.join(e['snapshot_files'])}")
+    with open(os.path.join(ROOT, SNAPSHOTS, "hashes.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    return 0
+
+
+def cmd_calibrate(args):
+    """The large tier's thresholds: run each large exercise's training procedure on the reference for its
+    seeds, threshold = mean + k * std of the error; record the commit, the file hashes and the time taken."""
+    if args:
+        die(f"calibrate: takes no arguments, got {args[0]}")
+    import torch
+    torch.set_num_threads(1)
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "exercises")]
+    import large as L
+    path = os.path.join(ROOT, THRESHOLDS)
+    meta = json.load(open(path)) if os.path.isfile(path) else {}
+    meta["note"] = "made by `python teach.py calibrate`; verify fails when a made_from file changes"
+    for name, e in EXERCISES.items():
+        spec = e["large"]
+        if not spec:
+            continue
+        t0, fn = time.time(), getattr(L, spec["procedure"].split(":")[1])
+        runs = []
+        for seed in spec["seeds"]:
+            runs.append(fn(seed, steps=spec["steps"]))
+            print(f"{name} seed {seed}: {runs[-1]}", flush=True)
+        errs = [r["error"] for r in runs]
+        mean = sum(errs) / len(errs)
+        std = (sum((x - mean) ** 2 for x in errs) / (len(errs) - 1)) ** 0.5
+        meta[name] = dict(commit=_commit(), seeds=spec["seeds"], k=spec["k"], steps=spec["steps"],
+                          grade_seed=spec["grade_seed"], metric=spec["metric"], errors=errs, mean=mean, std=std,
+                          threshold=mean + spec["k"] * std, baseline=runs[0]["baseline"],
+                          seconds=round(time.time() - t0, 1), torch=torch.__version__,
+                          made_from={f: sha256(os.path.join(ROOT, f)) for f in spec["made_from"]})
+        print(f"{name}: threshold {mean + spec['k'] * std:.4f} = {mean:.4f} + {spec['k']} x {std:.4f} "
+              f"({len(errs)} seeds, {time.time() - t0:.0f} s)")
+    with open(path, "w") as fh:
+        json.dump(meta, fh, indent=1)
+    return 0
+
+
+def check_static(problems: list):
+    """Markers, manifest, grading files and snapshots agree."""
+    seen = {}
+    for f in sorted({f for e in EXERCISES.values() for f in e["files"]}):
+        try:
+            for n, *_ in regions(open(os.path.join(ROOT, f)).read(), f):
+                if n not in EXERCISES:
+                    problems.append(f"{f}: marker for exercise {n!r}, which the manifest (teach.py EXERCISES) lacks")
+                elif f not in EXERCISES[n]["files"]:
+                    problems.append(f"{f}: marker for {n!r}, but the manifest does not list {f} for it")
+                seen[n] = seen.get(n, 0) + 1
+        except ValueError as err:
+            problems.append(str(err))
+    for n in EXERCISES:
+        if not seen.get(n):
+            problems.append(f"exercise {n}: no '# >>> exercise: {n}' region in {', '.join(EXERCISES[n]['files'])}")
+        g = os.path.join(ROOT, grading_file(n))
+        if not os.path.isfile(g):
+            problems.append(f"exercise {n}: grading file {grading_file(n)} missing")
+        elif f"def {SHAPE_TEST}(" not in open(g).read():
+            problems.append(f"{grading_file(n)}: no {SHAPE_TEST} (the shape/finiteness test wrong implementations pass)")
+        if not os.path.isfile(os.path.join(ROOT, "docs", "exercises", f"{n}.md")):
+            problems.append(f"exercise {n}: docs/exercises/{n}.md missing")
+    meta_path = os.path.join(ROOT, SNAPSHOTS, "hashes.json")
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"snapshots": {}}
+    for n, e in EXERCISES.items():
+        if not e["snapshot_files"]:
+            continue
+        m = meta["snapshots"].get(n)
+        if m is None or not os.path.isfile(os.path.join(ROOT, m["file"])):
+            problems.append(f"exercise {n}: no snapshot; run `python teach.py snapshot`")
+            continue
+        if sha256(os.path.join(ROOT, m["file"])) != m["sha256"]:
+            problems.append(f"{m['file']}: changed since hashes.json was written; run `python teach.py snapshot`")
+        for f, h in m["made_from"].items():
+            if sha256(os.path.join(ROOT, f)) != h:
+                problems.append(f"exercise {n}: {f} changed since its snapshot was made (commit "
+                                f"{meta.get('commit', '?')}); run `python teach.py snapshot` and commit teach/snapshots")
+    path = os.path.join(ROOT, THRESHOLDS)
+    thr = json.load(open(path)) if os.path.isfile(path) else {}
+    for n, e in EXERCISES.items():
+        if not e["large"]:
+            continue
+        if n not in thr:
+            problems.append(f"exercise {n}: no threshold in {THRESHOLDS}; run `python teach.py calibrate`")
+            continue
+        for key in ("seeds", "k", "steps", "grade_seed"):
+            if thr[n][key] != e["large"][key]:
+                problems.append(f"exercise {n}: {THRESHOLDS} has {key}={thr[n][key]}, the manifest {e['large'][key]}; "
+                                "run `python teach.py calibrate`")
+        for f in e["large"]["made_from"]:
+            if thr[n]["made_from"].get(f) != sha256(os.path.join(ROOT, f)):
+                problems.append(f"exercise {n}: {f} changed since its threshold was calibrated (commit "
+                                f"{thr[n]['commit']}); run `python teach.py calibrate` (~{thr[n]['seconds']:.0f} s)")
+
+
+def check_no_solution(tree: str, problems: list):
+    """No cache or history in the cut tree, and no line of any solution anywhere in it (a line counts as
+    the solution's when it appears in no other place of the reference)."""
+    for d, dirs, files in os.walk(tree):
+        for x in dirs + files:
+            if x in (".git", "__pycache__", ".pytest_cache") or x.endswith((".pyc", ".pyo")):
+                problems.append(f"cut tree: {os.path.relpath(os.path.join(d, x), tree)} must not be there")
+    outside = set()  # lines the reference has outside every region, teaching material (tests, sheets) excluded
+    for f in tree_files(ROOT):
+        if not f.endswith((".py", ".md", ".txt", ".json", ".ini", ".cfg", ".toml")) or f.startswith(TEACHING):
+            continue
+        text = open(os.path.join(ROOT, f), errors="replace").read()
+        inside = {i for _, b, e, _ in (regions(text, f) if f.endswith(".py") else []) for i in range(b + 1, e)}
+        outside |= {line.strip() for i, line in enumerate(text.splitlines()) if i not in inside}
+    solution = {}
+    for n in EXERCISES:
+        for body in region_text(ROOT, n):
+            for line in body.splitlines():
+                s = line.strip()
+                if len(s) >= 8 and s not in outside:
+                    solution[s] = n
+    for d, _, files in os.walk(tree):
+        for x in files:
+            p = os.path.join(d, x)
+            try:
+                text = open(p).read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            for i, line in enumerate(text.splitlines()):
+                if line.strip() in solution:
+                    problems.append(f"cut tree: {os.path.relpath(p, tree)}:{i + 1} holds a line of exercise "
+                                    f"{solution[line.strip()]}'s solution: {line.strip()[:80]}")
+
+
+def cmd_verify(args):
+    for a in args:
+        if a not in ("--full",):
+            die(f"verify: unknown flag {a} (known: --full)")
+    full, problems, t0 = "--full" in args, [], time.time()
+    check_static(problems)
+    if problems:
+        return _verdict(problems, t0)
+    work = tempfile.mkdtemp(prefix="teach-verify-")
+    try:
+        cut_all = make_tree(os.path.join(work, "cut_all"), cut=list(EXERCISES))
+        check_no_solution(cut_all, problems)
+        grading = [grading_file(n) for n in EXERCISES]
+        dep_files = sorted({d.split("::")[0] for e in EXERCISES.values() for d in e["depends"]})
+        env = SLOW if full else {}
+        jobs = [(ROOT, grading, env), (cut_all, grading + (["tests"] if full else dep_files), env)]
+        wrongs, skipped = sorted(f for f in os.listdir(os.path.join(ROOT, WRONG)) if f.endswith(".py")), []
+        for f in wrongs:
+            name, _, bodies = load_wrong(os.path.join(ROOT, WRONG, f))
+            if name not in EXERCISES:
+                problems.append(f"{WRONG}/{f}: no exercise {name!r}")
+                continue
+            if EXERCISES[name]["large"] and not full:
+                skipped.append(f)  # caught by training only: verify --full
+                continue
+            jobs.append((make_tree(os.path.join(work, f[:-3]), wrong={name: bodies}), [grading_file(name)], env))
+        import torch  # noqa: F401  (preloaded once, so each forked run only imports the project)
+        results = run_tests(jobs, parallel=2)
+        check_reference(results[0], problems, full)
+        check_cut_all(results[1], problems, full)
+        for f, res in zip([f for f in wrongs if f not in skipped], results[2:]):
+            check_wrong(f, res, problems)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _verdict(problems, t0, f"{len(EXERCISES)} exercises, {len(wrongs) - len(skipped)} wrong implementations"
+                    + (f" ({len(skipped)} of the large tier left to verify --full)" if skipped else ""))
+
+
+def _slow_skip(name: str, v: dict, full: bool) -> bool:
+    """A large-tier training test skipped because GEM_SLOW is off (plain verify): allowed."""
+    return bool(EXERCISES[name]["large"]) and not full and v["outcome"] == "skipped"
+
+
+def check_reference(res: dict, problems: list, full: bool = False):
+    for n in EXERCISES:
+        mine = tests_of(res, grading_file(n))
+        if not mine:
+            problems.append(f"reference: no grading test of {n} ran\n{res.get('<log>', '')[-1500:]}")
+        for k, v in mine.items():
+            if v["outcome"] != "passed" and not _slow_skip(n, v, full):
+                problems.append(f"reference: {k} {v['outcome']}: {v['message'][:300]}")
+
+
+def check_cut_all(res: dict, problems: list, full: bool = False):
+    """Every exercise cut at once: each grading test fails with its own exercise's error; each listed
+    dependent fails only with the error of an exercise that lists it; every other test passes."""
+    listed = {}
+    for n, e in EXERCISES.items():
+        for d in e["depends"] + (FULL_DEPENDS.get(n, []) if full else []):
+            listed.setdefault(d, set()).add(n)
+    for k, v in res.items():
+        if k.startswith("<"):
+            if k != "<log>":
+                problems.append(f"cut tree: {k}: {v['message'][:500]}")
+            continue
+        file = k.split("::")[0]
+        owner = next((n for n in EXERCISES if file == grading_file(n)), None)
+        base = k.split("[")[0]
+        allowed = {owner} if owner else (listed.get(k) or listed.get(base, set()))  # one parametrisation, or all
+        got = hole_names(v["message"])
+        if (owner and _slow_skip(owner, v, full)) or (full and base in PIPELINE):
+            continue
+        if owner or allowed:
+            if v["outcome"] != "failed" or not got or not got <= allowed:
+                problems.append(f"cut tree: {k} should fail with exercise {'/'.join(sorted(allowed))}'s "
+                                f"NotImplementedError, got {v['outcome']}: {v['message'][:200]}")
+        elif v["outcome"] == "failed":
+            problems.append(f"cut tree: {k} fails but the manifest lists it under no exercise: {v['message'][:200]} "
+                            f"(`python teach.py deps {file}` measures what depends on what)")
+    for d, owners in listed.items():
+        if not tests_of(res, d):
+            problems.append(f"manifest: dependent test {d} (of {', '.join(sorted(owners))}) did not run")
+
+
+def check_wrong(f: str, res: dict, problems: list):
+    """A stored wrong implementation: passes the shape/finiteness test, fails at least one other grading test
+    by an assertion (a plausible mistake, caught by a property or the oracle, not by a crash)."""
+    name = f.split("__")[0]
+    mine = tests_of(res, grading_file(name))
+    shape = [v for k, v in mine.items() if k.split("::")[-1].split("[")[0] == SHAPE_TEST]
+    caught = [k for k, v in mine.items() if v["outcome"] == "failed" and "AssertionError" in v["message"]]
+    if not shape or any(v["outcome"] != "passed" for v in shape):
+        problems.append(f"{WRONG}/{f}: should pass {SHAPE_TEST} (a plausible mistake, not a zero), got "
+                        f"{[v['message'][:150] for v in shape] or 'no such test'}")
+    if not caught:
+        problems.append(f"{WRONG}/{f}: no grading test of {name} catches it (a tolerance too loose?): "
+                        f"{ {k.split('::')[-1]: v['outcome'] for k, v in mine.items()} }\n{res.get('<log>', '')[-800:]}")
+
+
+def _verdict(problems: list, t0: float, what: str = "") -> int:
+    for p in problems:
+        print(f"FAIL {p}")
+    print(("verify: OK " if not problems else f"verify: {len(problems)} problem(s) ") + f"{what} in {time.time() - t0:.0f} s")
+    return 1 if problems else 0
+
+
+def cmd_deps(args):
+    """For each exercise cut alone: the tests of FILE... that fail with its error (to fill `depends`)."""
+    if not args:
+        die("deps: give test files, e.g. `python teach.py deps tests/test_model.py`")
+    work = tempfile.mkdtemp(prefix="teach-deps-")
+    try:
+        names = list(EXERCISES)
+        jobs = [(make_tree(os.path.join(work, n), cut=[n]), list(args)) for n in names]
+        import torch  # noqa: F401
+        for n, res in zip(names, run_tests(jobs, parallel=2)):
+            res = {k: v for k, v in res.items() if not k.startswith("<")}
+            broken = sorted({k.split("[")[0] for k, v in res.items() if n in hole_names(v.get("message", ""))})
+            other = sorted(k for k, v in res.items() if v["outcome"] == "failed"
+                           and n not in hole_names(v["message"]))
+            print(json.dumps({"exercise": n, "depends": broken, "fails_otherwise": other}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_pytest"]:  # internal: python teach.py _pytest TREE OUT LOG -- pytest args
+        return _pytest_child(argv[1], argv[5:], argv[2], argv[3])
+    cmds = dict(list=cmd_list, start=cmd_start, grade=cmd_grade, verify=cmd_verify, snapshot=cmd_snapshot,
+                calibrate=cmd_calibrate, deps=cmd_deps)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if argv[0] not in cmds:
+        die(f"unknown command {argv[0]!r} (known: {', '.join(cmds)})")
+    return cmds[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
