@@ -13,7 +13,8 @@ several sittings: an arm in it is never rerun, and reproduce.py's steps skip wha
 Writes data_efficiency.md (mean ±sd over seeds; `*` by reproduce.compare: >= 3 seeds, every paired
 difference of one sign, |mean| > 2 sd / sqrt(n)) and data_efficiency.png (score vs share, one line per
 recipe, band = sd over seeds). `--collect_only=true` trains nothing: it adds the arms that runs/ holds
-finished (e.g. from `reproduce.py --shares=0.1,0.3`) and redraws the page.
+finished (e.g. from `reproduce.py --shares=0.1,0.3`) and redraws the page. The JSON's "timing" and "notes"
+(written by hand: how long it took, how to read it) are printed under the table.
 """
 import dataclasses
 import json
@@ -89,8 +90,8 @@ def report(c: EffConfig, store: dict) -> str:
             row += [fmt(a), fmt(b), "—" if not d or not d["n"] else f"{100 * d['mean']:+.1f}" + (f" ±{100 * d['sd']:.1f}" if d["n"] > 1 else "")
                     + ("*" if d["star"] else "") + f" ({d['n']})"]
         lines.append("| " + " | ".join(row) + " |")
-    if store.get("timing"):
-        lines.append("\n" + store["timing"])
+    for note in ([store["timing"]] if store.get("timing") else []) + store.get("notes", []):  # written by hand into the JSON
+        lines.append("\n" + note)
     text = "\n".join(lines) + "\n"
     os.makedirs(c.results, exist_ok=True)
     with open(os.path.join(c.results, "data_efficiency.md"), "w") as f:
