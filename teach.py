@@ -309,9 +309,10 @@ def _pytest_child(tree: str, args: list[str], out: str, log: str, env: dict | No
     os.chdir(tree)
     here = {ROOT, tree}
     sys.path[:] = [tree] + [p for p in sys.path if os.path.abspath(p or ".") not in here]
+    env_dir = os.path.abspath(sys.prefix) + os.sep  # a virtualenv inside the repo (CI's .venv) is not the project
     for m in list(sys.modules):  # a project module imported from elsewhere must not answer `import model`
-        f = getattr(sys.modules[m], "__file__", None) or ""
-        if m != "__main__" and any(os.path.abspath(f).startswith(h + os.sep) for h in here):
+        f = os.path.abspath(getattr(sys.modules[m], "__file__", None) or "")
+        if m != "__main__" and not f.startswith(env_dir) and any(f.startswith(h + os.sep) for h in here):
             del sys.modules[m]
     sys.dont_write_bytecode = True
     import pytest
