@@ -107,15 +107,15 @@ EXERCISES = {
                      depends=GEM_FORWARD + _t("test_model.py", "test_qwen3_parity")),
     "cross_attention": _ex("medium", ["train_vla.py"], snapshot_files=["train_vla.py", "model.py", "depth_head.py"]),
     "stage_freezing": _ex("medium", ["train_pretrain.py"]),
-    # large: write it, train with it, hit a number. threshold = mean + k * std of the reference's error over
-    # `seeds` (teach.py calibrate); graded on grade_seed. Slow: out of CI (GEM_SLOW=1 runs it: grade, verify --full)
+    # large: write it, train with it, hit a number. threshold = mean - k * std of the reference's score over
+    # `seeds` (teach.py calibrate; higher is better); graded on grade_seed. Slow: out of CI (GEM_SLOW=1 runs it: grade, verify --full)
     "head_loss": _ex("large", ["depth_head.py"], uses=["connector", "flow_pair", "euler_sample", "cfg"],
                      depends=_t("test_depth_head.py", "test_flow_overfits_and_sampler_reproduces_target",
                                 "test_cfg_guidance_and_the_training_drop", "test_drop_rate_and_null_condition_match_the_sampler",
                                 "test_regress_learns_with_the_right_sign", "test_rgb_target_has_three_channels",
                                 "test_invalid_samples_contribute_nothing"),
                      large=dict(procedure="tests/exercises/large.py:head_loss", seeds=[0, 1, 2, 3, 4], k=3.0,
-                                grade_seed=11, steps=400, metric="mean abs error of the mean of 4 samples (lower is better)",
+                                grade_seed=11, steps=400, metric="residual correlation: corr(sample - mean map, target - mean map), the mean of 4 samples per test scene (higher is better; the mean map scores 0)",
                                 made_from=["depth_head.py", "sim_env.py", "model.py", "tests/exercises/large.py",
                                            "tests/exercises/oracles.py"])),
 }
@@ -494,7 +494,7 @@ def cmd_snapshot(args):
 
 def cmd_calibrate(args):
     """The large tier's thresholds: run each large exercise's training procedure on the reference for its
-    seeds, threshold = mean + k * std of the error; record the commit, the file hashes and the time taken."""
+    seeds, threshold = mean - k * std of the score (higher is better); record the commit, the file hashes, the time."""
     if args:
         die(f"calibrate: takes no arguments, got {args[0]}")
     import torch
@@ -513,16 +513,16 @@ def cmd_calibrate(args):
         for seed in spec["seeds"]:
             runs.append(fn(seed, steps=spec["steps"]))
             print(f"{name} seed {seed}: {runs[-1]}", flush=True)
-        errs = [r["error"] for r in runs]
-        mean = sum(errs) / len(errs)
-        std = (sum((x - mean) ** 2 for x in errs) / (len(errs) - 1)) ** 0.5
+        scores = [r["score"] for r in runs]
+        mean = sum(scores) / len(scores)
+        std = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5
         meta[name] = dict(commit=_commit(), seeds=spec["seeds"], k=spec["k"], steps=spec["steps"],
-                          grade_seed=spec["grade_seed"], metric=spec["metric"], errors=errs, mean=mean, std=std,
-                          threshold=mean + spec["k"] * std, baseline=runs[0]["baseline"],
+                          grade_seed=spec["grade_seed"], metric=spec["metric"], scores=scores, mean=mean, std=std,
+                          threshold=mean - spec["k"] * std, errors=[r["error"] for r in runs], baseline=runs[0]["baseline"],
                           seconds=round(time.time() - t0, 1), torch=torch.__version__,
                           made_from={f: sha256(os.path.join(ROOT, f)) for f in spec["made_from"]})
-        print(f"{name}: threshold {mean + spec['k'] * std:.4f} = {mean:.4f} + {spec['k']} x {std:.4f} "
-              f"({len(errs)} seeds, {time.time() - t0:.0f} s)")
+        print(f"{name}: threshold {mean - spec['k'] * std:.4f} = {mean:.4f} - {spec['k']} x {std:.4f} "
+              f"({len(scores)} seeds, {time.time() - t0:.0f} s)")
     with open(path, "w") as fh:
         json.dump(meta, fh, indent=1)
     return 0
