@@ -426,7 +426,8 @@ class GemDataset(torch.utils.data.Dataset):
     cache=True decodes the split once (build_cache: images at the model's size, depth in millimetres, both
     targets at the head's size, token ids and labels, as memory-mapped .npy files under <root>/cache, or
     `cache_root`; the directory of a JSONL source) and reads every item from there: the same tensors as from the PNGs, without the PNG
-    decoding, percentiles, resizes and tokenisation per sample per step."""
+    decoding, percentiles, resizes and tokenisation per sample per step. Cached items are views of the
+    (copy-on-write) maps: collate copies them; do not modify an item's tensors in place."""
 
     def __init__(self, source, split, tok, image_size, n_image_tokens, head_size, families=None,
                  image_first=True, max_len=512, scenes=None, blind=False, cache=False, cache_root=None,
@@ -482,11 +483,11 @@ class GemDataset(torch.utils.data.Dataset):
         else:
             a, k = self.arrays, r["_row"]
             j, (lo, hi) = int(a["image_of"][k]), a["offsets"][k:k + 2]
-            image, valid = torch.from_numpy(np.array(a["images"][j])), bool(a["depth_valid"][j])  # (3,S,S) uint8
+            image, valid = torch.from_numpy(a["images"][j]), bool(a["depth_valid"][j])  # (3,S,S) uint8 view
             depth = a["depth_mm"][j].astype(np.float32) / 1000.0  # exactly load_depth_png's conversion
             ids, labels = torch.from_numpy(a["ids"][lo:hi].astype(np.int64)), torch.from_numpy(a["labels"][lo:hi].astype(np.int64))
-            target, rgb_t = torch.from_numpy(np.array(a["depth_target"][j])), torch.from_numpy(np.array(a["rgb_target"][j]))
-            mask = torch.from_numpy(np.array(a["depth_mask"][j]))
+            target, rgb_t = torch.from_numpy(a["depth_target"][j]), torch.from_numpy(a["rgb_target"][j])
+            mask = torch.from_numpy(a["depth_mask"][j])
         if self.blind:
             image = torch.full_like(image, 128)
             rgb_t = rgb_target(image.permute(1, 2, 0).numpy(), self.head_size)
@@ -553,13 +554,15 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str) -> dict:
             os.replace(tmp, path)
         except OSError:  # another process built the same cache first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
-    # plain ndarray views of the maps: indexing a np.memmap subclass costs ~10 us per access
-    return {k: np.asarray(np.load(os.path.join(path, k + ".npy"), mmap_mode="r")) for k in CACHE_ARRAYS}
+    # plain ndarray views of the maps (indexing a np.memmap subclass costs ~10 us per access), copy-on-write
+    # ("c"): items are zero-copy tensor views (collate's stack makes the one copy), and no write reaches the files
+    return {k: np.asarray(np.load(os.path.join(path, k + ".npy"), mmap_mode="c")) for k in CACHE_ARRAYS}
 
 
-def collate(batch, pad_id: int) -> dict:
+def collate(batch, pad_id: int, pixels: bool = True) -> dict:
     """Right-pad ids (pad_id) and labels (-100); stack tensors; keep strings and meta as lists. The uint8
-    images become the batch's pixel_values in one conversion (a quarter of the bytes to stack)."""
+    images become the batch's pixel_values in one conversion (a quarter of the bytes to stack); pixels=False
+    keeps them uint8 as "images" (training converts them on its device: a quarter of the bytes to copy)."""
     T = max(len(b["input_ids"]) for b in batch)
     out = {"input_ids": torch.full((len(batch), T), pad_id, dtype=torch.long),
            "labels": torch.full((len(batch), T), -100, dtype=torch.long),
@@ -573,7 +576,11 @@ def collate(batch, pad_id: int) -> dict:
         if k in out:
             continue
         if k == "image":
-            out["pixel_values"] = to_pixel_values(torch.stack([b[k] for b in batch]))
+            images = torch.stack([b[k] for b in batch])  # (B, 3, S, S) uint8
+            if pixels:
+                out["pixel_values"] = to_pixel_values(images)
+            else:
+                out["images"] = images
         elif isinstance(v, torch.Tensor):
             out[k] = torch.stack([b[k] for b in batch])
         elif isinstance(v, bool):

@@ -382,12 +382,14 @@ def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
 def make_batch(ds, idx, pad_id, modality, device, items=None):
     """Collated batch on `device`, plus the head's target ("target", depth or RGB), the pixels its loss trains
     ("target_mask": every RGB pixel; the depth pixels that have depth) and the samples with any ("target_valid")."""
-    b = D.collate(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id)
+    b = D.collate(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id, pixels=False)
     rgb = modality == "rgb"
     b["target"] = b["rgb_target"] if rgb else b["depth_target"]
     b["target_mask"] = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
     b["target_valid"] = b["target_mask"].flatten(1).any(1)  # (B,) samples the head's loss counts
-    return to_device(b, device)
+    b = to_device(b, device)  # the images travel as uint8 and become pixel_values where the model runs
+    b["pixel_values"] = D.to_pixel_values(b.pop("images"))
+    return b
 
 
 def to_device(batch: dict, device) -> dict:

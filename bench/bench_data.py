@@ -7,7 +7,8 @@ sample order) -> length_chunks -> make_batch, for each image size, once reading 
 once from data.build_cache's memory-mapped arrays, after checking that both give identical batches.
 Without --data it generates a small `micro`-style dataset per size in a temporary directory (~100 images).
 Rates are samples per second of this process's CPU time (one thread), so a busy machine does not lower them.
-Target: >= 5,000 samples/s at 128 px from the cache. Last line: `bench_data: cache 128 px N samples/s`.
+It also times the CPU's part of a GPU step alone (make_batch converts the uint8 images to pixel_values on the
+device). Target: >= 5,000 samples/s at 128 px from the cache. Last line: `bench_data: cache 128 px N samples/s`.
 """
 import gc
 import os
@@ -22,13 +23,14 @@ import data as D  # noqa: E402
 import train_pretrain as TP  # noqa: E402
 
 
-def batches(ds, steps: int, batch: int, pad_id: int):
-    """The step loop's data path (train_pretrain.run_stage), CPU, depth modality."""
+def batches(ds, steps: int, batch: int, pad_id: int, on_gpu: bool = False):
+    """The step loop's data path (train_pretrain.run_stage), CPU, depth modality. on_gpu: only the CPU's part
+    of it when training runs on a GPU (make_batch converts the uint8 images to pixel_values on the device)."""
     items = TP.StepItems(ds, seed=0, start=0, total=steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1)
     for k in range(steps):
         for mb in items[k]:
             for ch in TP.length_chunks(mb):
-                yield TP.make_batch(None, None, pad_id, "depth", torch.device("cpu"), ch)
+                yield D.collate(ch, pad_id, pixels=False) if on_gpu else TP.make_batch(None, None, pad_id, "depth", torch.device("cpu"), ch)
 
 
 def main(argv):
@@ -54,14 +56,15 @@ def main(argv):
             for k in a:
                 assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), f"{S} px: {k} differs"
         rates = {}
-        for name, ds in (("png", files), ("cache", cached)):
+        for name, ds in (("png", files), ("cache", cached), ("cache, CPU part of a GPU step", cached)):
             n_steps = max(2, steps // 10) if name == "png" else steps  # the PNG path is slow: fewer steps
             t, n = time.process_time(), 0  # CPU time of this process: one core, fair on a shared machine
-            for b in batches(ds, n_steps, batch, pad):
+            for b in batches(ds, n_steps, batch, pad, on_gpu="GPU" in name):
                 n += len(b["input_ids"])
             rates[name] = n / (time.process_time() - t)
         print(f"{S} px, {len(files)} records, batch {batch}: png {rates['png']:.0f} samples/s, cache {rates['cache']:.0f} "
-              f"samples/s ({rates['cache'] / rates['png']:.1f}x); cache built in {build:.1f} s (identical batches)")
+              f"samples/s ({rates['cache'] / rates['png']:.1f}x; {rates['cache, CPU part of a GPU step']:.0f} samples/s without the "
+              f"uint8 -> float conversion, which a GPU run does on the device); cache built in {build:.1f} s (identical batches)")
         last = (S, rates["cache"])
     print(f"bench_data: cache {last[0]} px {last[1]:.0f} samples/s")
 
