@@ -363,13 +363,13 @@ def split_records(source: str, split: str, image_root: str = "", depth_root: str
     if split not in ("train", "val"):
         raise ValueError(f"{source}: a single JSONL has the splits train and val (every {HOLDOUT_EVERY}th record), "
                          f"not {split!r}: pass --split=val")
-    recs = read_jsonl(source, image_root, depth_root or os.path.dirname(source), skipped)
+    recs = read_jsonl(source, image_root, depth_root or data_dir(source), skipped)
     return [r for k, r in enumerate(recs) if (k % HOLDOUT_EVERY == 0) == (split == "val")]
 
 
 def data_dir(source: str) -> str:
     """The directory a data source lives in (where its cache and tokenizer.json go by default)."""
-    return os.path.dirname(source) if source.endswith(".jsonl") else source
+    return (os.path.dirname(source) or ".") if source.endswith(".jsonl") else source  # a bare file name: the cwd
 
 
 def load_rgb(path: str, image_size: int | None, where: str) -> np.ndarray:
@@ -1425,8 +1425,8 @@ def _render_frames(job) -> None:
         m.flush()
 
 
-def build_demo_cache(ds, root: str, workers: int = 1) -> dict:
-    """Every demo step's frame rendered once into memory-mapped arrays under <root>/cache/frames-<key> (rgb
+def build_demo_cache(ds, cache_dir: str, workers: int = 1) -> dict:
+    """Every demo step's frame rendered once into memory-mapped arrays under <cache_dir>/frames-<key> (rgb
     uint8 (N,S,S,3), depth target float16 (N,1,H,H), depth valid (N,)), keyed by the episode files (name,
     size, mtime), the sizes and DEMO_CACHE_VERSION; built in a temporary directory by `workers` processes
     and renamed into place, so a cache is whole or absent -> {name: array}."""
@@ -1435,7 +1435,7 @@ def build_demo_cache(ds, root: str, workers: int = 1) -> dict:
     for p in ds.files:
         st = os.stat(p)
         h.update(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    path = os.path.join(root, "cache", f"frames-{h.hexdigest()[:16]}")
+    path = os.path.join(cache_dir, f"frames-{h.hexdigest()[:16]}")
     if not os.path.isdir(path):
         S, H, N = ds.cfg.image_size, ds.head_size, int(ds.offsets[-1])
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -1471,7 +1471,7 @@ class DemoDataset(torch.utils.data.Dataset):
         self.index = [(e, t) for e, ep in enumerate(self.eps) for t in range(len(ep["actions"]))]
         self.offsets = np.cumsum([0] + [len(ep["actions"]) for ep in self.eps])  # episode e's first cache row
         self._envs = {}
-        self.frames = build_demo_cache(self, cache_root or root, workers) if cache else None
+        self.frames = build_demo_cache(self, cache_root or os.path.join(root, "cache"), workers) if cache else None
 
     def __len__(self):
         return len(self.index)

@@ -204,6 +204,7 @@ class VLAConfig:
     compile: bool = False
     threads: int = 0                # torch CPU threads (0 = torch's default)
     render_workers: int = 0         # processes rendering the demo frame cache once (data.build_demo_cache; 0 = every core)
+    cache_dir: str = ""             # where that cache goes when the demos folder is read-only ("" = <demos>/cache)
     stop_after: int = 0             # stop (with a checkpoint) after this many steps of this invocation; 0 = never
 
 
@@ -431,7 +432,7 @@ def main(argv=None):
         torch.distributed.barrier()  # rank 0 renders the demo frame cache; the others then read it
     ds = D.DemoDataset(cfg.demos, tok, vlm.cfg.image_size, cfg.horizon, head.cfg.out_size if head else 32,
                        vlm.cfg.n_image_tokens, image_first=pre_tc.image_first, stats={},
-                       workers=cfg.render_workers or os.cpu_count() or 1)
+                       workers=cfg.render_workers or os.cpu_count() or 1, cache_root=cfg.cache_dir or None)
     if ddp and not rank:
         torch.distributed.barrier()
     train_idx, val_idx = split_demos(ds, cfg.tasks, cfg.val_episodes)

@@ -84,6 +84,14 @@ def test_released_records_read_as_they_are(release, tok):
     assert recs[2]["_depth"] == os.path.join(os.path.dirname(release), "depth", "frame_002.png")
     # our own directory layout never looks depth up by basename unless asked
     assert all(r["_depth"] is None for r in data.read_jsonl(release))
+    # a bare file name, run from the data folder, finds the same depth maps
+    here = os.getcwd()
+    try:
+        os.chdir(os.path.dirname(release))
+        bare = data.split_records("GEM-250K.jsonl", "train") + data.split_records("GEM-250K.jsonl", "val")
+    finally:
+        os.chdir(here)
+    assert sorted(r["_depth"] is not None for r in bare) == sorted(has_depth)
 
 
 def test_split_of_one_file_and_items(release, tok):
