@@ -465,7 +465,7 @@ def eval_vlm(cfg) -> dict:
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)
-    tc.data = cfg.data or tc.data
+    tc.data, tc.image_root, tc.depth_root = cfg.data or tc.data, cfg.image_root or tc.image_root, cfg.depth_root or tc.depth_root
     gem.eval()
     kw = dataset_kw(tc, gem, tok, max_len=4096)
     test = GemDataset(tc.data, cfg.split, **kw)
@@ -714,7 +714,9 @@ class EvalConfig:
     ckpt: str = ""              # checkpoint directory ("expert" / "random" for the vla reference rows)
     out: str = ""               # default: <ckpt>/eval_<split> or <ckpt>/eval_vla
     # vlm
-    data: str = ""              # dataset root; default: the one recorded in the checkpoint's config
+    data: str = ""              # data directory or released-layout JSONL; default: the checkpoint's
+    image_root: str = ""        # with --data elsewhere: where its images are ("" = the checkpoint's setting)
+    depth_root: str = ""        # with --data elsewhere: its depth roots, as train_pretrain.py --depth_root
     split: str = "test"
     max_questions: int = 0      # 0 = every question of the split
     batch_size: int = 32

@@ -198,3 +198,11 @@ def test_train_on_the_released_file(release, tmp_path):
     assert res["all"]["macro"] is None and "probe" in res["depth"]
     with pytest.raises(SystemExit, match="single JSONL.*--split=val"):
         eval_main(["vlm", f"--out={tmp_path / 'ev2'}"] + flags)
+    # the data moved without its depth maps: --depth_root points eval.py at them
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(release), moved, ignore=shutil.ignore_patterns("depth", "cache"))
+    ev = lambda *extra: eval_main(["vlm", "--split=val", f"--data={moved}/GEM-250K.jsonl", f"--out={tmp_path / 'ev3'}"]
+                                   + list(extra) + flags)  # noqa: E731
+    assert ev()["depth"] == {}  # no depth beside the moved file: nothing to probe
+    assert "probe" in ev(f"--depth_root={os.path.dirname(release)}")["depth"]
