@@ -1,4 +1,4 @@
-"""GEM-mini shared helpers: typed flags, atomic checkpoints, distributed set-up, the learning-rate schedule.
+"""GEM-mini shared helpers: typed flags, atomic checkpoints, distributed set-up, the learning-rate schedule, MFU.
 
 A leaf: it imports nothing of the project, so the model, the simulator, the data and the scripts can all
 use it without an import circle (nanochat keeps one such file).
@@ -11,6 +11,8 @@ use it without an import circle (nanochat keeps one such file).
   setup_dist / all_sum               torchrun DDP (gloo on CPU, nccl on GPU)
   lr_at                              linear warmup, then cosine decay (the paper's released recipe)
   die / git_commit                   one-line fatal errors; the commit recorded in every run
+  vlm_flops / HeadFlops / peak_tflops  MFU: the FLOPs a step runs (non-padding tokens, backward only where it
+                                     runs; the head by hooks) over the GPU's dense bf16 peak (PEAK_BF16_TFLOPS)
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import typing
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def die(msg: str):
@@ -244,3 +247,53 @@ def lr_at(step: int, total: int, peak: float, warmup: float, min_lr_frac: float)
         return peak * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# MFU: the FLOPs a training step runs, over the GPU's dense bf16 peak (train_pretrain.py's log, bench/)
+
+# Dense BF16 tensor-core peaks (TFLOP/s, FP32 accumulate, no sparsity; vendor data sheets), matched against
+# torch.cuda.get_device_name() in this order; --peak_tflops overrides, an unknown GPU logs no MFU.
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
+                    ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 0)]
+
+
+def peak_tflops(device, flag: float) -> float:
+    if flag or device.type != "cuda":
+        return flag
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), 0.0)
+
+
+def vlm_flops(c, mask: torch.Tensor, trains: bool) -> float:
+    """FLOPs of the VLM (c: model.GEMConfig) on one batch: its matmuls (2 x rows x weights) and attention (4 x queries x keys x
+    width), on non-padding tokens only (mask (B, T)). A training VLM adds the backward: twice the forward,
+    less the patch embedding's input gradient (pixels need none). Checked against torch.utils.flop_counter."""
+    B, P, m2 = mask.shape[0], (c.image_size // c.patch_size) ** 2, c.merge ** 2
+    patch = 2 * P * c.vit_dim * 3 * c.patch_size ** 2
+    vit = c.vit_layers * (2 * P * (4 * c.vit_dim ** 2 + 2 * c.vit_dim * c.vit_mlp) + 4 * P * P * c.vit_dim)
+    merger = 2 * c.n_image_tokens * (m2 * c.vit_dim) * (m2 * c.vit_dim + c.dim)  # odd grids: padded cells count
+    T = mask.sum(1).double()  # (B,) real tokens
+    weights = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.mlp_dim
+    llm = (2 * c.n_layers * weights + 2 * c.dim * c.vocab_size) * T.sum() + 4 * c.n_layers * c.n_heads * c.head_dim * (T ** 2).sum()
+    fwd = B * (patch + vit + merger) + float(llm)
+    return 3 * fwd - B * patch if trains else fwd
+
+
+class HeadFlops:
+    """The head's FLOPs in one forward + backward, counted as they run (forward hooks on its Linear / Conv2d
+    layers): 2 x output elements x fan-in forward; backward, the weight gradient where the weights train
+    plus the input gradient where the input needs one (autograd computes no other)."""
+
+    def __init__(self, head):  # depth_head.GenerativeHead (any module)
+        self.total, self.hooks = 0.0, [m.register_forward_hook(self.count) for m in head.modules()
+                                       if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def count(self, m, inp, out):
+        fan = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
+        grads = torch.is_grad_enabled() * (int(m.weight.requires_grad) + int(inp[0].requires_grad))
+        self.total += 2.0 * out.numel() * fan * (1 + grads)
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()

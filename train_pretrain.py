@@ -56,9 +56,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at, parse_config,
-                    setup_dist)
+from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at,
+                    parse_config, peak_tflops, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead
+from hf import gem_from_hf
 from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
 
 
@@ -177,7 +178,7 @@ def build_gem(tc: TrainConfig, tok) -> GEM:
         if not (tc.hf_vision and tc.hf_llm):
             die("the hf preset needs both --hf_vision=DIR and --hf_llm=DIR")
         # every shape, the image size and the pixel normalisation come from the checkpoints, not the flags
-        gem = GEM.from_hf(tc.hf_vision, tc.hf_llm, **ids)
+        gem = gem_from_hf(tc.hf_vision, tc.hf_llm, **ids)
         if tok.get_vocab_size() > gem.cfg.vocab_size:  # Qwen3: 151,669 tokens, 151,936 embedding rows
             die(f"{tc.hf_llm}/tokenizer.json: {tok.get_vocab_size()} tokens but config.json has vocab_size="
                 f"{gem.cfg.vocab_size} (tokenizer of another model?)")
@@ -542,53 +543,6 @@ def train_step(model, has_head, batches, params, stage, step, tc, ddp, device, a
         die(f"non-finite loss at stage {stage} step {step} ({terms}, grad norm {gnorm}); stopping without saving; "
             f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
     return terms, gnorm
-
-
-# Dense BF16 tensor-core peaks (TFLOP/s, FP32 accumulate, no sparsity; vendor data sheets), matched against
-# torch.cuda.get_device_name() in this order; --peak_tflops overrides, an unknown GPU logs no MFU.
-PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
-                    ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 0)]
-
-
-def peak_tflops(device, flag: float) -> float:
-    if flag or device.type != "cuda":
-        return flag
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), 0.0)
-
-
-def vlm_flops(c: GEMConfig, mask: torch.Tensor, trains: bool) -> float:
-    """FLOPs of the VLM on one batch: its matmuls (2 x rows x weights) and attention (4 x queries x keys x
-    width), on non-padding tokens only (mask (B, T)). A training VLM adds the backward: twice the forward,
-    less the patch embedding's input gradient (pixels need none). Checked against torch.utils.flop_counter."""
-    B, P, m2 = mask.shape[0], (c.image_size // c.patch_size) ** 2, c.merge ** 2
-    patch = 2 * P * c.vit_dim * 3 * c.patch_size ** 2
-    vit = c.vit_layers * (2 * P * (4 * c.vit_dim ** 2 + 2 * c.vit_dim * c.vit_mlp) + 4 * P * P * c.vit_dim)
-    merger = 2 * c.n_image_tokens * (m2 * c.vit_dim) * (m2 * c.vit_dim + c.dim)  # odd grids: padded cells count
-    T = mask.sum(1).double()  # (B,) real tokens
-    weights = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.mlp_dim
-    llm = (2 * c.n_layers * weights + 2 * c.dim * c.vocab_size) * T.sum() + 4 * c.n_layers * c.n_heads * c.head_dim * (T ** 2).sum()
-    fwd = B * (patch + vit + merger) + float(llm)
-    return 3 * fwd - B * patch if trains else fwd
-
-
-class HeadFlops:
-    """The head's FLOPs in one forward + backward, counted as they run (forward hooks on its Linear / Conv2d
-    layers): 2 x output elements x fan-in forward; backward, the weight gradient where the weights train
-    plus the input gradient where the input needs one (autograd computes no other)."""
-
-    def __init__(self, head):
-        self.total, self.hooks = 0.0, [m.register_forward_hook(self.count) for m in head.modules()
-                                       if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-    def count(self, m, inp, out):
-        fan = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
-        grads = torch.is_grad_enabled() * (int(m.weight.requires_grad) + int(inp[0].requires_grad))
-        self.total += 2.0 * out.numel() * fan * (1 + grads)
-
-    def close(self):
-        for h in self.hooks:
-            h.remove()
 
 
 def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):

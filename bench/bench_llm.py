@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import hf as H  # noqa: E402
 from common import parse_config  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def main(argv):
     theirs = transformers.Qwen3ForCausalLM(hc)
     with tempfile.TemporaryDirectory() as d:  # identical weights: ours is loaded from theirs
         theirs.save_pretrained(d)
-        ours = M.load_hf_qwen3(d)
+        ours = H.load_hf_qwen3(d)
     theirs, ours = theirs.to(dev, dtype).train(), ours.to(dev, dtype).train()
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})"

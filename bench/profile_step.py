@@ -22,6 +22,7 @@ from contextlib import nullcontext
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
 import train_pretrain as TP  # noqa: E402
 from common import parse_config  # noqa: E402
 from model import GEM  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    counter = TP.HeadFlops(head)  # the head's forward + backward FLOPs, counted as one step runs
+    counter = C.HeadFlops(head)  # the head's forward + backward FLOPs, counted as one step runs
     step()
     counter.close()
     for _ in range(c.warmup):
@@ -106,8 +107,8 @@ def main(argv):
     busy = sum(dev_time(e) for e in events) / 1e6 / c.steps  # seconds of kernels per step
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) / c.steps
     mask = b["attention_mask"]
-    flops = TP.vlm_flops(gem.cfg, mask, trains=True) + counter.total  # per step, forward + backward
-    peak = TP.peak_tflops(device, 0.0)
+    flops = C.vlm_flops(gem.cfg, mask, trains=True) + counter.total  # per step, forward + backward
+    peak = C.peak_tflops(device, 0.0)
     mfu = flops / wall / (peak * 1e12) if peak else float("nan")
     print(f"top {c.top} ops by {'device' if on_device else 'CPU'} time (per step):")
     for e in sorted(events, key=dev_time, reverse=True)[:c.top]:

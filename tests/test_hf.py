@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+import common as C
 import eval as E
+import hf as H
 import model as M
 import train_pretrain as TP
 import train_vla as V
@@ -132,7 +134,7 @@ def test_vlm_flops_count_the_padded_cells(monkeypatch):
     mask = torch.ones_like(ids, dtype=torch.bool)
     with FlopCounterMode(display=False) as fc:
         gem(ids, torch.rand(2, 3, 63, 63), attention_mask=mask)
-    assert TP.vlm_flops(cfg, mask, trains=False) == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    assert C.vlm_flops(cfg, mask, trains=False) == pytest.approx(fc.get_total_flops(), rel=1e-9)
 
 
 # ---------------------------------------------------------------- image size and normalisation
@@ -142,7 +144,7 @@ def test_siglip_normalisation_from_the_checkpoint(hf_dirs, tmp_path, capsys):
     processor makes from the same uint8 images with the checkpoint's mean / std."""
     import transformers as tr
     vis, llm = hf_dirs
-    ours = M.load_hf_siglip_vision(vis).eval()
+    ours = H.load_hf_siglip_vision(vis).eval()
     assert ours.cfg.image_size == 64 and ours.cfg.image_mean == pytest.approx(tuple(MEAN))
     assert ours.cfg.image_std == pytest.approx(tuple(STD))
     ref, proc = tr.SiglipVisionModel.from_pretrained(vis).eval(), tr.SiglipImageProcessorPil.from_pretrained(vis)
@@ -154,7 +156,7 @@ def test_siglip_normalisation_from_the_checkpoint(hf_dirs, tmp_path, capsys):
         assert torch.allclose(ours.features(mine), want, atol=1e-4)
         assert not torch.allclose(ours.features(mine), ref(pixel_values=mine).last_hidden_state, atol=1e-2)
     # the GEM records them; its checkpoints keep them
-    gem = M.GEM.from_hf(vis, llm)
+    gem = H.gem_from_hf(vis, llm)
     assert gem.cfg.image_mean == ours.cfg.image_mean
     assert (gem.cfg.image_size, gem.cfg.patch_size, gem.cfg.grid) == (64, 9, 4)
     gem.save_pretrained(tmp_path / "ck")
@@ -165,13 +167,13 @@ def test_siglip_normalisation_from_the_checkpoint(hf_dirs, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(vis, bare)
     os.remove(bare / "preprocessor_config.json")
-    assert M.load_hf_siglip_vision(str(bare)).cfg.image_std == (0.5, 0.5, 0.5)
+    assert H.load_hf_siglip_vision(str(bare)).cfg.image_std == (0.5, 0.5, 0.5)
     assert "preprocessor_config.json missing" in capsys.readouterr().out
     # a processor size that disagrees with the position table: a one-line error naming the file
     cfg = json.load(open(os.path.join(vis, "preprocessor_config.json")))
     json.dump(dict(cfg, size={"height": 56, "width": 56}), open(bare / "preprocessor_config.json", "w"))
     with pytest.raises(ValueError, match=r"preprocessor_config\.json: size 56x56 but config\.json has image_size=64"):
-        M.load_hf_siglip_vision(str(bare))
+        H.load_hf_siglip_vision(str(bare))
 
 
 def test_checkpoints_without_the_normalisation_fields_load(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf as H
 import model as M
 
 MICRO = dict(M.MODEL_PRESETS["micro"], vocab_size=64)
@@ -31,7 +32,7 @@ def test_qwen3_parity(tmp_path, heads, kv, tied):
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
     ref.save_pretrained(tmp_path)
-    ours = M.load_hf_qwen3(str(tmp_path)).eval()
+    ours = H.load_hf_qwen3(str(tmp_path)).eval()
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         r = ref(ids, output_hidden_states=True)
@@ -57,7 +58,7 @@ def test_siglip_vision_parity(tmp_path):
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
     ref.save_pretrained(tmp_path)
-    ours = M.load_hf_siglip_vision(str(tmp_path)).eval()
+    ours = H.load_hf_siglip_vision(str(tmp_path)).eval()
     px = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(ours.features(px), ref(pixel_values=px).last_hidden_state, atol=1e-4)
@@ -71,10 +72,10 @@ def test_gem_from_hf(tmp_path):
     tr.Qwen3ForCausalLM(tr.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                        tie_word_embeddings=True)).save_pretrained(tmp_path / "l")
-    g = M.GEM.from_hf(str(tmp_path / "v"), str(tmp_path / "l"), image_pad_id=5)
+    g = H.gem_from_hf(str(tmp_path / "v"), str(tmp_path / "l"), image_pad_id=5)
     ids = _ids(g.cfg)
     assert g.cfg.n_image_tokens == 4 and g(ids, torch.randn(2, 3, 32, 32))["logits"].shape == (2, 12, 64)
-    assert torch.equal(g.llm.embed.weight, M.load_hf_qwen3(str(tmp_path / "l")).embed.weight)
+    assert torch.equal(g.llm.embed.weight, H.load_hf_qwen3(str(tmp_path / "l")).embed.weight)
 
 
 def test_merger_layout():

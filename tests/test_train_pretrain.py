@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common as C
 import train_pretrain as TP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,9 +293,9 @@ def test_step_flops_match_torch_flop_counter(base, micro_data, stage, monkeypatc
     model = TP.Bundle(gem, head, stage, tc)
     with FlopCounterMode(display=False) as fc:
         model(b, 1.0, 1.0)[0].backward()
-    counter = TP.HeadFlops(head) if head is not None else None
+    counter = C.HeadFlops(head) if head is not None else None
     model(b, 1.0, 1.0)[0].backward()
-    ours = TP.vlm_flops(gem.cfg, b["attention_mask"], stage != 1) + (counter.total if counter else 0.0)
+    ours = C.vlm_flops(gem.cfg, b["attention_mask"], stage != 1) + (counter.total if counter else 0.0)
     assert ours == pytest.approx(fc.get_total_flops(), rel=1e-9)
     if counter:
         counter.close()
@@ -302,8 +303,8 @@ def test_step_flops_match_torch_flop_counter(base, micro_data, stage, monkeypatc
     # padding is not counted: a padded batch costs exactly its samples counted one by one
     mixed = TP.make_batch(ds, [0, 3, 7], TP.D.special_ids(tok)["pad_id"], "depth", "cpu")
     assert not mixed["attention_mask"].all()
-    one_by_one = sum(TP.vlm_flops(gem.cfg, m[None, m], True) for m in mixed["attention_mask"])
-    assert TP.vlm_flops(gem.cfg, mixed["attention_mask"], True) == pytest.approx(one_by_one)
+    one_by_one = sum(C.vlm_flops(gem.cfg, m[None, m], True) for m in mixed["attention_mask"])
+    assert C.vlm_flops(gem.cfg, mixed["attention_mask"], True) == pytest.approx(one_by_one)
 
 
 def test_peak_table_picks_the_gpu_by_name(monkeypatch):
@@ -311,5 +312,5 @@ def test_peak_table_picks_the_gpu_by_name(monkeypatch):
     for name, want in (("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989), ("NVIDIA L4", 121),
                        ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", 165), ("Some Future GPU", 0.0)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
-        assert TP.peak_tflops(cuda, 0.0) == want, name
-    assert TP.peak_tflops(cuda, 123.0) == 123.0 and TP.peak_tflops(torch.device("cpu"), 0.0) == 0.0
+        assert C.peak_tflops(cuda, 0.0) == want, name
+    assert C.peak_tflops(cuda, 123.0) == 123.0 and C.peak_tflops(torch.device("cpu"), 0.0) == 0.0
