@@ -146,6 +146,7 @@ def test_depth_lookup_per_source_and_shared_basenames(tmp_path):
 
 
 def test_masked_pixels_do_not_reach_the_depth_loss():
+    import depth_head as DH
     from depth_head import DepthHeadConfig, GenerativeHead
     torch.manual_seed(0)
     head = GenerativeHead(DepthHeadConfig(llm_dim=8, cond_dim=8, width=8, grid=2, out_size=8)).eval()
@@ -160,6 +161,15 @@ def test_masked_pixels_do_not_reach_the_depth_loss():
     t3 = t.clone()
     t3[0, :, 4:] += 0.5
     assert not torch.equal(head.loss(h, t3, mask, seeds), base)
+    # the reduction, written out: per sample the mean squared velocity error over its valid pixels, then
+    # the mean over samples (the noise, time and velocity from the same seeded draws)
+    x0 = torch.where(mask, t, 0.0) * 2 - 1  # masked targets enter as 0 (their value must not matter)
+    tt, noise, _ = DH.draw_noise(x0, seeds)
+    xt, v = DH.flow_pair(x0, noise, tt)
+    with torch.no_grad():
+        err = (head.generator(xt, tt, head.connector(h)) - v) ** 2  # (2, 1, 8, 8)
+    want = (err[0, :, 4:].mean() + err[1].mean()) / 2  # sample 0: rows 4-7 valid
+    assert torch.allclose(base, want, rtol=1e-5), (base, want)
     # all pixels valid: the per-pixel mask equals the per-sample flag
     assert torch.allclose(head.loss(h, t, torch.ones_like(mask), seeds), head.loss(h, t, torch.tensor([True, True]), seeds))
 

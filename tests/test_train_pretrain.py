@@ -249,6 +249,10 @@ def test_frames_and_targets(micro_data):
     items = [dict(ds[i], pos=i, depth_valid=False) for i in idx[:2]]  # as for a record without depth
     assert TP.make_batch(ds, None, 0, "rgb", "cpu", items)["target_valid"].all()
     assert not TP.make_batch(ds, None, 0, "depth", "cpu", items)["target_valid"].any()
+    # the images travel as uint8 and become the same pixel_values collate's own conversion gives, in [-1, 1]
+    pv = TP.make_batch(ds, None, 0, "depth", "cpu", items)["pixel_values"]
+    assert torch.equal(pv, TP.D.collate(items, 0)["pixel_values"]) and pv.dtype == torch.float32
+    assert pv.min() >= -1 and pv.max() <= 1 and pv.min() < 0 < pv.max()
     bare = [dict(r, _depth=None) for r in ds.records]  # GEM-250K style, no depth
     assert TP.distinct_frames(bare) == [] and len(TP.distinct_frames(bare, need_depth=False)) >= len(idx)
     # validation samples are spread over the split (its first records are a few consecutive rollouts)
