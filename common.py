@@ -216,10 +216,15 @@ def load_checkpoint(path: str, with_train_state: bool = False):
 # ----------------------------------------------------------------------------------------------------
 # Training infrastructure shared by train_pretrain.py and train_vla.py
 
+def resolve_device(flag: str) -> torch.device:
+    """--device: auto (the GPU when there is one) | cpu | cuda."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag)
+
+
 def setup_dist(cfg):
     """-> (device, rank, world, ddp). torchrun sets RANK/WORLD_SIZE; gloo on CPU so DDP is testable here.
     cfg needs .device (auto | cpu | cuda) and .threads (0 = torch's default)."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = str(resolve_device(cfg.device))
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
@@ -265,19 +270,26 @@ def peak_tflops(device, flag: float) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS if k in name), 0.0)
 
 
-def vlm_flops(c, mask: torch.Tensor, trains: bool) -> float:
+def vlm_flops(c, mask: torch.Tensor, trains: bool, grad_layers: int | None = None, text_grad: bool = True) -> float:
     """FLOPs of the VLM (c: model.GEMConfig) on one batch: its matmuls (2 x rows x weights) and attention (4 x queries x keys x
-    width), on non-padding tokens only (mask (B, T)). A training VLM adds the backward: twice the forward,
-    less the patch embedding's input gradient (pixels need none). Checked against torch.utils.flop_counter."""
+    width), on non-padding tokens only (mask (B, T)). A training VLM adds the backward, twice the forward of what
+    it runs through: the ViT and merger (less the patch embedding's input gradient: pixels need none), the
+    first `grad_layers` LLM layers (default all: the VLA's expert reads only the lower layers when no depth
+    head reads the last) and the unembedding when a text loss trains (text_grad). Checked against
+    torch.utils.flop_counter."""
     B, P, m2 = mask.shape[0], (c.image_size // c.patch_size) ** 2, c.merge ** 2
     patch = 2 * P * c.vit_dim * 3 * c.patch_size ** 2
     vit = c.vit_layers * (2 * P * (4 * c.vit_dim ** 2 + 2 * c.vit_dim * c.vit_mlp) + 4 * P * P * c.vit_dim)
     merger = 2 * c.n_image_tokens * (m2 * c.vit_dim) * (m2 * c.vit_dim + c.dim)  # odd grids: padded cells count
     T = mask.sum(1).double()  # (B,) real tokens
     weights = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.mlp_dim
-    llm = (2 * c.n_layers * weights + 2 * c.dim * c.vocab_size) * T.sum() + 4 * c.n_layers * c.n_heads * c.head_dim * (T ** 2).sum()
-    fwd = B * (patch + vit + merger) + float(llm)
-    return 3 * fwd - B * patch if trains else fwd
+    layer = float(2 * weights * T.sum() + 4 * c.n_heads * c.head_dim * (T ** 2).sum())  # one LLM layer, forward
+    unembed = float(2 * c.dim * c.vocab_size * T.sum())
+    fwd = B * (patch + vit + merger) + c.n_layers * layer + unembed
+    if not trains:
+        return fwd
+    g = c.n_layers if grad_layers is None else grad_layers
+    return fwd + 2 * (B * (patch + vit + merger) + g * layer + text_grad * unembed) - B * patch
 
 
 class HeadFlops:

@@ -195,9 +195,6 @@ def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def pixel_values_from_rgb(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 (H,W,3) -> float32 (3,H,W) in [-1,1] (to_pixel_values of one image)."""
-    return to_pixel_values(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # (C,H,W) -> (C,size,size), area average
@@ -1395,14 +1392,19 @@ def obs_to_inputs(obs: dict, tok, cfg, stats: dict) -> dict:
     """THE observation -> model-input function, used by DemoDataset and by the VLA Policy alike.
 
     cfg needs image_size and n_image_tokens (and optionally image_first). Returns input_ids (T,) long,
-    pixel_values (3,H,W) in [-1,1], state (8,) normalised."""
+    image (3,H,W) uint8 (collate makes it pixel_values), state (8,) normalised."""
     rgb = np.asarray(obs["rgb"])
     if rgb.shape[:2] != (cfg.image_size, cfg.image_size):
         raise ValueError(f"obs['rgb'] is {rgb.shape[1]}x{rgb.shape[0]}, expected {cfg.image_size}x{cfg.image_size} (image_size)")
-    prompt = f"{IMAGE}\n" + VLA_PROMPT.format(instr=obs["instruction"])
-    ids = encode_prompt(tok, prompt, cfg.n_image_tokens, getattr(cfg, "image_first", True))
-    return dict(input_ids=torch.tensor(ids), pixel_values=pixel_values_from_rgb(rgb),
+    ids = _vla_prompt_ids(tok, obs["instruction"], cfg.n_image_tokens, getattr(cfg, "image_first", True))
+    return dict(input_ids=torch.tensor(ids), image=torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1),
                 state=normalize(np.asarray(obs["state"], np.float32), stats, "state"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _vla_prompt_ids(tok, instruction: str, n_image_tokens: int, image_first: bool) -> tuple:
+    """The VLA prompt's ids, tokenised once per instruction (it was a third of the VLA's data path)."""
+    return tuple(encode_prompt(tok, f"{IMAGE}\n" + VLA_PROMPT.format(instr=instruction), n_image_tokens, image_first))
 
 
 DEMO_CACHE_VERSION = 1  # bump whenever what the demo frame cache holds, or how it is computed, changes

@@ -39,6 +39,7 @@ Paper -> code map (GEM's four ideas, each in one place)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -134,10 +135,12 @@ PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config rou
                   ckpt_every=0, sample_steps=2, max_len=96),
     # tiny: 2-core CPU, a few minutes per recipe (see "Making tiny learn" above)
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
-    # small: one GPU
-    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=4000, steps1=300,
-                  steps2=1500, steps3=6000, lr0=1e-3, lr3=3e-4, batch_size=64, workers=6, eval_every=1000, viz_every=1000,
-                  ckpt_every=1000, val_gen=256),
+    # small: one GPU. A step costs ~46 GFLOP per sample (69 with the head; stages 1-2: 39), so the step counts
+    # fit reproduce.py's 8 minutes: ~75 PFLOP for stage 0, six recipes and two VLAs, ~5 min at 250 TFLOP/s.
+    # Epochs over data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
+    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150,
+                  steps2=500, steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, viz_every=500,
+                  ckpt_every=500, val_gen=256),
     # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm): every model size, the image size and
     # the pixel normalisation come from their configs (build_gem). head_size must be the token grid times a
     # power of two: 56 fits siglip-base-patch16-224 (grid 7) and siglip-so400m-patch14-384 (27 patches, grid 14)
@@ -340,13 +343,12 @@ class Bundle(nn.Module):
 
 def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Samples at global positions [start, start+count) of an endless stream of seeded epoch permutations."""
-    out, perms = [], {}
-    for p in range(start, start + count):
-        ep = p // n
-        if ep not in perms:
-            perms[ep] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + ep)).tolist()
-        out.append(perms[ep][p % n])
-    return out
+    return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
+
+
+@functools.lru_cache(maxsize=2)  # a step's samples span at most two epochs; drawing the order each step cost ~1 ms
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist())
 
 
 class StepItems(torch.utils.data.Dataset):
@@ -373,6 +375,12 @@ def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (
     return x
 
 
+def step_loader(steps: StepItems, workers: int):
+    """Iterator over the steps' micro-batches, loaded by `workers` processes ahead of the training loop."""
+    return iter(torch.utils.data.DataLoader(steps, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                            prefetch_factor=4 if workers else None))
+
+
 def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
     """GemDataset's settings for a model and a run's TrainConfig (training, evaluation and the depth probe)."""
     return dict(tok=tok, image_size=gem.cfg.image_size, n_image_tokens=gem.cfg.n_image_tokens, head_size=tc.head_size,
@@ -383,12 +391,18 @@ def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
 def make_batch(ds, idx, pad_id, modality, device, items=None):
     """Collated batch on `device`, plus the head's target ("target", depth or RGB), the pixels its loss trains
     ("target_mask": every RGB pixel; the depth pixels that have depth) and the samples with any ("target_valid")."""
-    b = D.collate(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id, pixels=False)
+    b = device_batch(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id, device)
     rgb = modality == "rgb"
     b["target"] = b["rgb_target"] if rgb else b["depth_target"]
     b["target_mask"] = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
     b["target_valid"] = b["target_mask"].flatten(1).any(1)  # (B,) samples the head's loss counts
-    b = to_device(b, device)  # the images travel as uint8 and become pixel_values where the model runs
+    return b
+
+
+def device_batch(items: list, pad_id: int, device) -> dict:
+    """Items -> a collated batch on `device` (training's way in, VLM and VLA): the images travel as uint8, a
+    quarter of the bytes of floats, and become pixel_values where the model runs."""
+    b = to_device(D.collate(items, pad_id, pixels=False), device)
     b["pixel_values"] = D.to_pixel_values(b.pop("images"))
     return b
 
@@ -621,9 +635,8 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         head.train()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, disable=rank != 0)
-    loader = iter(torch.utils.data.DataLoader(
-        StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum),
-        batch_size=None, collate_fn=_as_is, num_workers=tc.workers, prefetch_factor=4 if tc.workers else None))
+    loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum),
+                         tc.workers)
     t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}
     vlm_trains, peak_tf, head_per_sample = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops), None
     while step < total:
@@ -650,7 +663,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
             dt = time.time() - t0
             flops = all_sum(torch.tensor(seen_f, dtype=torch.float64, device=device), ddp).item()  # all ranks
             rec = dict(stage=stage, step=step, **terms, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
-                       tokens_per_s=seen_t / dt, tflops=flops / dt / 1e12)
+                       step_ms=1000 * dt * gbatch / seen_s, tokens_per_s=seen_t / dt, tflops=flops / dt / 1e12)
             speed = {"samples/s": f"{seen_s / dt:.0f}"}
             if peak_tf:
                 rec["mfu"] = flops / dt / (peak_tf * 1e12 * world)

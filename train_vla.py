@@ -38,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at, parse_config,
-                    setup_dist)
+from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at,
+                    parse_config, peak_tflops, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
-from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt, sample_indices, to_device
+from train_pretrain import StepItems, check_flow_convention, device_batch, load_pretrained, resolve_ckpt, step_loader
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,7 +202,9 @@ class VLAConfig:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     compile: bool = False
+    peak_tflops: float = 0.0        # MFU denominator per GPU; 0 = from the GPU's name (common.PEAK_BF16_TFLOPS)
     threads: int = 0                # torch CPU threads (0 = torch's default)
+    workers: int = 0                # processes loading the next steps' samples (a GPU step outruns one core's data path)
     render_workers: int = 0         # processes rendering the demo frame cache once (data.build_demo_cache; 0 = every core)
     cache_dir: str = ""             # where that cache goes when the demos folder is read-only ("" = <demos>/cache)
     stop_after: int = 0             # stop (with a checkpoint) after this many steps of this invocation; 0 = never
@@ -212,8 +214,9 @@ PRESETS = {
     "micro": dict(horizon=4, expert_dim=32, expert_heads=2, expert_blocks=0, steps=6, batch_size=4, depth_batch=0,
                   flow_repeats=2, log_every=1, eval_every=3, ckpt_every=3, val_max=8),
     "tiny": dict(),
-    "small": dict(horizon=16, expert_dim=384, expert_heads=6, expert_blocks=7, steps=20000, batch_size=64, depth_batch=0,
-                  lr=3e-4, vlm_lr=3e-5, replan_k=8, eval_every=1000, ckpt_every=1000, log_every=50, val_max=1024),
+    # small: one GPU; 5,000 steps of batch 64 = ~6 epochs of 50 demos x 40 tasks, ~16 PFLOP (train_pretrain's small note)
+    "small": dict(horizon=16, expert_dim=384, expert_heads=6, expert_blocks=7, steps=5000, batch_size=64, depth_batch=0,
+                  lr=3e-4, vlm_lr=3e-5, replan_k=8, eval_every=1000, ckpt_every=1000, log_every=50, val_max=1024, workers=2),
 }
 
 
@@ -240,6 +243,11 @@ class GEMVLA(nn.Module):
             terms["depth"] = self.head.loss(out["image_hidden"][:n], batch["depth_target"][:n], batch["depth_valid"][:n])
         terms["loss"] = terms["action"] + cfg.depth_weight * terms["depth"] if "depth" in terms else terms["action"]
         return terms
+
+    def grad_layers(self) -> int:
+        """LLM layers the loss back-propagates through: all when the depth head reads the last one, else those
+        up to the expert's last block (block i reads hidden state i; hidden state 0 = the embeddings)."""
+        return self.vlm.cfg.n_layers if self.head is not None else len(self.expert.blocks) - 1
 
     @torch.no_grad()
     def sample_actions(self, batch: dict, steps: int, generator=None):
@@ -329,7 +337,7 @@ class Policy:
     @torch.no_grad()
     def predict(self, obs_list: list) -> np.ndarray:
         """Observations -> un-normalised action chunks (N, H, 7) clipped to [-1, 1]."""
-        batch = to_device(D.collate([self.preprocess(o) for o in obs_list], self.pad_id), self.device)
+        batch = device_batch([self.preprocess(o) for o in obs_list], self.pad_id, self.device)
         a = self.model.sample_actions(batch, self.steps, self.generator)
         return D.unnormalize(a.float().cpu(), self.stats, "action").clamp(-1, 1).numpy()
 
@@ -388,7 +396,7 @@ def validate(model: GEMVLA, ds, idx: list, cfg: VLAConfig, stats: dict, pad_id: 
     g = torch.Generator(device).manual_seed(1234)  # the same noise every time: comparable numbers
     err = cnt = 0.0
     for s in range(0, len(idx), bs):
-        b = to_device(D.collate([ds[i] for i in idx[s:s + bs]], pad_id), device)
+        b = device_batch([ds[i] for i in idx[s:s + bs]], pad_id, device)
         pred = D.unnormalize(model.sample_actions(b, cfg.flow_steps, g).float(), stats, "action")
         true = D.unnormalize(b["actions"].float(), stats, "action")
         m = b["action_mask"].float()[..., None]  # (B, H, 1): no error past the episode end
@@ -474,16 +482,26 @@ def main(argv=None):
     bar = tqdm(total=cfg.steps, initial=step, desc="vla", dynamic_ncols=True, disable=rank != 0)
     model.train()
     t0, seen, stop = time.time(), 0, cfg.steps if not cfg.stop_after else min(cfg.steps, step + cfg.stop_after)
+    # MFU: the VLM's FLOPs from the batch's real tokens; the expert's and head's counted by hooks in the first step
+    seen_f, per_sample, peak_tf, last_log = 0.0, None, peak_tflops(device, cfg.peak_tflops), step
+    # this rank's samples of each step, as in pretraining (a stateless sampler: resume stays exact)
+    loader = step_loader(StepItems(torch.utils.data.Subset(ds, train_idx), cfg.seed, step, cfg.steps, cfg.batch_size,
+                                   world, rank, cfg.batch_size // world, 1), cfg.workers)
     while step < stop:
         lr_scale = lr_at(step, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * lr_scale
         # data order and flow noise are pure functions of (seed, step, rank): resume continues exactly
         torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
-        idx = sample_indices(len(train_idx), cfg.seed, step * cfg.batch_size, cfg.batch_size)[rank::world]
-        b = to_device(D.collate([ds[train_idx[i]] for i in idx], pad_id), device)
+        b = device_batch(next(loader)[0], pad_id, device)
+        counter = HeadFlops(nn.ModuleList([m for m in (model.expert, model.head) if m is not None])) if per_sample is None else None
         with amp:
             terms = net(b, cfg)
+        if counter is not None:
+            counter.close()
+            per_sample = counter.total / len(b["input_ids"])
+        seen_f += (vlm_flops(model.vlm.cfg, b["attention_mask"], not cfg.freeze_vlm, model.grad_layers(), text_grad=False)
+                   + per_sample * len(b["input_ids"]))
         names = sorted(terms)
         vals = dict(zip(names, (all_sum(torch.stack([terms[k].detach().float() for k in names]), ddp) / world).tolist()))
         opt.zero_grad(set_to_none=True)
@@ -499,8 +517,13 @@ def main(argv=None):
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
             dt = time.time() - t0
-            logf(dict(step=step, **vals, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, samples_per_s=seen / dt))
-            t0, seen = time.time(), 0
+            flops = all_sum(torch.tensor(seen_f, dtype=torch.float64, device=device), ddp).item()  # all ranks
+            rec = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, samples_per_s=seen / dt,
+                       step_ms=1000 * dt / (step - last_log), tflops=flops / dt / 1e12)
+            if peak_tf:
+                rec["mfu"] = flops / dt / (peak_tf * 1e12 * world)
+            logf(rec)
+            t0, seen, seen_f, last_log = time.time(), 0, 0.0, step
         if rank == 0 and val_idx and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             l1 = validate(model, ds, val_idx, cfg, stats, pad_id, device)
             logf(dict(step=step, val_action_l1=l1))

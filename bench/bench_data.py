@@ -1,6 +1,6 @@
 """How fast does training get its batches? From the PNGs and from the decode-once cache (issue 13).
 
-    python bench/bench_data.py [--sizes=64,128] [--steps=20] [--batch=64] [--data=DIR]
+    python bench/bench_data.py [--sizes=64,128] [--steps=20] [--batch=64] [--data=DIR] [--demos=DIR]
 
 Times exactly what train_pretrain.run_stage does per step, on one core: StepItems (shuffled, stateless
 sample order) -> length_chunks -> make_batch, for each image size, once reading the PNGs (cache=False) and
@@ -8,7 +8,8 @@ once from data.build_cache's memory-mapped arrays, after checking that both give
 Without --data it generates a small `micro`-style dataset per size in a temporary directory (~100 images).
 Rates are samples per second of this process's CPU time (one thread), so a busy machine does not lower them.
 It also times the CPU's part of a GPU step alone (make_batch converts the uint8 images to pixel_values on the
-device). Target: >= 5,000 samples/s at 128 px from the cache. Last line: `bench_data: cache 128 px N samples/s`.
+device). Then the VLA's path (train_vla: demo chunks from the frame cache, and re-rendered as the baseline).
+Target: >= 5,000 samples/s at 128 px from the cache. Last line: `bench_data: cache 128 px N samples/s`.
 """
 import gc
 import os
@@ -66,7 +67,28 @@ def main(argv):
               f"samples/s ({rates['cache'] / rates['png']:.1f}x; {rates['cache, CPU part of a GPU step']:.0f} samples/s without the "
               f"uint8 -> float conversion, which a GPU run does on the device); cache built in {build:.1f} s (identical batches)")
         last = (S, rates["cache"])
+        vla_rates = bench_vla(S, tok, steps, batch, pad, kw.get("demos"))
+        print(f"{S} px VLA (demo chunks): rendered per sample {vla_rates['render']:.0f} samples/s, cache "
+              f"{vla_rates['cache']:.0f} samples/s (the CPU part of a GPU step: train_vla's own loader items + collate)")
     print(f"bench_data: cache {last[0]} px {last[1]:.0f} samples/s")
+
+
+def bench_vla(S: int, tok, steps: int, batch: int, pad: int, demos: str | None = None) -> dict:
+    """train_vla's data path on one core: StepItems over DemoDataset -> collate (images stay uint8; the device
+    converts them), from the demo frame cache and, as the baseline, re-rendering every frame."""
+    root = demos or os.path.join(tempfile.mkdtemp(prefix="bench_demos_"), "demos")
+    if not os.path.isdir(root):
+        D.generate_demos(D.DemoConfig(out=root, suite="goal", per_task=2, workers=1))
+    kw = dict(image_size=S, horizon=16, head_size=S // 2, n_image_tokens=(S // 8 // 2) ** 2)
+    sets = {"cache": D.DemoDataset(root, tok, cache=True, **kw), "render": D.DemoDataset(root, tok, cache=False, **kw)}
+    rates = {}
+    for name, ds in sets.items():
+        n_steps = max(2, steps // 10) if name == "render" else steps
+        items = TP.StepItems(ds, seed=0, start=0, total=n_steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1)
+        t = time.process_time()
+        n = sum(len(D.collate(items[k][0], pad, pixels=False)["input_ids"]) for k in range(n_steps))
+        rates[name] = n / (time.process_time() - t)
+    return rates
 
 
 if __name__ == "__main__":

@@ -107,9 +107,10 @@ def test_depth_mask_keeps_cells_at_least_half_valid():
 
 def test_pixel_values_and_rgb_target():
     rgb = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
-    pv = data.pixel_values_from_rgb(rgb)
+    pv = data.to_pixel_values(torch.from_numpy(rgb).permute(2, 0, 1))
     assert pv.shape == (3, 4, 4) and torch.allclose(pv[:, 1, 2], torch.tensor(rgb[1, 2], dtype=torch.float32) / 127.5 - 1)
-    assert data.pixel_values_from_rgb(np.full((2, 2, 3), 255, np.uint8)).max() == 1.0
+    assert data.to_pixel_values(torch.full((3, 2, 2), 255, dtype=torch.uint8)).max() == 1.0
+    assert data.to_pixel_values(torch.zeros(3, 2, 2, dtype=torch.uint8)).min() == -1.0
     rt = data.rgb_target(rgb, 2)
     assert rt.shape == (3, 2, 2) and abs(float(rt[0, 0, 0]) - rgb[:2, :2, 0].mean() / 255) < 1e-6
 
@@ -412,7 +413,7 @@ def test_blind_dataset_shows_one_grey_image(micro_data):
         assert torch.equal(blind[i]["input_ids"], seeing[i]["input_ids"])  # the same text
     # what the model sees: collate turns the grey uint8 image into the preprocessing of a grey RGB array
     b = data.collate([blind[0], blind[1]], 0)
-    assert torch.equal(b["pixel_values"][1], data.pixel_values_from_rgb(np.full((64, 64, 3), 128, np.uint8)))
+    assert torch.allclose(b["pixel_values"][1], torch.full((3, 64, 64), 128 / 127.5 - 1), atol=1e-7, rtol=0)
 
 
 def test_split_rules_heldout_templates_and_combos(micro_data):
@@ -670,8 +671,13 @@ def test_demo_dataset_and_obs_to_inputs_match_the_policy_path(micro_demos, micro
     obs, _ = env.reset(options={"state": ep0["sim_states"][T - 3]})
     cfg = type("C", (), dict(image_size=64, n_image_tokens=16))()
     live = data.obs_to_inputs(obs, tok, cfg, stats)
-    for k in ("input_ids", "pixel_values", "state"):
+    for k in ("input_ids", "image", "state"):
         assert torch.equal(live[k], it[k]), k
+    assert live["image"].dtype == torch.uint8 and torch.equal(live["image"].permute(1, 2, 0), torch.from_numpy(obs["rgb"]))
+    # the prompt ids are memoised per instruction: another instruction gets its own
+    other = data.obs_to_inputs(dict(obs, instruction="open the drawer"), tok, cfg, stats)["input_ids"]
+    assert not torch.equal(other, live["input_ids"]) and tok.decode(other.tolist()).rstrip().endswith(
+        "to open the drawer?\nassistant")
     assert tok.decode(live["input_ids"].tolist(), skip_special_tokens=True).strip().endswith(
         "What action should the robot take to " + ep0["instruction"] + "?\nassistant")
     x = torch.randn(5, 8)

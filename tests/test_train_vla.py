@@ -96,7 +96,7 @@ def test_policy_preprocessing_equals_training(init, micro_demos, tmp_path):
         obs = env.render()  # what the simulator gives the policy at that moment of the demo
         obs["instruction"] = ep["instruction"]
         got, want = pol.preprocess(obs), ds[i]
-        for k in ("input_ids", "pixel_values", "state"):
+        for k in ("input_ids", "image", "state"):
             assert torch.equal(got[k], want[k]), k
         assert np.allclose(obs["state"], ep["states"][t])
 
@@ -167,10 +167,11 @@ def test_block_j_reads_only_layer_j_and_padding_changes_nothing(init, micro_demo
 def test_resume_is_exact(init, micro_demos, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(init, micro_demos, a, "--steps=4")
-    train(init, micro_demos, b, "--steps=4", "--stop_after=2")
+    # b: loaded by worker processes, stopped and resumed: the same samples, the same weights
+    train(init, micro_demos, b, "--steps=4", "--stop_after=2", "--workers=2")
     with pytest.raises(SystemExit, match="--resume"):  # an existing run is never silently overwritten
         train(init, micro_demos, b, "--steps=4")
-    train(init, micro_demos, b, "--steps=4", "--resume")
+    train(init, micro_demos, b, "--steps=4", "--resume", "--workers=2")
     ta, tb = (V.load_checkpoint(os.path.join(d, "ckpt"))[0] for d in (a, b))
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -264,3 +265,31 @@ def test_closed_loop_evaluation_is_reproducible_across_workers(init, micro_demos
     key = lambda r: (r["task_id"], r["start_id"])  # noqa: E731
     assert sorted(one, key=key) == sorted(two, key=key) and len(one) == 4
     assert len({tuple(r["final_state"]) for r in one}) == 4  # the episodes differ: the comparison can tell
+
+
+@pytest.mark.parametrize("blocks,depth", [(2, False), (2, True), (0, False)])
+def test_step_flops_match_torch_flop_counter(init, micro_demos, blocks, depth, monkeypatch):
+    """The VLA's MFU counts what runs: vlm_flops with the backward only through the LLM layers the loss
+    reaches (the expert's blocks read hidden states 0..blocks-1; the depth head reads the last layer), no
+    unembedding backward, plus the expert's and head's layers by hooks == torch's FlopCounterMode for the same
+    forward + backward. The expert's attention runs through SDPA, which torch's CPU counter does not see and
+    HeadFlops leaves out (< 1% of a step). A batch of one sample repeated has no padding."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import common as C
+    import model as M
+    monkeypatch.setattr(M, "SDPA", False)  # the VLM's reference attention: two matmuls the counter sees
+    vlm, head, tok, tc = TP.load_pretrained(init)
+    cfg = parse_config(V.VLAConfig, ["--preset=micro", f"--expert_blocks={blocks}"], V.PRESETS)
+    vla = V.GEMVLA(vlm, V.build_expert(cfg, vlm.cfg), head if depth else None)
+    ds = D.DemoDataset(micro_demos, tok, vlm.cfg.image_size, cfg.horizon, head.cfg.out_size, vlm.cfg.n_image_tokens)
+    b = D.collate([ds[3]] * 3, D.special_ids(tok)["pad_id"])
+    assert vla.grad_layers() == (vlm.cfg.n_layers if depth or not blocks else blocks - 1)
+    torch.manual_seed(0)
+    with FlopCounterMode(display=False) as fc:
+        vla(b, cfg)["loss"].backward()
+    counter = C.HeadFlops(torch.nn.ModuleList([m for m in (vla.expert, vla.head) if m is not None]))
+    torch.manual_seed(0)
+    vla(b, cfg)["loss"].backward()
+    counter.close()
+    ours = C.vlm_flops(vlm.cfg, b["attention_mask"], True, vla.grad_layers(), text_grad=False) + counter.total
+    assert ours == pytest.approx(fc.get_total_flops(), rel=1e-9)
