@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import torch
 
-from common import parse_config
+from common import parse_config, resolve_device
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -380,23 +380,26 @@ def eval_rules(cfg) -> dict:
 def image_features(gem, ds, idx: list[int], pad_id: int, bs: int = 32):
     """Frozen last-layer image-token states (N, n_img, D), depth targets (N, 1, S, S), metric depth (N, H, W),
     the target cells with depth (N, 1, S, S)."""
-    from data import collate
+    from train_pretrain import device_batch
     gem.eval()
-    hid, tgt, dm, mask = [], [], [], []
+    dev, hid, tgt, dm, mask = next(gem.parameters()).device, [], [], [], []
     for s in range(0, len(idx), bs):
-        b = collate([ds[i] for i in idx[s:s + bs]], pad_id)
+        b = device_batch([ds[i] for i in idx[s:s + bs]], pad_id, dev)
         hid.append(gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"].float())
+        b = {k: b[k].cpu() for k in ("depth_target", "depth_m", "depth_mask")}
         tgt.append(b["depth_target"]), dm.append(b["depth_m"]), mask.append(b["depth_mask"])
     return torch.cat(hid), torch.cat(tgt), torch.cat(dm), torch.cat(mask)
 
 
 def fit_probe(head, feats, targets, masks, steps: int, lr: float = 2e-3, bs: int = 32, seed: int = 0):
-    """Train a fresh head on frozen features for a fixed budget (same for every checkpoint)."""
+    """Train a fresh head on frozen features for a fixed budget (same for every checkpoint), on the head's device."""
     g = torch.Generator().manual_seed(seed)
+    dev = next(head.parameters()).device
+    feats, targets, masks = feats.to(dev), targets.to(dev), masks.to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     head.train()
     for _ in range(steps):
-        i = torch.randint(0, len(feats), (min(bs, len(feats)),), generator=g)
+        i = torch.randint(0, len(feats), (min(bs, len(feats)),), generator=g).to(dev)
         loss = head.loss(feats[i], targets[i], masks[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -430,7 +433,8 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     if head is not None and head.cfg.modality == "depth":
         heads["own head"] = head.eval()
     torch.manual_seed(cfg.seed)
-    probe = build_head(tc, gem, "gem")
+    dev = next(gem.parameters()).device
+    probe = build_head(tc, gem, "gem").to(dev)
     h_tr, t_tr, _, m_tr = image_features(gem, train_ds, train_idx, pad)
     heads["probe"] = fit_probe(probe, h_tr, t_tr, m_tr, cfg.probe_steps, seed=cfg.seed)
     res = {}
@@ -439,7 +443,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     for name, hd in [("chance", None)] + list(heads.items()):
         with torch.no_grad():
             gen = np.broadcast_to(mean_map, gt_inv.shape) if hd is None else hd.sample(
-                h_te, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, generator=torch.Generator().manual_seed(cfg.seed))[:, 0].numpy()
+                h_te, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, generator=torch.Generator(dev).manual_seed(cfg.seed))[:, 0].cpu().numpy()
         rng = np.random.default_rng(cfg.seed)  # the same pixel pairs for every predictor
         ms = []
         for i in range(len(gen)):  # whole image, and the foreground: pixels where this frame differs from the
@@ -454,7 +458,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
             res[name] |= {k: float(np.nanmean(v)), k + "_se": float(np.nanstd(v) / math.sqrt(max(1, np.isfinite(v).sum())))}
         if hd is not None:
             tc_viz = dataclasses.replace(tc, sample_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
-            depth_grid(gem, hd, test_ds, test_idx[:4], tc_viz, pad, "cpu", os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
+            depth_grid(gem, hd, test_ds, test_idx[:4], tc_viz, pad, dev, os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
     res["note"] = f"probe: fresh {tc.head_size}x{tc.head_size} head fitted {cfg.probe_steps} steps on {len(train_idx)} frozen train frames"
     return res
 
@@ -465,6 +469,8 @@ def eval_vlm(cfg) -> dict:
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)
+    dev = resolve_device(cfg.device)
+    gem, head = gem.to(dev), head.to(dev) if head is not None else None
     tc.data, tc.image_root, tc.depth_root = cfg.data or tc.data, cfg.image_root or tc.image_root, cfg.depth_root or tc.depth_root
     gem.eval()
     kw = dataset_kw(tc, gem, tok, max_len=4096)
@@ -547,10 +553,10 @@ def vlm_markdown(res: dict) -> str:
 _WORKER = {}  # per-process policy, loaded once by _init_worker
 
 
-def _init_worker(ckpt: str, seed: int = 0):
+def _init_worker(ckpt: str, seed: int = 0, device: str = "cpu"):
     torch.set_num_threads(1)  # one core per worker; the pool supplies the parallelism
     _WORKER.clear()
-    _WORKER.update(ckpt=ckpt, seed=seed)
+    _WORKER.update(ckpt=ckpt, seed=seed, device=device)
 
 
 def _policy():
@@ -558,7 +564,8 @@ def _policy():
     if _WORKER["ckpt"] not in ("expert", "random") and "policy" not in _WORKER:
         from train_vla import Policy
         ck = _WORKER["ckpt"]  # a run directory or its ckpt/
-        _WORKER["policy"] = Policy(os.path.join(ck, "ckpt") if os.path.isdir(os.path.join(ck, "ckpt")) else ck, seed=_WORKER["seed"])
+        _WORKER["policy"] = Policy(os.path.join(ck, "ckpt") if os.path.isdir(os.path.join(ck, "ckpt")) else ck,
+                                   device=_WORKER["device"], seed=_WORKER["seed"])
     return _WORKER.get("policy")
 
 
@@ -601,8 +608,9 @@ def run_episodes(job: tuple) -> list[dict]:
 
 
 def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers: int = 2, gif_dir: str = "",
-             strip: str = "", seed: int = 0) -> list[dict]:
-    """All episodes (suite x task x start 0..episodes-1); one job per task, jobs spread over `workers` processes.
+             strip: str = "", seed: int = 0, device: str = "cpu") -> list[dict]:
+    """All episodes (suite x task x start 0..episodes-1); one job per task, jobs spread over `workers` processes
+    (each with its own policy on `device`: a GPU answers every worker's batches).
     gif_dir: a GIF of start state 0 of every task; strip: a PNG, one row of 6 frames per suite (first task)."""
     from PIL import Image
     from sim_env import SUITES
@@ -612,12 +620,12 @@ def rollouts(ckpt: str, suites: list[str], episodes: int, task_ids=None, workers
     jobs = [(s, t, list(range(episodes)), bool(gif_dir) or (bool(strip) and t == firsts[s])) for s, t in tasks]
     desc = f"rollouts {os.path.basename(os.path.normpath(ckpt))}"
     if workers <= 1 or len(jobs) == 1:
-        _init_worker(ckpt, seed)
+        _init_worker(ckpt, seed, device)
         out = [r for j in tqdm(jobs, desc=desc) for r in run_episodes(j)]
     else:
         import multiprocessing as mp
         # spawn: a forked torch process can deadlock in its thread pool
-        with mp.get_context("spawn").Pool(workers, _init_worker, (ckpt, seed)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (ckpt, seed, device)) as pool:
             out = [r for rs in tqdm(pool.imap(run_episodes, jobs), total=len(jobs), desc=desc) for r in rs]
     rows = []
     for r in out:
@@ -677,7 +685,7 @@ def eval_vla(cfg) -> dict:
         ref = name in ("expert", "random")
         gif = os.path.join(cfg.out, "gifs") if cfg.gif and name == cfg.ckpt else ""
         rows = rollouts(name, suites, cfg.episodes, task_ids, cfg.workers, gif,
-                        os.path.join(cfg.out, f"rollouts_{name if ref else 'policy'}.png"), cfg.seed)
+                        os.path.join(cfg.out, f"rollouts_{name if ref else 'policy'}.png"), cfg.seed, str(resolve_device(cfg.device)))
         results[name if ref else os.path.normpath(name)] = {**summarise_vla(rows), "episodes": rows}
     md = [f"# VLA closed-loop success ({cfg.episodes} fixed start states per task)\n",
           "Success % [95% Wilson]; avg = mean of the suite rates (LIBERO convention).\n",
@@ -733,6 +741,7 @@ class EvalConfig:
     gif: bool = False
     refs: bool = True           # add the scripted-expert and random-policy reference rows
     threads: int = 1            # torch threads for vlm (1 avoids thread thrash on a shared 2-core CPU)
+    device: str = "auto"        # auto (the GPU when there is one) | cpu | cuda; rollout workers each load the policy there
     seed: int = 0
 
 

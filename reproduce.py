@@ -64,7 +64,7 @@ class ReproConfig:
     pretrain_flags: str = ""    # extra train_pretrain.py flags for every recipe, e.g. "--steps3=100"
     vla_flags: str = ""         # extra train_vla.py flags
     data_flags: str = ""        # extra data.py flags (VLM data)
-    workers: int = 2            # processes for VLA rollouts
+    workers: int = 2            # processes simulating: VLM data, demos, VLA rollouts
     jobs: int = 2               # steps run at once
     threads: int = 1            # torch threads per training step
 
@@ -78,7 +78,10 @@ PRESETS = {
     "tiny": dict(recipes="sft,gem,rgb,direct,blind", demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
                  pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0 --val_gen=32",
                  vla_suites="goal", vla_flags="--steps=300"),
-    "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000"),
+    # small: one GPU and its CPU cores: three steps share the GPU (a width-512 model leaves it idle between kernels)
+    # while 8 processes simulate (data, demos, rollouts; each rollout worker has its policy on the GPU); target <= 8 min
+    "small": dict(demos_per_task=50, episodes=20, ref_episodes=50, vlm_eval="--depth_frames=128 --probe_steps=1000 --batch_size=128",
+                  jobs=3, threads=2, workers=min(8, os.cpu_count() or 2)),
 }
 
 
@@ -95,8 +98,8 @@ def plan(c: ReproConfig) -> list[dict]:
 
     def add(name, out, argv, deps=()):
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
-    add("data", D, ["data.py", f"--out={D}", f"--preset={p}"] + c.data_flags.split())
-    add("demos", demos, ["data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}"] + etasks)
+    add("data", D, ["data.py", f"--out={D}", f"--preset={p}", f"--workers={c.workers}"] + c.data_flags.split())
+    add("demos", demos, ["data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}", f"--workers={c.workers}"] + etasks)
     add("rules", f"{R}/rules", ["eval.py", "rules", f"--data={D}", f"--out={R}/rules"], ["data"])
     split = 1.0 - c.base_share  # recipes: scenes [0, split * share); stage 0: [split, 1)
     base_scenes = [f"--scenes={split:.6g}:1"] if c.base_share else []
@@ -415,11 +418,7 @@ def curves(runs: dict[str, str]) -> str:
     out = ["| run | stage | steps | training loss terms (5 points) | validation at the end (text: per token) |",
            "|---|---|---|---|---|"]
     for name, d in runs.items():
-        if not os.path.isfile(f"{d}/log.jsonl"):
-            continue
-        with open(f"{d}/log.jsonl") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        recs = [r for r in recs if "step" in r]
+        recs = _log(d)
         for st in sorted({r.get("stage", "vla") for r in recs}, key=str):
             rs = [r for r in recs if r.get("stage", "vla") == st]
             tr, va = [r for r in rs if "loss" in r], [r for r in rs if any(k.startswith("val_") for k in r)]
@@ -430,6 +429,31 @@ def curves(runs: dict[str, str]) -> str:
             cur = "; ".join(f"{k} " + " → ".join(f"{r[k]:.3g}" for r in pts) for k in terms)
             val = ", ".join(f"{k[4:]} {v:.3g}" for k, v in (va[-1] if va else {}).items() if k.startswith("val_") and isinstance(v, float))
             out.append(f"| {name} | {st} | {tr[-1]['step']} | {cur} | {val} |")
+    return "\n".join(out) + "\n"
+
+
+def _log(run: str) -> list[dict]:
+    """A run's log.jsonl records that belong to a step (none when the run has no log)."""
+    if not os.path.isfile(f"{run}/log.jsonl"):
+        return []
+    with open(f"{run}/log.jsonl") as f:
+        return [r for r in (json.loads(line) for line in f if line.strip()) if "step" in r]
+
+
+def speed(runs: dict[str, str]) -> str:
+    """Training speed per run and stage: medians over the stage's log records after its first (start-up,
+    compilation) of wall time per step, samples/s, model TFLOP/s and MFU (on a GPU in the peak table)."""
+    out = ["| run | stage | steps | ms/step | samples/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+    for name, d in runs.items():
+        recs = [r for r in _log(d) if "samples_per_s" in r]
+        for st in sorted({r.get("stage", "vla") for r in recs}, key=str):
+            rs = [r for r in recs if r.get("stage", "vla") == st]
+            rs = rs[1:] or rs
+
+            def med(k, fmt):
+                return fmt.format(float(np.median([r[k] for r in rs]))) if all(k in r for r in rs) else "n/a"
+            out.append(f"| {name} | {st} | {rs[-1]['step']} | {med('step_ms', '{:.1f}')} | {med('samples_per_s', '{:.0f}')} "
+                       f"| {med('tflops', '{:.3g}')} | {med('mfu', '{:.1%}')} |")
     return "\n".join(out) + "\n"
 
 
@@ -484,7 +508,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     md = [f"# GEM-mini reproduction: preset `{c.preset}`, seeds {seeds_txt}\n",
           f"Command: `python reproduce.py --preset={c.preset} --seeds={seeds_txt}` · commit `{commit}` · "
           f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__} · summed step time {total / 60:.1f} min\n",
+          f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'} · "
+          f"summed step time {total / 60:.1f} min\n",
           (f"**{n} training seed{'s' if n > 1 else ''}: no claim.** Differences are claimed only over >= {MIN_SEEDS} seeds; "
            "nothing below is starred.\n" if n < MIN_SEEDS else
            f"{n} training seeds (stage 0, every recipe and VLA trained once per seed).\n"),
@@ -529,7 +554,10 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           "## Step times\n", "| step | seconds |\n|---|---|\n" + "".join(f"| {r['name']} | {r.get('seconds', 0):.0f} |\n" for r in log)
           + f"\nWall time of this invocation: {wall / 60:.1f} min ({c.jobs} steps at a time)"
           + (f"; {sum(1 for r in log if r.get('skipped'))} steps were done by an earlier invocation (their own times are above).\n"
-             if any(r.get("skipped") for r in log) else ".\n")]
+             if any(r.get("skipped") for r in log) else ".\n"),
+          "## Training speed (seed " + str(c.seeds[0]) + ")\n",
+          "MFU: the FLOPs each step runs (real tokens; backward only where gradients flow) over the GPU's dense bf16 peak.\n",
+          speed({"stage 0": f"{S[0]}/base"} | {r: f"{S[0]}/{r}" for r in recipes(c)} | {v: f"{S[0]}/{v}" for v in VLAS})]
     text = "\n".join(md)
     with open(f"{c.results}/README.md.tmp", "w") as f:
         f.write(text)

@@ -35,6 +35,8 @@ Paper -> code map (GEM's four ideas, each in one place)
       (our head starts untrained unless --head_init, so stage 1 then trains connector + generator, logged)
     L = L_text + 0.1 * L_flow (stage 3)                        gem_loss (--lam)
     Released script: cosine lr, 3% warmup, weight decay 0, clip 1, bf16   common.lr_at, TrainConfig, autocast
+Keeping a GPU fed (issue 13): samples decoded once (data.build_cache), batches collated in the loader's
+worker processes (StepItems + host_chunks), images sent as uint8 (on_device), one wait per step (train_step).
 """
 from __future__ import annotations
 
@@ -353,12 +355,13 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple:
 
 class StepItems(torch.utils.data.Dataset):
     """Step k -> this rank's micro-batches of samples at step start + k, each item tagged with its global
-    position ("pos"). The sampler is stateless, so worker processes can load steps ahead without changing
-    what any step sees (resume and DDP stay exact)."""
+    position ("pos"), and put together by `collate` (items -> what the training loop takes) where the step is
+    loaded: in the loader's worker processes, off the loop's critical path. The sampler is stateless, so
+    workers can load steps ahead without changing what any step sees (resume and DDP stay exact)."""
 
-    def __init__(self, ds, seed, start, total, gbatch, world, rank, bs, accum):
+    def __init__(self, ds, seed, start, total, gbatch, world, rank, bs, accum, collate=None):
         self.ds, self.seed, self.start, self.total, self.gbatch = ds, seed, start, total, gbatch
-        self.world, self.rank, self.bs, self.accum = world, rank, bs, accum
+        self.world, self.rank, self.bs, self.accum, self.collate = world, rank, bs, accum, collate
 
     def __len__(self):
         return self.total - self.start
@@ -367,18 +370,20 @@ class StepItems(torch.utils.data.Dataset):
         first = (self.start + k) * self.gbatch
         idx = sample_indices(len(self.ds), self.seed, first, self.gbatch)
         items = [dict(self.ds[i], pos=first + j) for j, i in enumerate(idx)]
-        return [items[(m * self.world + self.rank) * self.bs:(m * self.world + self.rank + 1) * self.bs]
-                for m in range(self.accum)]
+        mbs = [items[(m * self.world + self.rank) * self.bs:(m * self.world + self.rank + 1) * self.bs]
+               for m in range(self.accum)]
+        return [self.collate(mb) for mb in mbs] if self.collate else mbs
 
 
 def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (module level: picklable)
     return x
 
 
-def step_loader(steps: StepItems, workers: int):
-    """Iterator over the steps' micro-batches, loaded by `workers` processes ahead of the training loop."""
+def step_loader(steps: StepItems, workers: int, pin: bool = False):
+    """Iterator over the steps' micro-batches, loaded by `workers` processes ahead of the training loop (pin:
+    into page-locked memory, from which the copies to the GPU run while the GPU computes)."""
     return iter(torch.utils.data.DataLoader(steps, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                            prefetch_factor=4 if workers else None))
+                                            prefetch_factor=4 if workers else None, pin_memory=pin))
 
 
 def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
@@ -389,9 +394,15 @@ def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
 
 
 def make_batch(ds, idx, pad_id, modality, device, items=None):
-    """Collated batch on `device`, plus the head's target ("target", depth or RGB), the pixels its loss trains
-    ("target_mask": every RGB pixel; the depth pixels that have depth) and the samples with any ("target_valid")."""
-    b = device_batch(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id, device)
+    """Collated batch on `device` (host_batch, then on_device) of dataset items ds[i] (or the given items)."""
+    return on_device(host_batch(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id, modality), device)
+
+
+def host_batch(items: list, pad_id: int, modality: str) -> dict:
+    """Items -> a collated batch on the host (images uint8), plus the head's target ("target", depth or RGB),
+    the pixels its loss trains ("target_mask": every RGB pixel; the depth pixels that have depth) and the
+    samples with any ("target_valid")."""
+    b = D.collate(items, pad_id, pixels=False)
     rgb = modality == "rgb"
     b["target"] = b["rgb_target"] if rgb else b["depth_target"]
     b["target_mask"] = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
@@ -399,12 +410,22 @@ def make_batch(ds, idx, pad_id, modality, device, items=None):
     return b
 
 
-def device_batch(items: list, pad_id: int, device) -> dict:
-    """Items -> a collated batch on `device` (training's way in, VLM and VLA): the images travel as uint8, a
-    quarter of the bytes of floats, and become pixel_values where the model runs."""
-    b = to_device(D.collate(items, pad_id, pixels=False), device)
+def host_chunks(items: list, pad_id: int, modality: str) -> list:
+    """One micro-batch of items -> its length chunks as host batches (StepItems' collate in pretraining)."""
+    return [host_batch(ch, pad_id, modality) for ch in length_chunks(items)]
+
+
+def on_device(b: dict, device) -> dict:
+    """A host batch on `device`: the images travel as uint8, a quarter of the bytes of floats, and become
+    pixel_values where the model runs (training's way in, VLM and VLA)."""
+    b = to_device(b, device)
     b["pixel_values"] = D.to_pixel_values(b.pop("images"))
     return b
+
+
+def device_batch(items: list, pad_id: int, device) -> dict:
+    """Items -> a collated batch on `device` (on_device of data.collate's uint8 batch)."""
+    return on_device(D.collate(items, pad_id, pixels=False), device)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -530,29 +551,34 @@ def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
 # ----------------------------------------------------------------------------------------------------
 # One stage: the loop, and the helpers it calls once per step
 
-def train_step(model, has_head, batches, params, stage, step, tc, ddp, device, amp, ckpt):
+def train_step(model, has_head, host, params, stage, step, tc, ddp, device, amp, ckpt):
     """Forward/backward over the step's micro-batches, gradient clipping and the NaN guard -> (terms, grad norm).
-    The loss is a mean over the global batch: every token (or sample) for text, every valid image for flow."""
-    counts = all_sum(torch.tensor([float(sum(text_count(b["labels"], tc.loss_norm == "sample") for b in batches)),
-                                   float(sum(b["target_valid"].sum() for b in batches))], device=device), ddp)
+    The loss is a mean over the global batch: every token (or sample) for text, every valid image for flow.
+    host: the micro-batches on the host (host_batch), counted there and moved to `device` one by one, so the
+    step waits for the GPU once, for the losses and the gradient norm the NaN guard needs."""
+    n_text = [float(text_count(b["labels"], tc.loss_norm == "sample")) for b in host]
+    n_valid = [float(b["target_valid"].sum()) for b in host]
+    counts = torch.tensor([sum(n_text), sum(n_valid)], dtype=torch.float64)
+    counts = all_sum(counts.to(device), ddp).cpu() if ddp else counts  # the global batch's (DDP: every rank's)
     world = dist.get_world_size() if ddp else 1  # DDP averages gradients over ranks: the weights undo that
+    w_text = world / max(float(counts[0]), 1.0)
     stats = torch.zeros(2, device=device)
-    for m, b in enumerate(batches):
-        w_text = world / max(counts[0].item(), 1.0)
-        w_flow = world * b["target_valid"].sum().item() / max(counts[1].item(), 1.0)
-        sync = nullcontext() if (not ddp or m == len(batches) - 1) else model.no_sync()
+    for m, h in enumerate(host):
+        b = on_device(h, device)
+        w_flow = world * n_valid[m] / max(float(counts[1]), 1.0)
+        sync = nullcontext() if (not ddp or m == len(host) - 1) else model.no_sync()
         with sync:
             with amp:
                 loss, text_sum, flow = model(b, w_text, w_flow)
             loss.backward()
-        stats += torch.stack([text_sum.float(), flow.float() * b["target_valid"].sum()])
-    stats = all_sum(stats, ddp)
+        stats += torch.stack([text_sum.float(), flow.float() * n_valid[m]])
+    gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+    text, flow, gnorm = torch.cat([all_sum(stats, ddp), gnorm.float().reshape(1)]).tolist()  # the one wait
     losses = STAGES[stage]["losses"]
-    terms = {"text": (stats[0] / counts[0].clamp(min=1)).item()} if "text" in losses else {}
+    terms = {"text": text / max(float(counts[0]), 1.0)} if "text" in losses else {}
     if "flow" in losses and has_head:
-        terms["flow"] = (stats[1] / counts[1].clamp(min=1)).item()
+        terms["flow"] = flow / max(float(counts[1]), 1.0)
     terms["loss"] = gem_loss(stage, terms.get("text", 0.0), terms.get("flow", 0.0), tc.lam)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item()
     if not (math.isfinite(terms["loss"]) and math.isfinite(gnorm)):  # stop before the update touches the weights
         die(f"non-finite loss at stage {stage} step {step} ({terms}, grad norm {gnorm}); stopping without saving; "
             f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")
@@ -613,7 +639,8 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
     gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
     params = trainable(gem, head, stage, head_trained, log)
-    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    # fused on a GPU: the update of every tensor in a few kernels instead of a dozen per tensor group
+    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=device.type == "cuda")
     step = 0
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
@@ -635,33 +662,33 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         head.train()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, disable=rank != 0)
-    loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum),
-                         tc.workers)
+    loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum,
+                                   functools.partial(host_chunks, pad_id=pad_id, modality=modality)),
+                         tc.workers, pin=device.type == "cuda")
     t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}
     vlm_trains, peak_tf, head_per_sample = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops), None
     while step < total:
         lr = lr_at(step, total, peak, tc.warmup, tc.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = [make_batch(ds, None, pad_id, modality, device, ch) for items in next(loader)
-                   for ch in length_chunks(items)]
+        host = [b for mb in next(loader) for b in mb]  # the step's micro-batches (length chunks), collated by the loader
         counter = HeadFlops(head) if head is not None and head_per_sample is None else None  # the head: counted once
-        terms, gnorm = train_step(model, head is not None, batches, params, stage, step, tc, ddp, device, amp, ctx["ckpt"])
-        n_samples = sum(len(b["input_ids"]) for b in batches)
+        terms, gnorm = train_step(model, head is not None, host, params, stage, step, tc, ddp, device, amp, ctx["ckpt"])
+        n_samples = sum(len(b["input_ids"]) for b in host)
         if counter is not None:
             counter.close()
             head_per_sample = counter.total / n_samples
-        seen_f += sum(vlm_flops(gem.cfg, b["attention_mask"], vlm_trains) for b in batches) + (head_per_sample or 0.0) * n_samples
+        seen_f += sum(vlm_flops(gem.cfg, b["attention_mask"], vlm_trains) for b in host) + (head_per_sample or 0.0) * n_samples
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         seen_s += gbatch
-        seen_t += int(all_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in batches)), device=device), ddp).item())
+        seen_t += int(sum(b["attention_mask"].sum() for b in host))  # this rank's; summed over ranks at the log
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"} | speed, refresh=False)
         if step % tc.log_every == 0 or step == total:
             dt = time.time() - t0
-            flops = all_sum(torch.tensor(seen_f, dtype=torch.float64, device=device), ddp).item()  # all ranks
+            flops, seen_t = all_sum(torch.tensor([seen_f, seen_t], dtype=torch.float64, device=device), ddp).tolist()  # all ranks
             rec = dict(stage=stage, step=step, **terms, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
                        step_ms=1000 * dt * gbatch / seen_s, tokens_per_s=seen_t / dt, tflops=flops / dt / 1e12)
             speed = {"samples/s": f"{seen_s / dt:.0f}"}

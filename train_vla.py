@@ -23,6 +23,7 @@ several (t, noise) draws per VLM forward (--flow_repeats); depth loss on part of
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +43,8 @@ from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, g
                     parse_config, peak_tflops, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
-from train_pretrain import StepItems, check_flow_convention, device_batch, load_pretrained, resolve_ckpt, step_loader
+from train_pretrain import (StepItems, check_flow_convention, device_batch, load_pretrained, on_device, resolve_ckpt,
+                            step_loader)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,7 +360,7 @@ class Policy:
 # ----------------------------------------------------------------------------------------------------
 # Training
 
-def build_optimizer(model: GEMVLA, cfg: VLAConfig):
+def build_optimizer(model: GEMVLA, cfg: VLAConfig, fused: bool = False):
     """Expert at --lr; VLM and depth head at --vlm_lr (or VLM frozen). No weight decay on norms/biases."""
     model.vlm.requires_grad_(not cfg.freeze_vlm)
     groups = []
@@ -366,7 +368,7 @@ def build_optimizer(model: GEMVLA, cfg: VLAConfig):
         ps = [p for m in mods if m is not None for p in m.parameters() if p.requires_grad]
         groups += [dict(params=[p for p in ps if p.dim() >= 2], peak=lr, weight_decay=cfg.weight_decay),
                    dict(params=[p for p in ps if p.dim() < 2], peak=lr, weight_decay=0.0)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def split_demos(ds, tasks: str, val_episodes: int):
@@ -449,7 +451,7 @@ def main(argv=None):
         die(f"{cfg.demos}: no training chunks (--tasks={cfg.tasks!r}, --val_episodes={cfg.val_episodes})")
     stats = ds.stats = D.norm_stats([ds.eps[e] for e in sorted({ds.index[i][0] for i in train_idx})])
 
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg, fused=device.type == "cuda")  # fused on a GPU: the update in a few kernels
     step = 0
     if cfg.resume and os.path.isdir(ckpt):
         done, _, _, _, stats = load_vla(ckpt)  # a resumed run keeps the statistics its weights were trained with
@@ -486,27 +488,32 @@ def main(argv=None):
     seen_f, per_sample, peak_tf, last_log = 0.0, None, peak_tflops(device, cfg.peak_tflops), step
     # this rank's samples of each step, as in pretraining (a stateless sampler: resume stays exact)
     loader = step_loader(StepItems(torch.utils.data.Subset(ds, train_idx), cfg.seed, step, cfg.steps, cfg.batch_size,
-                                   world, rank, cfg.batch_size // world, 1), cfg.workers)
+                                   world, rank, cfg.batch_size // world, 1,
+                                   functools.partial(D.collate, pad_id=pad_id, pixels=False)),
+                         cfg.workers, pin=device.type == "cuda")
     while step < stop:
         lr_scale = lr_at(step, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * lr_scale
         # data order and flow noise are pure functions of (seed, step, rank): resume continues exactly
         torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
-        b = device_batch(next(loader)[0], pad_id, device)
+        host = next(loader)[0]  # collated by the loader; counted here without waiting for the GPU
+        b = on_device(host, device)
         counter = HeadFlops(nn.ModuleList([m for m in (model.expert, model.head) if m is not None])) if per_sample is None else None
         with amp:
             terms = net(b, cfg)
         if counter is not None:
             counter.close()
-            per_sample = counter.total / len(b["input_ids"])
-        seen_f += (vlm_flops(model.vlm.cfg, b["attention_mask"], not cfg.freeze_vlm, model.grad_layers(), text_grad=False)
-                   + per_sample * len(b["input_ids"]))
-        names = sorted(terms)
-        vals = dict(zip(names, (all_sum(torch.stack([terms[k].detach().float() for k in names]), ddp) / world).tolist()))
+            per_sample = counter.total / len(host["input_ids"])
+        seen_f += (vlm_flops(model.vlm.cfg, host["attention_mask"], not cfg.freeze_vlm, model.grad_layers(), text_grad=False)
+                   + per_sample * len(host["input_ids"]))
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip).item()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        names = sorted(terms)
+        *vals, gnorm = torch.cat([all_sum(torch.stack([terms[k].detach().float() for k in names]), ddp) / world,
+                                  gnorm.float().reshape(1)]).tolist()  # the step's one wait for the GPU
+        vals = dict(zip(names, vals))
         if not all(math.isfinite(v) for v in [gnorm, *vals.values()]):  # NaN guard: stop before the weights go bad
             die(f"non-finite loss or gradient at step {step} ({vals}, grad norm {gnorm}); stopping without saving; "
                 f"last good checkpoint: {ckpt if os.path.isdir(ckpt) else 'none yet'}")

@@ -3,14 +3,15 @@
     python bench/bench_data.py [--sizes=64,128] [--steps=20] [--batch=64] [--data=DIR] [--demos=DIR]
 
 Times exactly what train_pretrain.run_stage does per step, on one core: StepItems (shuffled, stateless
-sample order) -> length_chunks -> make_batch, for each image size, once reading the PNGs (cache=False) and
-once from data.build_cache's memory-mapped arrays, after checking that both give identical batches.
-Without --data it generates a small `micro`-style dataset per size in a temporary directory (~100 images).
-Rates are samples per second of this process's CPU time (one thread), so a busy machine does not lower them.
-It also times the CPU's part of a GPU step alone (make_batch converts the uint8 images to pixel_values on the
-device). Then the VLA's path (train_vla: demo chunks from the frame cache, and re-rendered as the baseline).
+sample order) -> host_chunks (length_chunks, host_batch) -> on_device, for each image size, once reading
+the PNGs (cache=False) and once from data.build_cache's memory-mapped arrays, after checking that both give
+identical batches. Without --data it generates a small `micro`-style dataset per size in a temporary
+directory (~100 images). Rates are samples per second of this process's CPU time (one thread), so a busy
+machine does not lower them. It also times the host part alone: what the loader's worker processes do
+when training runs on a GPU (on_device converts the uint8 images to pixel_values on the device). Then the VLA's path (train_vla: demo chunks from the frame cache, and re-rendered as the baseline).
 Target: >= 5,000 samples/s at 128 px from the cache. Last line: `bench_data: cache 128 px N samples/s`.
 """
+import functools
 import gc
 import os
 import sys
@@ -25,13 +26,14 @@ import train_pretrain as TP  # noqa: E402
 
 
 def batches(ds, steps: int, batch: int, pad_id: int, on_gpu: bool = False):
-    """The step loop's data path (train_pretrain.run_stage), CPU, depth modality. on_gpu: only the CPU's part
-    of it when training runs on a GPU (make_batch converts the uint8 images to pixel_values on the device)."""
-    items = TP.StepItems(ds, seed=0, start=0, total=steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1)
+    """The step loop's data path (train_pretrain.run_stage), depth modality: StepItems with host_chunks (what
+    the loader's worker processes run), then on_device on the CPU. on_gpu: the host part alone (a GPU run
+    converts the uint8 images to pixel_values on the device)."""
+    steps_ = TP.StepItems(ds, seed=0, start=0, total=steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1,
+                          collate=functools.partial(TP.host_chunks, pad_id=pad_id, modality="depth"))
     for k in range(steps):
-        for mb in items[k]:
-            for ch in TP.length_chunks(mb):
-                yield D.collate(ch, pad_id, pixels=False) if on_gpu else TP.make_batch(None, None, pad_id, "depth", torch.device("cpu"), ch)
+        for h in steps_[k][0]:
+            yield h if on_gpu else TP.on_device(h, torch.device("cpu"))
 
 
 def main(argv):
@@ -84,9 +86,10 @@ def bench_vla(S: int, tok, steps: int, batch: int, pad: int, demos: str | None =
     rates = {}
     for name, ds in sets.items():
         n_steps = max(2, steps // 10) if name == "render" else steps
-        items = TP.StepItems(ds, seed=0, start=0, total=n_steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1)
+        steps_ = TP.StepItems(ds, seed=0, start=0, total=n_steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1,
+                              collate=functools.partial(D.collate, pad_id=pad, pixels=False))  # as train_vla.py
         t = time.process_time()
-        n = sum(len(D.collate(items[k][0], pad, pixels=False)["input_ids"]) for k in range(n_steps))
+        n = sum(len(steps_[k][0]["input_ids"]) for k in range(n_steps))
         rates[name] = n / (time.process_time() - t)
     return rates
 

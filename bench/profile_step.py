@@ -43,8 +43,8 @@ class ProfileConfig:
 
 
 def synthetic_batch(cfg, c: ProfileConfig, head_size: int, device) -> dict:
-    """One batch shaped like GemDataset + make_batch gives it: <vision_start> image pads <vision_end>,
-    question, answer (labelled), a depth target with every pixel valid."""
+    """One host batch shaped like the loader gives train_step (train_pretrain.host_batch; pinned for a GPU):
+    <vision_start> image pads <vision_end>, question, answer (labelled), a depth target with every pixel valid."""
     g = torch.Generator().manual_seed(0)
     B, n = c.batch_size, cfg.n_image_tokens
     text = torch.randint(10, cfg.vocab_size, (B, c.question_tokens + c.answer_tokens), generator=g)
@@ -53,18 +53,17 @@ def synthetic_batch(cfg, c: ProfileConfig, head_size: int, device) -> dict:
     labels = torch.full_like(ids, -100)
     labels[:, -c.answer_tokens:] = ids[:, -c.answer_tokens:]
     b = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids, dtype=torch.bool),
-             pixel_values=torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1,
+             images=torch.randint(0, 256, (B, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8),
              target=torch.rand(B, 1, head_size, head_size, generator=g),
              target_mask=torch.ones(B, 1, head_size, head_size, dtype=torch.bool),
-             target_valid=torch.ones(B, dtype=torch.bool), pos=torch.arange(B))
-    return TP.to_device(b, device)
+             target_valid=torch.ones(B, dtype=torch.bool), pos=list(range(B)))
+    return {k: v.pin_memory() if torch.is_tensor(v) and device.type == "cuda" else v for k, v in b.items()}
 
 
 def main(argv):
     c = parse_config(ProfileConfig, argv, {p: {} for p in TP.PRESETS})  # the preset names train_pretrain.py's
     tc = parse_config(TP.TrainConfig, [f"--preset={c.preset}"], TP.PRESETS)
-    device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if c.device == "auto" else c.device)
+    device = C.resolve_device(c.device)
     torch.manual_seed(0)
     gem = GEM(dataclasses.replace(tc.model, vocab_size=c.vocab_size)).to(device)
     head = TP.build_head(tc, gem, "gem").to(device)
@@ -72,7 +71,7 @@ def main(argv):
     params = TP.trainable(gem, head, stage, True, lambda m: None)
     model = TP.Bundle(gem, head, stage, tc)
     net = torch.compile(model) if c.compile else model
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")  # as train_pretrain.py
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     b = synthetic_batch(gem.cfg, c, tc.head_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

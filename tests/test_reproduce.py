@@ -130,6 +130,14 @@ def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
     for needle in ("| gem − sft |", "| vla_gem − vla_sft |", "| expert |", "| random |", "60.0 / 28.9 / 72.7"):
         assert needle in text
     assert re.search(r"\| expert \| 100\.0", text)  # the scripted expert solves its episodes
+    # the speed table: a row per run and stage; samples/s and ms/step are two readings of the same clock
+    speed = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.split("## Training speed")[1].splitlines()
+             if ln.startswith("| ") and not ln.startswith("| run")]
+    assert {(r[0], r[1]) for r in speed} >= {("stage 0", "0"), ("gem", "1"), ("gem", "2"), ("gem", "3"), ("sft", "3"),
+                                             ("vla_sft", "vla"), ("vla_gem", "vla")}
+    for run, stage, steps, ms, per_s, tflops, mfu in speed:
+        assert float(ms) > 0 and float(tflops) > 0 and mfu == "n/a", run  # no GPU: no MFU
+        assert float(per_s) == pytest.approx(4 * 1000 / float(ms), rel=0.02, abs=1), (run, stage)  # micro: batch 4
     # rerun: every step is skipped, the README is the same
     capsys.readouterr()
     again = rp.main(args)
