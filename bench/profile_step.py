@@ -78,8 +78,9 @@ def main(argv):
 
     def step():
         TP.train_step(net, True, [b], params, stage, 0, tc, False, device, amp, "none")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     counter = C.HeadFlops(head)  # the head's forward + backward FLOPs, counted as one step runs
     step()
@@ -104,7 +105,8 @@ def main(argv):
     dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if on_device \
         else e.self_cpu_time_total  # noqa: E731  microseconds
     busy = sum(dev_time(e) for e in events) / 1e6 / c.steps  # seconds of kernels per step
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) / c.steps
+    launches = (sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+                if on_device else kernel_ops(prof)) / c.steps
     mask = b["attention_mask"]
     flops = C.vlm_flops(gem.cfg, mask, trains=True) + counter.total  # per step, forward + backward
     peak = C.peak_tflops(device, 0.0)
@@ -118,9 +120,31 @@ def main(argv):
                "bound by device compute/memory (raise MFU: larger matmuls, fused kernels)")
     mode = "compiled" if c.compile else "eager"
     print(f"profile_step: {device.type} batch {c.batch_size} {mode}: {1e3 * wall:.1f} ms/step, device busy "
-          f"{100 * share:.0f}%, {launches:.0f} launches/step, {flops / wall / 1e12:.3g} TFLOP/s, "
+          f"{100 * share:.0f}%, {launches:.0f} {'launches' if on_device else 'kernel ops (about the launches of an eager GPU step, autocast casts aside)'}"
+          f"/step, {flops / wall / 1e12:.3g} TFLOP/s, "
           f"MFU {100 * mfu:.1f}% -> {verdict}")
     return dict(wall=wall, busy=busy, launches=launches, flops=flops, mfu=mfu)
+
+
+# ops that launch no kernel themselves (views, allocations, no-ops); what runs below them still counts
+NOT_KERNELS = {"aten::" + n for n in (
+    "as_strided view _reshape_alias _unsafe_view alias view_as reshape flatten unflatten t transpose permute expand "
+    "expand_as unsqueeze squeeze slice select split split_with_sizes chunk narrow unbind contiguous clone _to_copy "
+    "resolve_conj resolve_neg detach detach_ lift_fresh empty empty_like empty_strided result_type set_ item "
+    "_local_scalar_dense").split()}
+
+
+def kernel_ops(prof) -> int:
+    """Ops of a CPU profile that would each launch a GPU kernel: the lowest aten ops that compute (an op whose
+    children compute is only their wrapper; views, allocations and no-ops launch none), leaving out aten::to
+    (on the CPU mostly a Python scalar becoming a tensor, which a GPU kernel takes as an argument) and the
+    optimizer (fused on a GPU: a few kernels)."""
+    def count(e):
+        if e.name in ("aten::to", "optimizer"):
+            return 0
+        below = sum(count(ch) for ch in e.cpu_children)
+        return below or int(e.name.startswith("aten::") and e.name not in NOT_KERNELS)
+    return sum(count(e) for e in prof.events() if e.cpu_parent is None)
 
 
 if __name__ == "__main__":

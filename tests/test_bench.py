@@ -1,11 +1,12 @@
 """bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs;
-bench/profile_step.py's CPU smoke run."""
+bench/profile_step.py's CPU smoke run and its kernel count."""
 import json
 import os
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -87,3 +88,23 @@ def test_profile_step_runs_on_cpu(capsys):
     assert out[-1].startswith("profile_step: cpu batch 2 eager:") and "ms/step" in out[-1]
     assert any("aten::" in line for line in out[-4:-1])  # the top ops by time
     assert r["wall"] > 0 and r["flops"] > 1e6 and 0 < r["busy"]
+
+
+def test_kernel_ops_counts_compute_not_views_nor_the_optimizer():
+    """profile_step's CPU estimate of a GPU step's launches: three ops here compute; the views, the no-op, the
+    allocation and everything the optimizer runs (a few fused kernels on a GPU) are not counted."""
+    import profile_step
+    from torch.profiler import profile, record_function
+    a, p = torch.randn(8, 8), torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = torch.optim.AdamW([p])
+    with profile() as prof:
+        b = a.view(64).view(8, 8).t()  # views
+        c = torch.mm(a, b)  # 1
+        c.add_(1.0)  # 2 (the Python scalar's wrapping is no kernel)
+        b.contiguous()  # 3: a transposed view made contiguous is a copy
+        a.contiguous()  # already contiguous: nothing runs
+        torch.empty(3)  # an allocation
+        with record_function("optimizer"):
+            opt.step()
+    assert profile_step.kernel_ops(prof) == 3
