@@ -17,7 +17,7 @@ import dataclasses
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -96,7 +96,7 @@ def main(argv):
 
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts) as prof, clipping_labelled():
         for _ in range(c.steps):
             step()
         sync()
@@ -126,6 +126,22 @@ def main(argv):
     return dict(wall=wall, busy=busy, launches=launches, flops=flops, mfu=mfu)
 
 
+@contextmanager
+def clipping_labelled():
+    """train_step's gradient clipping under the profiler label "optimizer", which kernel_ops leaves out (per
+    tensor on the CPU, a few foreach kernels on a GPU)."""
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def labelled(*args, **kw):
+        with torch.profiler.record_function("optimizer"):
+            return clip(*args, **kw)
+    torch.nn.utils.clip_grad_norm_ = labelled  # looked up by train_step at every call
+    try:
+        yield
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+
+
 # ops that launch no kernel themselves (views, allocations, no-ops); what runs below them still counts
 NOT_KERNELS = {"aten::" + n for n in (
     "as_strided view _reshape_alias _unsafe_view alias view_as reshape flatten unflatten t transpose permute expand "
@@ -137,8 +153,9 @@ NOT_KERNELS = {"aten::" + n for n in (
 def kernel_ops(prof) -> int:
     """Ops of a CPU profile that would each launch a GPU kernel: the lowest aten ops that compute (an op whose
     children compute is only their wrapper; views, allocations and no-ops launch none), leaving out aten::to
-    (on the CPU mostly a Python scalar becoming a tensor, which a GPU kernel takes as an argument) and the
-    optimizer (fused on a GPU: a few kernels)."""
+    (on the CPU mostly a Python scalar becoming a tensor, which a GPU kernel takes as an argument) and what
+    runs under "optimizer" (the update and the gradient clipping: per tensor on the CPU, a few fused or
+    foreach kernels on a GPU)."""
     def count(e):
         if e.name in ("aten::to", "optimizer"):
             return 0

@@ -83,7 +83,10 @@ def test_profile_step_runs_on_cpu(capsys):
     """The GPU session's profiler (bench/gpu_session.sh) on the micro preset: it runs, lists the ops that
     take the time and ends with its one-line verdict."""
     import profile_step
+    clip = torch.nn.utils.clip_grad_norm_
     r = profile_step.main(["--preset=micro", "--batch_size=2", "--steps=1", "--warmup=0", "--device=cpu", "--top=3"])
+    assert torch.nn.utils.clip_grad_norm_ is clip  # the profiler's label on it is gone
+    assert r["launches"] > 50  # the kernel estimate of a micro step (forward, backward)
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("profile_step: cpu batch 2 eager:") and "ms/step" in out[-1]
     assert any("aten::" in line for line in out[-4:-1])  # the top ops by time
