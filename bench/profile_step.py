@@ -120,7 +120,7 @@ def main(argv):
                "bound by device compute/memory (raise MFU: larger matmuls, fused kernels)")
     mode = "compiled" if c.compile else "eager"
     print(f"profile_step: {device.type} batch {c.batch_size} {mode}: {1e3 * wall:.1f} ms/step, device busy "
-          f"{100 * share:.0f}%, {launches:.0f} {'launches' if on_device else 'kernel ops (about the launches of an eager GPU step, autocast casts aside)'}"
+          f"{100 * share:.0f}%, {launches:.0f} {'launches' if on_device else 'kernel ops (at most the launches of an eager GPU step, autocast casts aside)'}"
           f"/step, {flops / wall / 1e12:.3g} TFLOP/s, "
           f"MFU {100 * mfu:.1f}% -> {verdict}")
     return dict(wall=wall, busy=busy, launches=launches, flops=flops, mfu=mfu)
@@ -155,7 +155,7 @@ def kernel_ops(prof) -> int:
     children compute is only their wrapper; views, allocations and no-ops launch none), leaving out aten::to
     (on the CPU mostly a Python scalar becoming a tensor, which a GPU kernel takes as an argument) and what
     runs under "optimizer" (the update and the gradient clipping: per tensor on the CPU, a few fused or
-    foreach kernels on a GPU)."""
+    foreach kernels on a GPU). An upper bound: ops a GPU runs fused (F.rms_norm) count as their CPU parts."""
     def count(e):
         if e.name in ("aten::to", "optimizer"):
             return 0
