@@ -34,12 +34,13 @@ def die(msg: str):
 
 
 def git_commit() -> str:
+    """This checkout's commit; in a copy without .git (a lent GPU machine's), $GEM_COMMIT if set."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
-        return "unknown"
+        out = ""
+    return out or os.environ.get("GEM_COMMIT") or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------

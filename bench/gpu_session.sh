@@ -5,6 +5,7 @@
 #                                               # `python reproduce.py --preset=small --seeds=0`, wall-timed
 #     bash bench/gpu_session.sh "$OUT" bench    # pass 2 (a later session): batch 128 and compiled profiles, and
 #                                               # samples/s, TFLOP/s, MFU per stage at batch 64 and 128, eager and compiled
+# Set GEM_COMMIT=<the commit> when the tree was copied without .git: run.json and the page then name it.
 # Each part has its own time limit, so one slow part cannot eat the others' time, and summary.txt gets the last
 # line of each. What comes back (the device tool returns at most 8 files, 2 folders down): summary.txt,
 # machine.txt, the parts' logs, and pass 1's results/small page, results.json and every run's log.jsonl and
@@ -25,7 +26,7 @@ part() {  # part NAME SECONDS CMD...: run with a limit, keep its log, add its la
   echo "$name (rc $rc, $(( $(date +%s) - t )) s): $(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-300)" | tee -a "$OUT/summary.txt"
 }
 { nvidia-smi; $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
-  git log -1 --oneline; nproc; } > "$OUT/machine.txt" 2>&1
+  git log -1 --oneline || echo "commit (GEM_COMMIT): ${GEM_COMMIT:-unknown}"; nproc; } > "$OUT/machine.txt" 2>&1
 case "$PASS" in
 reproduce)
   part profile_b64_eager 60 $PY bench/profile_step.py --preset=small --batch_size=64 --steps=10
