@@ -36,7 +36,7 @@ Paper -> code map (GEM's four ideas, each in one place)
     L = L_text + 0.1 * L_flow (stage 3)                        gem_loss (--lam)
     Released script: cosine lr, 3% warmup, weight decay 0, clip 1, bf16   common.lr_at, TrainConfig, autocast
 Keeping a GPU fed (issue 13): samples decoded once (data.build_cache), batches collated in the loader's
-worker processes (StepItems + host_chunks), images sent as uint8 (on_device), one wait per step (train_step).
+worker processes (StepItems + host_chunks), images sent as uint8 (on_device), one read back per step (train_step).
 """
 from __future__ import annotations
 
@@ -369,9 +369,8 @@ class StepItems(torch.utils.data.Dataset):
     def __getitem__(self, k):
         first = (self.start + k) * self.gbatch
         idx = sample_indices(len(self.ds), self.seed, first, self.gbatch)
-        items = [dict(self.ds[i], pos=first + j) for j, i in enumerate(idx)]
-        mbs = [items[(m * self.world + self.rank) * self.bs:(m * self.world + self.rank + 1) * self.bs]
-               for m in range(self.accum)]
+        mbs = [[dict(self.ds[idx[j]], pos=first + j) for j in range(lo, lo + self.bs)]  # only this rank's samples
+               for lo in ((m * self.world + self.rank) * self.bs for m in range(self.accum))]
         return [self.collate(mb) for mb in mbs] if self.collate else mbs
 
 
@@ -404,10 +403,11 @@ def host_batch(items: list, pad_id: int, modality: str) -> dict:
     samples with any ("target_valid")."""
     b = D.collate(items, pad_id, pixels=False)
     rgb = modality == "rgb"
-    b["target"] = b["rgb_target"] if rgb else b["depth_target"]
-    b["target_mask"] = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
-    b["target_valid"] = b["target_mask"].flatten(1).any(1)  # (B,) samples the head's loss counts
-    return b
+    target = b["rgb_target"] if rgb else b["depth_target"]
+    mask = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
+    # only the tensors training reads travel to the device (not the metric depth map, not the other target)
+    return {k: v for k, v in b.items() if not torch.is_tensor(v) or k in ("input_ids", "labels", "attention_mask", "images")} | \
+        dict(target=target, target_mask=mask, target_valid=mask.flatten(1).any(1))  # (B,) samples the head's loss counts
 
 
 def host_chunks(items: list, pad_id: int, modality: str) -> list:
@@ -554,8 +554,9 @@ def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
 def train_step(model, has_head, host, params, stage, step, tc, ddp, device, amp, ckpt):
     """Forward/backward over the step's micro-batches, gradient clipping and the NaN guard -> (terms, grad norm).
     The loss is a mean over the global batch: every token (or sample) for text, every valid image for flow.
-    host: the micro-batches on the host (host_batch), counted there and moved to `device` one by one, so the
-    step waits for the GPU once, for the losses and the gradient norm the NaN guard needs."""
+    host: the micro-batches on the host (host_batch), counted there and moved to `device` one by one; the step
+    reads from the GPU once, the losses and the gradient norm the NaN guard needs (inside the model, its shape
+    checks and the flow noise's copies wait for the GPU briefly too)."""
     n_text = [float(text_count(b["labels"], tc.loss_norm == "sample")) for b in host]
     n_valid = [float(b["target_valid"].sum()) for b in host]
     counts = torch.tensor([sum(n_text), sum(n_valid)], dtype=torch.float64)
@@ -643,6 +644,8 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=device.type == "cuda")
     step = 0
     if resume_state is not None:
+        for g in resume_state["optimizer"]["param_groups"]:  # else the saved flags win: this device decides (fused on a GPU)
+            g["fused"] = device.type == "cuda"
         opt.load_state_dict(resume_state["optimizer"])
         step = resume_state["step"]
         log(f"stage {stage}: resumed at step {step}/{total}")

@@ -460,6 +460,8 @@ def main(argv=None):
         state = load_checkpoint(ckpt, with_train_state=True)[2]
         if state is None:
             die(f"{ckpt}: no train_state.pt to resume from")
+        for g in state["optimizer"]["param_groups"]:  # else the saved flags win: this device decides (fused on a GPU)
+            g["fused"] = device.type == "cuda"
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     net = model

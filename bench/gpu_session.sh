@@ -11,7 +11,7 @@
 # machine.txt, the parts' logs, and pass 1's results/small page, results.json and every run's log.jsonl and
 # step log in small_runs.tar.gz (commit them as results/small/).
 set -u
-OUT=${1:-/tmp/gpu_session}
+OUT=$(realpath -m "${1:-/tmp/gpu_session}")  # before the cd below
 PASS=${2:-reproduce}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
