@@ -394,7 +394,8 @@ def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
 
 def make_batch(ds, idx, pad_id, modality, device, items=None):
     """Collated batch on `device` (host_batch, then on_device) of dataset items ds[i] (or the given items)."""
-    return on_device(host_batch(items if items is not None else [dict(ds[i], pos=i) for i in idx], pad_id, modality), device)
+    items = items if items is not None else [dict(ds[i], pos=i) for i in idx]
+    return on_device(host_batch(items, pad_id, modality), device)
 
 
 def host_batch(items: list, pad_id: int, modality: str) -> dict:
@@ -406,8 +407,8 @@ def host_batch(items: list, pad_id: int, modality: str) -> dict:
     target = b["rgb_target"] if rgb else b["depth_target"]
     mask = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
     # only the tensors training reads travel to the device (not the metric depth map, not the other target)
-    return {k: v for k, v in b.items() if not torch.is_tensor(v) or k in ("input_ids", "labels", "attention_mask", "images")} | \
-        dict(target=target, target_mask=mask, target_valid=mask.flatten(1).any(1))  # (B,) samples the head's loss counts
+    keep = {k: v for k, v in b.items() if not torch.is_tensor(v) or k in ("input_ids", "labels", "attention_mask", "images")}
+    return keep | dict(target=target, target_mask=mask, target_valid=mask.flatten(1).any(1))  # (B,): samples it counts
 
 
 def host_chunks(items: list, pad_id: int, modality: str) -> list:
@@ -641,10 +642,11 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
     params = trainable(gem, head, stage, head_trained, log)
     # fused on a GPU: the update of every tensor in a few kernels instead of a dozen per tensor group
-    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
     step = 0
     if resume_state is not None:
-        for g in resume_state["optimizer"]["param_groups"]:  # else the saved flags win: this device decides (fused on a GPU)
+        for g in resume_state["optimizer"]["param_groups"]:  # this device decides fusing, not the file
             g["fused"] = device.type == "cuda"
         opt.load_state_dict(resume_state["optimizer"])
         step = resume_state["step"]
@@ -665,9 +667,9 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         head.train()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, disable=rank != 0)
-    loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size, tc.grad_accum,
-                                   functools.partial(host_chunks, pad_id=pad_id, modality=modality)),
-                         tc.workers, pin=device.type == "cuda")
+    chunks = functools.partial(host_chunks, pad_id=pad_id, modality=modality)  # run by the loader's workers
+    loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size,
+                                   tc.grad_accum, chunks), tc.workers, pin=device.type == "cuda")
     t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}
     vlm_trains, peak_tf, head_per_sample = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops), None
     while step < total:

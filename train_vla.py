@@ -460,7 +460,7 @@ def main(argv=None):
         state = load_checkpoint(ckpt, with_train_state=True)[2]
         if state is None:
             die(f"{ckpt}: no train_state.pt to resume from")
-        for g in state["optimizer"]["param_groups"]:  # else the saved flags win: this device decides (fused on a GPU)
+        for g in state["optimizer"]["param_groups"]:  # this device decides fusing, not the file
             g["fused"] = device.type == "cuda"
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
