@@ -79,8 +79,12 @@ def draw_noise(x0, seeds=None):
 
     seeds (B,) ints, e.g. each sample's global position in the training stream: a sample's draws then
     depend on its seed alone, so one process and a batch split over DDP processes see the same numbers.
-    Without seeds: the global torch RNG."""
+    Or the draws (t, eps, u) already made from such seeds (by the training loader's worker processes, off
+    the training thread): moved to x0's device. Without seeds: the global torch RNG."""
     B = x0.shape[0]
+    if isinstance(seeds, tuple):
+        t, noise, u = seeds
+        return t.to(x0.device), noise.to(x0.device, x0.dtype), u.to(x0.device)
     if seeds is None:
         return torch.rand(B, device=x0.device), torch.randn_like(x0), torch.rand(B, device=x0.device)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]

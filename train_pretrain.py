@@ -61,7 +61,7 @@ import torch.nn.functional as F
 import data as D
 from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at,
                     parse_config, peak_tflops, setup_dist, vlm_flops)
-from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead
+from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead, draw_noise
 from hf import gem_from_hf
 from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
 
@@ -333,9 +333,10 @@ class Bundle(nn.Module):
         text_sum = flow = zero
         if use_text:  # summed CE: the caller's weight makes it a mean over the global batch's tokens / samples
             text_sum = text_ce_sum(out["logits"], b["labels"], self.tc.loss_norm == "sample")
-        if use_flow:
-            flow = self.head.loss(out["image_hidden"].float(), b["target"], b["target_mask"],
-                                  sample_seeds(self.tc.seed, self.stage, b["pos"]))
+        if use_flow:  # the noise of each sample's seed, drawn by the loader (host_batch) or here
+            seeds = ((b["flow_t"], b["flow_noise"], b["flow_u"]) if "flow_noise" in b
+                     else sample_seeds(self.tc.seed, self.stage, b["pos"]))
+            flow = self.head.loss(out["image_hidden"].float(), b["target"], b["target_mask"], seeds)
         loss = gem_loss(self.stage, w_text * text_sum, w_flow * flow, self.tc.lam)
         return loss, text_sum.detach(), flow.detach()
 
@@ -398,22 +399,26 @@ def make_batch(ds, idx, pad_id, modality, device, items=None):
     return on_device(host_batch(items, pad_id, modality), device)
 
 
-def host_batch(items: list, pad_id: int, modality: str) -> dict:
+def host_batch(items: list, pad_id: int, modality: str, noise: tuple | None = None) -> dict:
     """Items -> a collated batch on the host (images uint8), plus the head's target ("target", depth or RGB),
     the pixels its loss trains ("target_mask": every RGB pixel; the depth pixels that have depth) and the
-    samples with any ("target_valid")."""
+    samples with any ("target_valid"); noise=(seed, stage): also the flow's draws of each sample's seed
+    (depth_head.draw_noise; ~2 ms per batch of 64 that the loader's workers take off the training thread)."""
     b = D.collate(items, pad_id, pixels=False)
     rgb = modality == "rgb"
     target = b["rgb_target"] if rgb else b["depth_target"]
     mask = torch.ones_like(b["depth_mask"]) if rgb else b["depth_mask"] & b["depth_valid"][:, None, None, None]
     # only the tensors training reads travel to the device (not the metric depth map, not the other target)
     keep = {k: v for k, v in b.items() if not torch.is_tensor(v) or k in ("input_ids", "labels", "attention_mask", "images")}
-    return keep | dict(target=target, target_mask=mask, target_valid=mask.flatten(1).any(1))  # (B,): samples it counts
+    keep |= dict(target=target, target_mask=mask, target_valid=mask.flatten(1).any(1))  # (B,): samples it counts
+    if noise is not None:
+        keep["flow_t"], keep["flow_noise"], keep["flow_u"] = draw_noise(target, sample_seeds(*noise, b["pos"]))
+    return keep
 
 
-def host_chunks(items: list, pad_id: int, modality: str) -> list:
+def host_chunks(items: list, pad_id: int, modality: str, noise: tuple | None = None) -> list:
     """One micro-batch of items -> its length chunks as host batches (StepItems' collate in pretraining)."""
-    return [host_batch(ch, pad_id, modality) for ch in length_chunks(items)]
+    return [host_batch(ch, pad_id, modality, noise) for ch in length_chunks(items)]
 
 
 def on_device(b: dict, device) -> dict:
@@ -667,7 +672,9 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         head.train()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, disable=rank != 0)
-    chunks = functools.partial(host_chunks, pad_id=pad_id, modality=modality)  # run by the loader's workers
+    flow = head is not None and "flow" in STAGES[stage]["losses"]
+    chunks = functools.partial(host_chunks, pad_id=pad_id, modality=modality,  # run by the loader's workers
+                               noise=(tc.seed, stage) if flow else None)
     loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size,
                                    tc.grad_accum, chunks), tc.workers, pin=device.type == "cuda")
     t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}

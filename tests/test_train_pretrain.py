@@ -318,3 +318,21 @@ def test_peak_table_picks_the_gpu_by_name(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
         assert C.peak_tflops(cuda, 0.0) == want, name
     assert C.peak_tflops(cuda, 123.0) == 123.0 and C.peak_tflops(torch.device("cpu"), 0.0) == 0.0
+
+
+def test_loader_draws_the_flow_noise_the_loss_would(base, micro_data):
+    """host_batch(noise=(seed, stage)) draws each sample's flow time, noise and CFG-drop number in the loader's
+    worker processes; the stage's loss must be exactly the one that draws them from the same seeds itself."""
+    gem, _, tok, tc = TP.load_pretrained(base)
+    torch.manual_seed(0)
+    head = TP.build_head(tc, gem, "gem")
+    ds = TP.D.GemDataset(micro_data, "train", tok, gem.cfg.image_size, gem.cfg.n_image_tokens, tc.head_size)
+    items, pad = [dict(ds[i], pos=100 + i) for i in (0, 2, 5)], TP.D.special_ids(tok)["pad_id"]
+    plain = TP.on_device(TP.host_batch(items, pad, "depth"), "cpu")
+    drawn = TP.on_device(TP.host_batch(items, pad, "depth", noise=(tc.seed, 3)), "cpu")
+    assert "flow_noise" in drawn and "flow_noise" not in plain
+    bundle = TP.Bundle(gem, head, 3, tc)
+    flow_here, flow_loader = (bundle(b, 1.0, 1.0)[2] for b in (plain, drawn))
+    assert flow_here == flow_loader and flow_here > 0
+    other = TP.host_batch(items, pad, "depth", noise=(tc.seed, 2))  # another stage: other draws
+    assert not torch.equal(other["flow_noise"], drawn["flow_noise"])
