@@ -726,6 +726,23 @@ def test_cache_gives_the_same_items_as_the_files_and_is_rebuilt_when_stale(micro
     assert [p.name.split("-")[0] for p in out.iterdir()] == ["val"]
 
 
+def test_cache_built_by_several_processes_equals_one(micro_data, tmp_path, monkeypatch):
+    """build_cache's images decoded by worker processes, in jobs of CACHE_CHUNK images, fill every row as one
+    process does."""
+    tok = data.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    ds = data.GemDataset(micro_data, "train", tok=tok, image_size=64, n_image_tokens=16, head_size=16, max_len=96)
+    monkeypatch.setattr(data, "CACHE_CHUNK", 4)  # several jobs for the micro data's images
+    one = data.build_cache(ds, ds.records, str(tmp_path / "one" / "train"), workers=1)
+    three = data.build_cache(ds, ds.records, str(tmp_path / "three" / "train"), workers=3)
+    assert len(one["images"]) > 3 * 4
+    for k in data.CACHE_ARRAYS:
+        assert np.array_equal(one[k], three[k]), k
+    for i in range(len(ds)):  # and against the files, record by record (every job's rows were written)
+        item, row = ds[i], int(three["image_of"][i])
+        assert np.array_equal(three["images"][row], item["image"].numpy()), i
+        assert np.array_equal(three["depth_target"][row], item["depth_target"].numpy()), i
+
+
 def test_demo_frame_cache_equals_rendering_and_follows_the_files(micro_demos, micro_data, tmp_path):
     """The memory-mapped demo frames (built by 2 worker processes) give exactly the items that rendering
     every sample gives, at every episode boundary; a changed episode file gets a new cache."""
