@@ -4,7 +4,7 @@
 #     bash bench/gpu_session.sh "$OUT"          # pass 1: what bounds a small stage-3 step, then the whole
 #                                               # `python reproduce.py --preset=small --seeds=0`, wall-timed
 #     bash bench/gpu_session.sh "$OUT" bench    # pass 2 (a later session): batch 128 and compiled profiles, and
-#                                               # samples/s, TFLOP/s, MFU per stage at batch 64 and 128, eager and compiled
+#                                               # samples/s, TFLOP/s, MFU per stage at batch 64 and 128, eager
 # Set GEM_COMMIT=<the commit> when the tree was copied without .git: run.json and the page then name it.
 # Each part has its own time limit, so one slow part cannot eat the others' time, and summary.txt gets the last
 # line of each. What comes back (the device tool returns at most 8 files, 2 folders down): summary.txt,
@@ -38,9 +38,11 @@ reproduce)
       results $(cd $W && find runs -name 'log.jsonl' -o -name 'run.json' -o -name '*.log' -o -name 'results.json') 2>/dev/null
   ;;
 bench)
+  # compiling costs ~a minute per stage and run, so the compiled numbers come from the profiler's stage-3 step
   part profile_b128_eager 60 $PY bench/profile_step.py --preset=small --batch_size=128 --steps=10
   part profile_b64_compiled 150 $PY bench/profile_step.py --preset=small --batch_size=64 --steps=10 --compile=true
-  part bench_train 330 $PY bench/bench_train.py --preset=small --batches=64,128 --modes=eager,compiled --steps=30 \
+  part profile_b128_compiled 150 $PY bench/profile_step.py --preset=small --batch_size=128 --steps=10 --compile=true
+  part bench_train 190 $PY bench/bench_train.py --preset=small --batches=64,128 --modes=eager --steps=30 \
       --out=/tmp/bench_train
   cp /tmp/bench_train/bench_train.md "$OUT/" 2>/dev/null
   ;;
