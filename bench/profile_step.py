@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import train_pretrain as TP  # noqa: E402
 from common import parse_config  # noqa: E402
+from depth_head import draw_noise  # noqa: E402
 from model import GEM  # noqa: E402
 
 
@@ -44,7 +45,8 @@ class ProfileConfig:
 
 def synthetic_batch(cfg, c: ProfileConfig, head_size: int, device) -> dict:
     """One host batch shaped like the loader gives train_step (train_pretrain.host_batch; pinned for a GPU):
-    <vision_start> image pads <vision_end>, question, answer (labelled), a depth target with every pixel valid."""
+    <vision_start> image pads <vision_end>, question, answer (labelled), a depth target with every pixel valid,
+    the flow's draws."""
     g = torch.Generator().manual_seed(0)
     B, n = c.batch_size, cfg.n_image_tokens
     text = torch.randint(10, cfg.vocab_size, (B, c.question_tokens + c.answer_tokens), generator=g)
@@ -57,6 +59,7 @@ def synthetic_batch(cfg, c: ProfileConfig, head_size: int, device) -> dict:
              target=torch.rand(B, 1, head_size, head_size, generator=g),
              target_mask=torch.ones(B, 1, head_size, head_size, dtype=torch.bool),
              target_valid=torch.ones(B, dtype=torch.bool), pos=list(range(B)))
+    b["flow_t"], b["flow_noise"], b["flow_u"] = draw_noise(b["target"], TP.sample_seeds(0, 3, b["pos"]))  # as the loader
     return {k: v.pin_memory() if torch.is_tensor(v) and device.type == "cuda" else v for k, v in b.items()}
 
 
