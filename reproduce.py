@@ -168,6 +168,13 @@ def needed(steps: list[dict], names: set[str]) -> list[dict]:
     return [st for st in steps if st["name"] in want]
 
 
+def ready(todo: list[dict], done: set) -> list[dict]:
+    """The steps whose dependencies are done, VLA trainings first (the longest steps, at the end of the
+    longest chain: stage 0 -> sft / gem -> VLA; starting them late is what makes a run long), else in plan order."""
+    ok = [st for st in todo if all(d in done for d in st["deps"])]
+    return sorted(ok, key=lambda st: st["argv"][1] != "train_vla.py")  # a stable sort: plan order otherwise
+
+
 def run_steps(c: ReproConfig, steps: list[dict] | None = None) -> list[dict]:
     """Run the plan (or the given steps of it), `jobs` steps at a time (single-threaded torch each: on a
     small CPU two 1-thread processes outrun one 2-thread process). Each step logs to <out>.log; a status line
@@ -182,7 +189,7 @@ def run_steps(c: ReproConfig, steps: list[dict] | None = None) -> list[dict]:
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill, too
     try:
         while todo or running:
-            for st in [st for st in todo if all(d in done for d in st["deps"])][:max(0, c.jobs - len(running))]:
+            for st in ready(todo, done)[:max(0, c.jobs - len(running))]:
                 todo.remove(st)
                 argv = st["argv"]
                 if argv[1].startswith("train_") and os.path.isdir(st["out"]) and any(

@@ -70,6 +70,17 @@ def test_plan_has_every_step_once_after_its_dependencies():
     assert [st["name"] for st in few] == ["data", "s1 stage 0", "s1 gem_50pct", "s1 eval gem_50pct"]
 
 
+def test_a_ready_vla_training_starts_before_the_other_recipes():
+    """The VLAs are the longest steps and end the longest chain: once sft is trained, its VLA goes ahead of the
+    recipes still waiting (plan order would start them first)."""
+    steps = rp.plan(rp.config(["--preset=tiny", "--seeds=0", "--data=/d", "--runs=/r", "--results=/x"]))
+    done = {"data", "demos", "s0 stage 0", "s0 sft"}
+    todo = [st for st in steps if st["name"] not in done]
+    names = [st["name"] for st in rp.ready(todo, done)]
+    assert names[0] == "s0 vla_sft" and "s0 gem" in names and "s0 vla_gem" not in names
+    assert names[1:] == [st["name"] for st in todo if st["name"] in names[1:]]  # the rest in plan order
+
+
 def _table_rows(text: str) -> list[str]:  # the three result tables (not the step times)
     return [ln for ln in text.split("## Step times")[0].splitlines() if ln.startswith("| ")]
 
