@@ -42,6 +42,8 @@ Paper -> code map
   invalid depth pixels (0) masked per pixel in L_flow                    depth_target / depth_mask
   GEM-VLA demonstrations, action chunks, state/action normalisation      demo_task / DemoDataset / normalize
   one preprocessing for training and the deployed policy                 obs_to_inputs
+  (ours) training batches: stateless sampler, loader-side collation,     sample_indices / StepItems / step_loader
+    uint8 images to the device                                           on_device / device_batch
 """
 from __future__ import annotations
 
@@ -600,6 +602,80 @@ def collate(batch, pad_id: int, pixels: bool = True) -> dict:
         else:
             out[k] = [b[k] for b in batch]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training batches: a seeded, stateless sampler (position -> sample, so resume and every recipe see the same
+# order), collation in the loader's worker processes, and the way to the device (train_pretrain, train_vla)
+
+def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Samples at global positions [start, start+count) of an endless stream of seeded epoch permutations."""
+    return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
+
+
+@functools.lru_cache(maxsize=2)  # a step's samples span at most two epochs; drawing the order each step cost ~1 ms
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist())
+
+
+class StepItems(torch.utils.data.Dataset):
+    """Step k -> this rank's micro-batches of samples at step start + k, each item tagged with its global
+    position ("pos"), and put together by `collate` (items -> what the training loop takes) where the step is
+    loaded: in the loader's worker processes, off the loop's critical path. The sampler is stateless, so
+    workers can load steps ahead without changing what any step sees (resume and DDP stay exact)."""
+
+    def __init__(self, ds, seed, start, total, gbatch, world, rank, bs, accum, collate=None):
+        self.ds, self.seed, self.start, self.total, self.gbatch = ds, seed, start, total, gbatch
+        self.world, self.rank, self.bs, self.accum, self.collate = world, rank, bs, accum, collate
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __getitem__(self, k):
+        first = (self.start + k) * self.gbatch
+        idx = sample_indices(len(self.ds), self.seed, first, self.gbatch)
+        mbs = [[dict(self.ds[idx[j]], pos=first + j) for j in range(lo, lo + self.bs)]  # only this rank's samples
+               for lo in ((m * self.world + self.rank) * self.bs for m in range(self.accum))]
+        return [self.collate(mb) for mb in mbs] if self.collate else mbs
+
+
+def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (module level: picklable)
+    return x
+
+
+def step_loader(steps: StepItems, workers: int, pin: bool = False):
+    """Iterator over the steps' micro-batches, loaded by `workers` processes ahead of the training loop (pin:
+    into page-locked memory, from which the copies to the GPU run while the GPU computes)."""
+    return iter(torch.utils.data.DataLoader(steps, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                            prefetch_factor=4 if workers else None, pin_memory=pin))
+
+
+def length_chunks(items: list) -> list:
+    """Split a batch in two by length when that saves >25% of the padded tokens: a few long samples (object
+    lists, trajectories) would otherwise pad the whole batch to 3x its mean length. The loss is token-summed
+    and normalised by global counts, so the gradient is that of the whole batch."""
+    items = sorted(items, key=lambda it: len(it["input_ids"]))
+    L = [len(it["input_ids"]) for it in items]
+    n = len(L)
+    cost, c = min((c * L[c - 1] + (n - c) * L[-1], c) for c in range(1, n + 1))
+    return [items[:c], items[c:]] if c < n and cost < 0.75 * n * L[-1] else [items]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def on_device(b: dict, device) -> dict:
+    """A host batch on `device`: the images travel as uint8, a quarter of the bytes of floats, and become
+    pixel_values where the model runs (training's way in, VLM and VLA)."""
+    b = to_device(b, device)
+    b["pixel_values"] = to_pixel_values(b.pop("images"))
+    return b
+
+
+def device_batch(items: list, pad_id: int, device) -> dict:
+    """Items -> a collated batch on `device` (on_device of data.collate's uint8 batch)."""
+    return on_device(collate(items, pad_id, pixels=False), device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -380,7 +380,7 @@ def eval_rules(cfg) -> dict:
 def image_features(gem, ds, idx: list[int], pad_id: int, bs: int = 32):
     """Frozen last-layer image-token states (N, n_img, D), depth targets (N, 1, S, S), metric depth (N, H, W),
     the target cells with depth (N, 1, S, S)."""
-    from train_pretrain import device_batch
+    from data import device_batch
     gem.eval()
     dev, hid, tgt, dm, mask = next(gem.parameters()).device, [], [], [], []
     for s in range(0, len(idx), bs):

@@ -36,7 +36,8 @@ Paper -> code map (GEM's four ideas, each in one place)
     L = L_text + 0.1 * L_flow (stage 3)                        gem_loss (--lam)
     Released script: cosine lr, 3% warmup, weight decay 0, clip 1, bf16   common.lr_at, TrainConfig, autocast
 Keeping a GPU fed (issue 13): samples decoded once (data.build_cache), batches collated in the loader's
-worker processes (StepItems + host_chunks), images sent as uint8 (on_device), one read back per step (train_step).
+worker processes (data.StepItems + host_chunks), images sent as uint8 (data.on_device), one read back per step
+(train_step).
 """
 from __future__ import annotations
 
@@ -342,49 +343,7 @@ class Bundle(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: a seeded, stateless sampler (position -> sample), so resume and every recipe see the same order
-
-def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Samples at global positions [start, start+count) of an endless stream of seeded epoch permutations."""
-    return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
-
-
-@functools.lru_cache(maxsize=2)  # a step's samples span at most two epochs; drawing the order each step cost ~1 ms
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple:
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist())
-
-
-class StepItems(torch.utils.data.Dataset):
-    """Step k -> this rank's micro-batches of samples at step start + k, each item tagged with its global
-    position ("pos"), and put together by `collate` (items -> what the training loop takes) where the step is
-    loaded: in the loader's worker processes, off the loop's critical path. The sampler is stateless, so
-    workers can load steps ahead without changing what any step sees (resume and DDP stay exact)."""
-
-    def __init__(self, ds, seed, start, total, gbatch, world, rank, bs, accum, collate=None):
-        self.ds, self.seed, self.start, self.total, self.gbatch = ds, seed, start, total, gbatch
-        self.world, self.rank, self.bs, self.accum, self.collate = world, rank, bs, accum, collate
-
-    def __len__(self):
-        return self.total - self.start
-
-    def __getitem__(self, k):
-        first = (self.start + k) * self.gbatch
-        idx = sample_indices(len(self.ds), self.seed, first, self.gbatch)
-        mbs = [[dict(self.ds[idx[j]], pos=first + j) for j in range(lo, lo + self.bs)]  # only this rank's samples
-               for lo in ((m * self.world + self.rank) * self.bs for m in range(self.accum))]
-        return [self.collate(mb) for mb in mbs] if self.collate else mbs
-
-
-def _as_is(x):  # DataLoader collate_fn: keep the step's list of micro-batches (module level: picklable)
-    return x
-
-
-def step_loader(steps: StepItems, workers: int, pin: bool = False):
-    """Iterator over the steps' micro-batches, loaded by `workers` processes ahead of the training loop (pin:
-    into page-locked memory, from which the copies to the GPU run while the GPU computes)."""
-    return iter(torch.utils.data.DataLoader(steps, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                            prefetch_factor=4 if workers else None, pin_memory=pin))
-
+# Data: the datasets' settings and the batches a stage trains on (the sampler and loader: data.StepItems)
 
 def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
     """GemDataset's settings for a model and a run's TrainConfig (training, evaluation and the depth probe)."""
@@ -396,7 +355,7 @@ def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
 def make_batch(ds, idx, pad_id, modality, device, items=None):
     """Collated batch on `device` (host_batch, then on_device) of dataset items ds[i] (or the given items)."""
     items = items if items is not None else [dict(ds[i], pos=i) for i in idx]
-    return on_device(host_batch(items, pad_id, modality), device)
+    return D.on_device(host_batch(items, pad_id, modality), device)
 
 
 def host_batch(items: list, pad_id: int, modality: str, noise: tuple | None = None) -> dict:
@@ -418,35 +377,7 @@ def host_batch(items: list, pad_id: int, modality: str, noise: tuple | None = No
 
 def host_chunks(items: list, pad_id: int, modality: str, noise: tuple | None = None) -> list:
     """One micro-batch of items -> its length chunks as host batches (StepItems' collate in pretraining)."""
-    return [host_batch(ch, pad_id, modality, noise) for ch in length_chunks(items)]
-
-
-def on_device(b: dict, device) -> dict:
-    """A host batch on `device`: the images travel as uint8, a quarter of the bytes of floats, and become
-    pixel_values where the model runs (training's way in, VLM and VLA)."""
-    b = to_device(b, device)
-    b["pixel_values"] = D.to_pixel_values(b.pop("images"))
-    return b
-
-
-def device_batch(items: list, pad_id: int, device) -> dict:
-    """Items -> a collated batch on `device` (on_device of data.collate's uint8 batch)."""
-    return on_device(D.collate(items, pad_id, pixels=False), device)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def length_chunks(items: list) -> list:
-    """Split a batch in two by length when that saves >25% of the padded tokens: a few long samples (object
-    lists, trajectories) would otherwise pad the whole batch to 3x its mean length. The loss is token-summed
-    and normalised by global counts, so the gradient is that of the whole batch."""
-    items = sorted(items, key=lambda it: len(it["input_ids"]))
-    L = [len(it["input_ids"]) for it in items]
-    n = len(L)
-    cost, c = min((c * L[c - 1] + (n - c) * L[-1], c) for c in range(1, n + 1))
-    return [items[:c], items[c:]] if c < n and cost < 0.75 * n * L[-1] else [items]
+    return [host_batch(ch, pad_id, modality, noise) for ch in D.length_chunks(items)]
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -571,7 +502,7 @@ def train_step(model, has_head, host, params, stage, step, tc, ddp, device, amp,
     w_text = world / max(float(counts[0]), 1.0)
     stats = torch.zeros(2, device=device)
     for m, h in enumerate(host):
-        b = on_device(h, device)
+        b = D.on_device(h, device)
         w_flow = world * n_valid[m] / max(float(counts[1]), 1.0)
         sync = nullcontext() if (not ddp or m == len(host) - 1) else model.no_sync()
         with sync:
@@ -675,7 +606,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     flow = head is not None and "flow" in STAGES[stage]["losses"]
     chunks = functools.partial(host_chunks, pad_id=pad_id, modality=modality,  # run by the loader's workers
                                noise=(tc.seed, stage) if flow else None)
-    loader = step_loader(StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size,
+    loader = D.step_loader(D.StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size,
                                    tc.grad_accum, chunks), tc.workers, pin=device.type == "cuda")
     t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}
     vlm_trains, peak_tf, head_per_sample = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops), None

@@ -43,8 +43,7 @@ from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, g
                     parse_config, peak_tflops, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
-from train_pretrain import (StepItems, check_flow_convention, device_batch, load_pretrained, on_device, resolve_ckpt,
-                            step_loader)
+from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,7 +338,7 @@ class Policy:
     @torch.no_grad()
     def predict(self, obs_list: list) -> np.ndarray:
         """Observations -> un-normalised action chunks (N, H, 7) clipped to [-1, 1]."""
-        batch = device_batch([self.preprocess(o) for o in obs_list], self.pad_id, self.device)
+        batch = D.device_batch([self.preprocess(o) for o in obs_list], self.pad_id, self.device)
         a = self.model.sample_actions(batch, self.steps, self.generator)
         return D.unnormalize(a.float().cpu(), self.stats, "action").clamp(-1, 1).numpy()
 
@@ -398,7 +397,7 @@ def validate(model: GEMVLA, ds, idx: list, cfg: VLAConfig, stats: dict, pad_id: 
     g = torch.Generator(device).manual_seed(1234)  # the same noise every time: comparable numbers
     err = cnt = 0.0
     for s in range(0, len(idx), bs):
-        b = device_batch([ds[i] for i in idx[s:s + bs]], pad_id, device)
+        b = D.device_batch([ds[i] for i in idx[s:s + bs]], pad_id, device)
         pred = D.unnormalize(model.sample_actions(b, cfg.flow_steps, g).float(), stats, "action")
         true = D.unnormalize(b["actions"].float(), stats, "action")
         m = b["action_mask"].float()[..., None]  # (B, H, 1): no error past the episode end
@@ -489,7 +488,7 @@ def main(argv=None):
     # MFU: the VLM's FLOPs from the batch's real tokens; the expert's and head's counted by hooks in the first step
     seen_f, per_sample, peak_tf, last_log = 0.0, None, peak_tflops(device, cfg.peak_tflops), step
     # this rank's samples of each step, as in pretraining (a stateless sampler: resume stays exact)
-    loader = step_loader(StepItems(torch.utils.data.Subset(ds, train_idx), cfg.seed, step, cfg.steps, cfg.batch_size,
+    loader = D.step_loader(D.StepItems(torch.utils.data.Subset(ds, train_idx), cfg.seed, step, cfg.steps, cfg.batch_size,
                                    world, rank, cfg.batch_size // world, 1,
                                    functools.partial(D.collate, pad_id=pad_id, pixels=False)),
                          cfg.workers, pin=device.type == "cuda")
@@ -500,7 +499,7 @@ def main(argv=None):
         # data order and flow noise are pure functions of (seed, step, rank): resume continues exactly
         torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
         host = next(loader)[0]  # collated by the loader; counted here without waiting for the GPU
-        b = on_device(host, device)
+        b = D.on_device(host, device)
         counter = HeadFlops(nn.ModuleList([m for m in (model.expert, model.head) if m is not None])) if per_sample is None else None
         with amp:
             terms = net(b, cfg)

@@ -29,11 +29,11 @@ def batches(ds, steps: int, batch: int, pad_id: int, on_gpu: bool = False):
     """The step loop's data path (train_pretrain.run_stage), depth modality: StepItems with host_chunks (what
     the loader's worker processes run), then on_device on the CPU. on_gpu: the host part alone (a GPU run
     converts the uint8 images to pixel_values on the device)."""
-    steps_ = TP.StepItems(ds, seed=0, start=0, total=steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1,
+    steps_ = D.StepItems(ds, seed=0, start=0, total=steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1,
                           collate=functools.partial(TP.host_chunks, pad_id=pad_id, modality="depth"))
     for k in range(steps):
         for h in steps_[k][0]:
-            yield h if on_gpu else TP.on_device(h, torch.device("cpu"))
+            yield h if on_gpu else D.on_device(h, torch.device("cpu"))
 
 
 def main(argv):
@@ -86,7 +86,7 @@ def bench_vla(S: int, tok, steps: int, batch: int, pad: int, demos: str | None =
     rates = {}
     for name, ds in sets.items():
         n_steps = max(2, steps // 10) if name == "render" else steps
-        steps_ = TP.StepItems(ds, seed=0, start=0, total=n_steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1,
+        steps_ = D.StepItems(ds, seed=0, start=0, total=n_steps, gbatch=batch, world=1, rank=0, bs=batch, accum=1,
                               collate=functools.partial(D.collate, pad_id=pad, pixels=False))  # as train_vla.py
         t = time.process_time()
         n = sum(len(steps_[k][0]["input_ids"]) for k in range(n_steps))

@@ -328,8 +328,8 @@ def test_loader_draws_the_flow_noise_the_loss_would(base, micro_data):
     head = TP.build_head(tc, gem, "gem")
     ds = TP.D.GemDataset(micro_data, "train", tok, gem.cfg.image_size, gem.cfg.n_image_tokens, tc.head_size)
     items, pad = [dict(ds[i], pos=100 + i) for i in (0, 2, 5)], TP.D.special_ids(tok)["pad_id"]
-    plain = TP.on_device(TP.host_batch(items, pad, "depth"), "cpu")
-    drawn = TP.on_device(TP.host_batch(items, pad, "depth", noise=(tc.seed, 3)), "cpu")
+    plain = TP.D.on_device(TP.host_batch(items, pad, "depth"), "cpu")
+    drawn = TP.D.on_device(TP.host_batch(items, pad, "depth", noise=(tc.seed, 3)), "cpu")
     assert "flow_noise" in drawn and "flow_noise" not in plain
     bundle = TP.Bundle(gem, head, 3, tc)
     flow_here, flow_loader = (bundle(b, 1.0, 1.0)[2] for b in (plain, drawn))
