@@ -11,7 +11,7 @@ use it without an import circle (nanochat keeps one such file).
   setup_dist / all_sum               torchrun DDP (gloo on CPU, nccl on GPU)
   lr_at                              linear warmup, then cosine decay (the paper's released recipe)
   die / git_commit                   one-line fatal errors; the commit recorded in every run
-  vlm_flops / HeadFlops / peak_tflops  MFU: the FLOPs a step runs (non-padding tokens, backward only where it
+  vlm_flops / layer_flops / peak_tflops  MFU: the FLOPs a step runs (non-padding tokens, backward only where it
                                      runs; the head by hooks) over the GPU's dense bf16 peak (PEAK_BF16_TFLOPS)
 """
 from __future__ import annotations
@@ -293,20 +293,24 @@ def vlm_flops(c, mask: torch.Tensor, trains: bool, grad_layers: int | None = Non
     return fwd + 2 * (B * (patch + vit + merger) + g * layer + text_grad * unembed) - B * patch
 
 
-class HeadFlops:
-    """The head's FLOPs in one forward + backward, counted as they run (forward hooks on its Linear / Conv2d
-    layers): 2 x output elements x fan-in forward; backward, the weight gradient where the weights train
-    plus the input gradient where the input needs one (autograd computes no other)."""
+def layer_flops(module, run) -> float:
+    """FLOPs of one forward + backward of `module`'s Linear / Conv2d layers, counted by forward hooks while
+    run() makes a forward pass (no backward is needed): 2 x output elements x fan-in forward; backward, the
+    weight gradient where the weights train plus the input gradient where the input needs one (autograd
+    computes no other). Run it on the eager modules, before training: hooks added to and removed from a
+    compiled model make torch.compile compile the step twice. run() draws nothing from the RNGs' streams."""
+    total = 0.0
 
-    def __init__(self, head):  # depth_head.GenerativeHead (any module)
-        self.total, self.hooks = 0.0, [m.register_forward_hook(self.count) for m in head.modules()
-                                       if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-    def count(self, m, inp, out):
+    def count(m, inp, out):
+        nonlocal total
         fan = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
         grads = torch.is_grad_enabled() * (int(m.weight.requires_grad) + int(inp[0].requires_grad))
-        self.total += 2.0 * out.numel() * fan * (1 + grads)
-
-    def close(self):
-        for h in self.hooks:
+        total += 2.0 * out.numel() * fan * (1 + grads)
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            run()
+    finally:
+        for h in hooks:
             h.remove()
+    return total

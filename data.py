@@ -410,7 +410,7 @@ def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
     return [r for r in records if scene_of(r) in keep]
 
 
-CACHE_VERSION = 3  # bump whenever what the cache holds, or how it is computed, changes
+CACHE_VERSION = 4  # bump whenever what the cache holds, or how it is computed, changes
 
 
 class GemDataset(torch.utils.data.Dataset):
@@ -419,7 +419,7 @@ class GemDataset(torch.utils.data.Dataset):
     `source` is a data directory (our layout) or one JSONL file (the released GEM-250K layout): split_records.
     Records without depth get depth_valid False and a zero target, and pixels without depth (0 in the PNG)
     a False depth_mask: the depth loss is masked for both. `skipped` counts the records left out (several
-    images, video) and `no_depth` those without a depth map. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
+    images, video, longer than max_len tokens: drop_long) and `no_depth` those without a depth map. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
     (select_scenes); `blind` replaces every image by one constant grey image (the blind baseline).
 
     cache=True decodes the split once (build_cache: images at the model's size, depth in millimetres, both
@@ -448,7 +448,7 @@ class GemDataset(torch.utils.data.Dataset):
             if bad:
                 raise ValueError(f"families: unknown task family {bad[0]!r} (valid: {', '.join(FAMILY_TYPES)}, {OTHER})")
             recs = [r for r in recs if r["task"] in families]
-        self.records = recs
+        self.records = self.drop_long(recs)
 
     def __len__(self):
         return len(self.records)
@@ -457,13 +457,25 @@ class GemDataset(torch.utils.data.Dataset):
         return load_record_image(r, self.image_size)
 
     def encode(self, r):
-        """Token ids and labels of a record's conversation, cut at max_len."""
-        ids, labels = encode_chat(self.tok, r["conversations"], self.n_image_tokens, self.image_first)
-        if len(ids) > self.max_len:
-            if ids.index(special_ids(self.tok)["vision_end_id"]) >= self.max_len:
+        """Token ids and labels of a record's whole conversation (never cut: see drop_long)."""
+        return encode_chat(self.tok, r["conversations"], self.n_image_tokens, self.image_first)
+
+    def drop_long(self, recs: list[dict]) -> list[dict]:
+        """The records of at most max_len tokens. A longer one is left out whole, never cut (a cut answer
+        loses its end and its <|im_end|>, which the model then never learns to write), and counted in
+        `skipped`; `too_long` = (count, longest length) for the caller's warning. The image must fit."""
+        if self.arrays is not None:
+            lengths = np.diff(self.arrays["offsets"])[[r["_row"] for r in recs]]
+        else:
+            lengths = np.array([len(self.encode(r)[0]) for r in recs], np.int64)
+        over = lengths > self.max_len
+        if over.any():
+            r = recs[int(np.argmax(lengths))]
+            if self.encode(r)[0].index(special_ids(self.tok)["vision_end_id"]) >= self.max_len:
                 raise ValueError(f"{r['_where']}: the image tokens do not fit in max_len={self.max_len}")
-            ids, labels = ids[:self.max_len], labels[:self.max_len]
-        return ids, labels
+            self.skipped[f"longer than max_len={self.max_len} tokens"] += int(over.sum())
+        self.too_long = (int(over.sum()), int(lengths.max()) if len(lengths) else 0)
+        return [r for r, o in zip(recs, over) if not o]
 
     def __getitem__(self, i):
         r = self.records[i]
@@ -503,7 +515,7 @@ def cache_key(ds: GemDataset, records: list[dict]) -> str:
     the tokenizer, the sizes and prompt settings, CACHE_VERSION. Another key = another cache directory."""
     import hashlib
     h = hashlib.sha256(json.dumps(dict(version=CACHE_VERSION, image_size=ds.image_size, head_size=ds.head_size,
-                                       n_image_tokens=ds.n_image_tokens, image_first=ds.image_first, max_len=ds.max_len,
+                                       n_image_tokens=ds.n_image_tokens, image_first=ds.image_first,
                                        resize="area; image bicubic; depth nearest", tokenizer=ds.tok.to_str()), sort_keys=True).encode())
     for r in records:
         h.update(json.dumps({k: v for k, v in r.items() if k not in ("_where", "_row")}, sort_keys=True).encode())

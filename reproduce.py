@@ -11,7 +11,8 @@ continues where an interrupted one stopped; an interrupted training step resumes
   (stage 0, on its own --base_share of the train scenes) -> recipes sft, gem, rgb, direct, regress, blind (sft
   on grey images) on the other scenes -> train_vla.py on sft (no depth loss) and on gem (depth loss x0.1) ->
   eval.py vlm on every recipe, eval.py vla on both VLAs, plus the scripted-expert and random-policy rows ->
-  results/<preset>/README.md and results.json (every per-seed number). --shares adds sft / gem on a share
+  results/<preset>/README.md and results.json (every per-seed number), rewritten as each step finishes (a run
+  cut short keeps every finished comparison; the page names the steps still missing). --shares adds sft / gem on a share
   of the scenes, after everything else (bench/data_efficiency.py reads them).
 
 Claims: a gem-vs-other difference is starred only over >= 3 training seeds, with every per-seed paired
@@ -40,7 +41,7 @@ from common import parse_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITES = ("spatial", "object", "goal", "long")
-RECIPES = ["sft", "gem", "rgb", "direct", "regress", "blind"]
+RECIPES = ["sft", "gem", "blind", "rgb", "direct", "regress"]  # plan order: what the first table needs first (a run cut short keeps it)
 RECIPE_FLAGS = {"blind": ["--recipe=sft", "--blind=true"]}  # blind: sft with every image one grey image
 VLAS = {"vla_sft": ("sft", 0.0), "vla_gem": ("gem", 0.1)}  # name -> (VLM recipe, depth loss weight)
 
@@ -175,10 +176,10 @@ def ready(todo: list[dict], done: set) -> list[dict]:
     return sorted(ok, key=lambda st: st["argv"][1] != "train_vla.py")  # a stable sort: plan order otherwise
 
 
-def run_steps(c: ReproConfig, steps: list[dict] | None = None) -> list[dict]:
+def run_steps(c: ReproConfig, steps: list[dict] | None = None, after=None) -> list[dict]:
     """Run the plan (or the given steps of it), `jobs` steps at a time (single-threaded torch each: on a
     small CPU two 1-thread processes outrun one 2-thread process). Each step logs to <out>.log; a status line
-    shows progress."""
+    shows progress; after(log so far, names of the steps not finished) runs as each step finishes."""
     steps, log, running = steps if steps is not None else plan(c), [], {}
     done = {st["name"] for st in steps if os.path.isfile(os.path.join(st["out"], ".done"))}
     for st in steps:
@@ -217,6 +218,8 @@ def run_steps(c: ReproConfig, steps: list[dict] | None = None) -> list[dict]:
                 done.add(name)
                 log.append(rec)
                 print(f"[{time.time() - t0:5.0f}s] done  {name} ({rec['seconds']:.0f} s); {len(done)}/{len(steps)} steps", flush=True)
+                if after is not None:
+                    after(log, [st["name"] for st in steps if st["name"] not in done])
             if running and time.time() - last > 15:  # progress: the last line (e.g. a tqdm bar) of each running step
                 last = time.time()
                 for name, (st, _, t, _) in running.items():
@@ -447,36 +450,66 @@ def _log(run: str) -> list[dict]:
         return [r for r in (json.loads(line) for line in f if line.strip()) if "step" in r]
 
 
-def speed(runs: dict[str, str]) -> str:
+def speed(runs: dict[str, str], every: dict[str, str] | None = None) -> str:
     """Training speed per run and stage: medians over the stage's log records after its first (start-up,
-    compilation) of wall time per step, samples/s, model TFLOP/s and MFU (on a GPU in the peak table)."""
-    out = ["| run | stage | steps | ms/step | samples/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+    compilation) of wall time per step, samples/s, model TFLOP/s and MFU (on a GPU in the peak table). Runs
+    that train at once share the GPU, and each divides only its own FLOPs by the whole GPU's peak, so beside
+    them: the GPU's total over the stage's span (the FLOPs of every run in `every` whose log windows overlap
+    it, pro rata, over the span) and the runs that overlapped it by more than a tenth."""
+    every = every or runs
+    windows = {name: [(r["time"] - r["dt"], r["time"], r["tflops"] * r["dt"]) for r in _log(d) if "dt" in r]
+               for name, d in every.items()}  # (start, end, TFLOP) per log record
+
+    def overlap(w, a, b):  # the share of window w's TFLOP inside [a, b]
+        return w[2] * max(0.0, min(w[1], b) - max(w[0], a)) / max(w[1] - w[0], 1e-9)
+    out = ["| run | stage | steps | ms/step | samples/s | TFLOP/s | MFU | GPU total TFLOP/s | GPU total MFU | ran beside |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in runs.items():
         recs = [r for r in _log(d) if "samples_per_s" in r]
         for st in sorted({r.get("stage", "vla") for r in recs}, key=str):
             rs = [r for r in recs if r.get("stage", "vla") == st]
-            rs = rs[1:] or rs
+            first, rs = rs[0], rs[1:] or rs
 
             def med(k, fmt):
                 return fmt.format(float(np.median([r[k] for r in rs]))) if all(k in r for r in rs) else "n/a"
-            out.append(f"| {name} | {st} | {rs[-1]['step']} | {med('step_ms', '{:.1f}')} | {med('samples_per_s', '{:.0f}')} "
-                       f"| {med('tflops', '{:.3g}')} | {med('mfu', '{:.1%}')} |")
+            row = f"| {name} | {st} | {rs[-1]['step']} | {med('step_ms', '{:.1f}')} | {med('samples_per_s', '{:.0f}')} " \
+                  f"| {med('tflops', '{:.3g}')} | {med('mfu', '{:.1%}')} |"
+            if "dt" not in first:  # a log from before the windows were recorded
+                out.append(row + " n/a | n/a | |")
+                continue
+            a, b = first["time"] - first["dt"], rs[-1]["time"]
+            shares = {o: sum(overlap(w, a, b) for w in ws) for o, ws in windows.items()}
+            beside = [o for o, ws in windows.items() if every.get(o) != d
+                      and sum(max(0.0, min(w[1], b) - max(w[0], a)) for w in ws) > 0.1 * (b - a)]
+            total = sum(shares.values()) / max(b - a, 1e-9)  # TFLOP/s of the whole GPU over the span
+            peak = next((r["tflops"] / r["mfu"] for r in rs if r.get("mfu")), None)
+            out.append(row + f" {total:.3g} | {'n/a' if peak is None else f'{total / peak:.1%}'} | {', '.join(beside)} |")
     return "\n".join(out) + "\n"
 
 
+def _done(path):  # a finished step's results.json, or None while the step has not finished (a partial page)
+    return _load(path) if os.path.isfile(path) else None
+
+
 def collect(c: ReproConfig) -> dict:
-    """Every per-seed cell the tables use, from the runs' results.json files (kept in results.json)."""
+    """Every per-seed cell the tables use, from the runs' results.json files (kept in results.json); None
+    for a step that has not finished yet."""
     R, S = c.runs, {s: f"{c.runs}/seed{s}" for s in c.seeds}
+    vlm = {r: {s: _done(f"{d}/{r}/eval_test/results.json") for s, d in S.items()} for r in recipes(c)}
+    vla = {v: {s: _done(f"{d}/{v}/eval_vla/results.json") for s, d in S.items()} for v in VLAS}
+    refs = {ref: _done(f"{R}/ref_{ref}/results.json") for ref in ("random", "expert")}
+    rules = _done(f"{R}/rules/results.json")
     return dict(
         seeds=list(c.seeds),
-        vlm={r: {s: vlm_cells(_load(f"{d}/{r}/eval_test/results.json")) for s, d in S.items()} for r in recipes(c)},
-        vla={v: {s: vla_cells(next(iter(_load(f"{d}/{v}/eval_vla/results.json")["results"].values()))) for s, d in S.items()}
-             for v in VLAS},
-        refs={ref: vla_cells(_load(f"{R}/ref_{ref}/results.json")["results"][ref]) for ref in ("random", "expert")},
-        rules=rule_cells(_load(f"{R}/rules/results.json")))
+        vlm={r: {s: res and vlm_cells(res) for s, res in per.items()} for r, per in vlm.items()},
+        vla={v: {s: res and vla_cells(next(iter(res["results"].values()))) for s, res in per.items()} for v, per in vla.items()},
+        refs={ref: res and vla_cells(res["results"][ref]) for ref, res in refs.items()},
+        rules=rules and rule_cells(rules))
 
 
-def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
+def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str] = ()) -> str:
+    """results.json and README.md from every finished step; `missing`: the steps not finished yet (the page
+    is rewritten as steps finish, so a run cut short still leaves every finished comparison)."""
     R, S = c.runs, [f"{c.runs}/seed{s}" for s in c.seeds]
     raw = collect(c)
     vlm = {r: combine(list(per.values())) for r, per in raw["vlm"].items()}
@@ -495,7 +528,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
     total = sum(r.get("seconds", 0) for r in log)
     os.makedirs(c.results, exist_ok=True)
     with open(f"{c.results}/results.json.tmp", "w") as f:
-        json.dump(dict(raw, preset=c.preset, commit=commit, torch=torch.__version__), f, indent=1)
+        json.dump(dict(raw, preset=c.preset, commit=commit, torch=torch.__version__, missing=list(missing)), f, indent=1)
     os.replace(f"{c.results}/results.json.tmp", f"{c.results}/results.json")
     figs = []
     for r, src in (("gem", "own_head"), ("gem", "probe"), ("sft", "probe")):
@@ -520,6 +553,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           (f"**{n} training seed{'s' if n > 1 else ''}: no claim.** Differences are claimed only over >= {MIN_SEEDS} seeds; "
            "nothing below is starred.\n" if n < MIN_SEEDS else
            f"{n} training seeds (stage 0, every recipe and VLA trained once per seed).\n"),
+          (f"**Partial page: {len(missing)} step{'s' if len(missing) > 1 else ''} not finished** ({', '.join(missing)}); "
+           "their cells read n/a.\n" if missing else ""),
           "Cells: mean ±sd over training seeds (±the 95% sampling half-width over questions, depth frames or episodes, "
           "averaged over seeds: a second error bar, which leaves out training noise). Δ rows: the mean ±sd of the per-seed paired differences; `*` "
           f"only with >= {MIN_SEEDS} seeds, every per-seed difference of one sign and |mean| > 2 sd / sqrt(n). Chance: the best "
@@ -563,8 +598,12 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float) -> str:
           + (f"; {sum(1 for r in log if r.get('skipped'))} steps were done by an earlier invocation (their own times are above).\n"
              if any(r.get("skipped") for r in log) else ".\n"),
           "## Training speed (seed " + str(c.seeds[0]) + ")\n",
-          "MFU: the FLOPs each step runs (real tokens; backward only where gradients flow) over the GPU's dense bf16 peak.\n",
-          speed({"stage 0": f"{S[0]}/base"} | {r: f"{S[0]}/{r}" for r in recipes(c)} | {v: f"{S[0]}/{v}" for v in VLAS})]
+          "MFU: the FLOPs each step runs (real tokens; backward only where gradients flow) over the GPU's dense bf16 peak. "
+          f"Up to {c.jobs} steps run at once: a run's own MFU counts only its FLOPs; GPU total: every training run's "
+          "FLOPs over that stage's span (evaluations, which count none, may also have run).\n",
+          speed({"stage 0": f"{S[0]}/base"} | {r: f"{S[0]}/{r}" for r in recipes(c)} | {v: f"{S[0]}/{v}" for v in VLAS},
+                {f"s{s} {n}": f"{c.runs}/seed{s}/{d}" for s in c.seeds
+                 for n, d in [("stage 0", "base")] + [(r, r) for r in recipes(c)] + [(v, v) for v in VLAS]})]
     text = "\n".join(md)
     with open(f"{c.results}/README.md.tmp", "w") as f:
         f.write(text)
@@ -583,7 +622,13 @@ def config(argv: list[str]) -> ReproConfig:
 def main(argv: list[str]) -> str:
     c = config(argv)
     t = time.time()
-    log = run_steps(c)
+
+    def page(log, missing):  # rewritten as steps finish: a run cut short keeps every finished comparison
+        try:
+            write_readme(c, log, time.time() - t, missing)
+        except Exception as e:  # a page that cannot be written yet must not stop the run
+            print(f"reproduce: warning: the partial page was not written ({type(e).__name__}: {e})", flush=True)
+    log = run_steps(c, after=page)
     text = write_readme(c, log, time.time() - t)
     print(text)
     print(f"reproduce: done in {time.time() - t:.0f} s -> {c.results}/README.md")

@@ -60,8 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at,
-                    parse_config, peak_tflops, setup_dist, vlm_flops)
+from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
+                    lr_at, parse_config, peak_tflops, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead, draw_noise
 from hf import gem_from_hf
 from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
@@ -113,7 +113,8 @@ class TrainConfig:
     blind: bool = False              # every image one constant grey (the blind baseline; eval.py follows it)
     cache: bool = True               # decode the data once into <data>/cache (data.build_cache); false: PNGs every step
     cache_dir: str = ""              # where the cache goes when the data directory is read-only ("" = <data>/cache)
-    max_len: int = 160
+    max_len: int = 256               # tokens; a longer record is left out with a warning, never cut (its answer would
+                                     # lose its end). tiny/micro data: <= ~190 (16 image tokens); small: 64 more
     # logging, evaluation, checkpoints
     log_every: int = 10
     eval_every: int = 100            # 0 = only at the end of each stage
@@ -135,7 +136,7 @@ PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config rou
     # micro: seconds, for the tests
     "micro": dict(MODEL_PRESETS["micro"], image_size=64, head_width=16, cond_dim=16, head_size=16, steps0=4, steps1=2,
                   steps2=2, steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, val_gen=4, viz_every=0,
-                  ckpt_every=0, sample_steps=2, max_len=96),
+                  ckpt_every=0, sample_steps=2),
     # tiny: 2-core CPU, a few minutes per recipe (see "Making tiny learn" above)
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
     # small: one GPU. A step costs ~46 GFLOP per sample (69 with the head; stages 1-2: 39), so the step counts
@@ -143,7 +144,7 @@ PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config rou
     # Epochs over data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
     "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150,
                   steps2=500, steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, viz_every=500,
-                  ckpt_every=500, val_gen=256),
+                  ckpt_every=500, val_gen=256, max_len=320),
     # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm): every model size, the image size and
     # the pixel normalisation come from their configs (build_gem). head_size must be the token grid times a
     # power of two: 56 fits siglip-base-patch16-224 (grid 7) and siglip-so400m-patch14-384 (27 patches, grid 14)
@@ -340,6 +341,16 @@ class Bundle(nn.Module):
             flow = self.head.loss(out["image_hidden"].float(), b["target"], b["target_mask"], seeds)
         loss = gem_loss(self.stage, w_text * text_sum, w_flow * flow, self.tc.lam)
         return loss, text_sum.detach(), flow.detach()
+
+
+def head_flops(head: GenerativeHead, c, cond_grad: bool, device) -> float:
+    """The head's FLOPs per sample in a training step (forward + backward; MFU), counted on one blank sample
+    through the eager head (its maps have a fixed size): cond_grad when the VLM trains, so the condition
+    needs a gradient. Fixed draws (t, noise, no CFG drop): no RNG is touched."""
+    h = torch.zeros(1, c.n_image_tokens, c.dim, device=device, requires_grad=cond_grad)  # (1, N, D) image_hidden
+    x0 = torch.zeros(1, head.cfg.channels, head.cfg.out_size, head.cfg.out_size, device=device)  # (1, C, S, S)
+    draws = (torch.full((1,), 0.5), torch.zeros_like(x0), torch.ones(1))
+    return layer_flops(head, lambda: head.loss(h, x0, None, draws))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -573,6 +584,10 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         + (f" (val = every {D.HOLDOUT_EVERY}th record of the file)" if one_file else "")
         + f"; without depth (depth loss masked): {ds.no_depth} train, {val.no_depth} val"
         + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (D.Counter() if one_file else val.skipped)).items())))
+    for split, d in (("train", ds), ("val", val)):
+        if d.too_long[0]:
+            log(f"warning: {d.too_long[0]} {split} records are longer than --max_len={tc.max_len} tokens (the longest "
+                f"{d.too_long[1]}): left out, not cut; raise --max_len to train on them")
     if not len(ds):
         die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
     gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
@@ -608,20 +623,17 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
                                noise=(tc.seed, stage) if flow else None)
     loader = D.step_loader(D.StepItems(ds, tc.seed + 17 * stage, step, total, gbatch, world, rank, tc.batch_size,
                                    tc.grad_accum, chunks), tc.workers, pin=device.type == "cuda")
+    vlm_trains, peak_tf = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops)
+    head_per_sample = head_flops(head, gem.cfg, vlm_trains, device) if flow else 0.0
     t0, seen_s, seen_t, seen_f, speed = time.time(), 0, 0, 0.0, {}
-    vlm_trains, peak_tf, head_per_sample = "vlm" in STAGES[stage]["trains"], peak_tflops(device, tc.peak_tflops), None
     while step < total:
         lr = lr_at(step, total, peak, tc.warmup, tc.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         host = [b for mb in next(loader) for b in mb]  # the step's micro-batches (length chunks), collated by the loader
-        counter = HeadFlops(head) if head is not None and head_per_sample is None else None  # the head: counted once
         terms, gnorm = train_step(model, head is not None, host, params, stage, step, tc, ddp, device, amp, ctx["ckpt"])
         n_samples = sum(len(b["input_ids"]) for b in host)
-        if counter is not None:
-            counter.close()
-            head_per_sample = counter.total / n_samples
-        seen_f += sum(vlm_flops(gem.cfg, b["attention_mask"], vlm_trains) for b in host) + (head_per_sample or 0.0) * n_samples
+        seen_f += sum(vlm_flops(gem.cfg, b["attention_mask"], vlm_trains) for b in host) + head_per_sample * n_samples
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -633,7 +645,8 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
             dt = time.time() - t0
             flops, seen_t = all_sum(torch.tensor([seen_f, seen_t], dtype=torch.float64, device=device), ddp).tolist()  # all ranks
             rec = dict(stage=stage, step=step, **terms, lr=lr, grad_norm=gnorm, samples_per_s=seen_s / dt,
-                       step_ms=1000 * dt * gbatch / seen_s, tokens_per_s=seen_t / dt, tflops=flops / dt / 1e12)
+                       step_ms=1000 * dt * gbatch / seen_s, tokens_per_s=seen_t / dt, tflops=flops / dt / 1e12,
+                       time=time.time(), dt=dt)  # the window [time - dt, time]: reproduce sums runs that overlap
             speed = {"samples/s": f"{seen_s / dt:.0f}"}
             if peak_tf:
                 rec["mfu"] = flops / dt / (peak_tf * 1e12 * world)

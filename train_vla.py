@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-from common import (HeadFlops, all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, lr_at,
-                    parse_config, peak_tflops, setup_dist, vlm_flops)
+from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
+                    lr_at, parse_config, peak_tflops, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
 from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt
@@ -485,7 +485,7 @@ def main(argv=None):
     bar = tqdm(total=cfg.steps, initial=step, desc="vla", dynamic_ncols=True, disable=rank != 0)
     model.train()
     t0, seen, stop = time.time(), 0, cfg.steps if not cfg.stop_after else min(cfg.steps, step + cfg.stop_after)
-    # MFU: the VLM's FLOPs from the batch's real tokens; the expert's and head's counted by hooks in the first step
+    # MFU: the VLM's FLOPs from the batch's real tokens; the expert's and head's counted by hooks on the first batch
     seen_f, per_sample, peak_tf, last_log = 0.0, None, peak_tflops(device, cfg.peak_tflops), step
     # this rank's samples of each step, as in pretraining (a stateless sampler: resume stays exact)
     loader = D.step_loader(D.StepItems(torch.utils.data.Subset(ds, train_idx), cfg.seed, step, cfg.steps, cfg.batch_size,
@@ -500,12 +500,12 @@ def main(argv=None):
         torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
         host = next(loader)[0]  # collated by the loader; counted here without waiting for the GPU
         b = D.on_device(host, device)
-        counter = HeadFlops(nn.ModuleList([m for m in (model.expert, model.head) if m is not None])) if per_sample is None else None
+        if per_sample is None:  # the expert's and head's FLOPs: one extra forward of the eager model, once
+            with amp:
+                per_sample = layer_flops(nn.ModuleList([m for m in (model.expert, model.head) if m is not None]),
+                                         lambda: model(b, cfg)) / len(host["input_ids"])
         with amp:
             terms = net(b, cfg)
-        if counter is not None:
-            counter.close()
-            per_sample = counter.total / len(host["input_ids"])
         seen_f += (vlm_flops(model.vlm.cfg, host["attention_mask"], not cfg.freeze_vlm, model.grad_layers(), text_grad=False)
                    + per_sample * len(host["input_ids"]))
         opt.zero_grad(set_to_none=True)
@@ -527,7 +527,7 @@ def main(argv=None):
             dt = time.time() - t0
             flops = all_sum(torch.tensor(seen_f, dtype=torch.float64, device=device), ddp).item()  # all ranks
             rec = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, samples_per_s=seen / dt,
-                       step_ms=1000 * dt / (step - last_log), tflops=flops / dt / 1e12)
+                       step_ms=1000 * dt / (step - last_log), tflops=flops / dt / 1e12, time=time.time(), dt=dt)
             if peak_tf:
                 rec["mfu"] = flops / dt / (peak_tf * 1e12 * world)
             logf(rec)

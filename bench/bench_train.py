@@ -5,7 +5,7 @@
 
 For each (batch size, mode): train_pretrain.py stage 0 (--recipe=base) for --steps steps, then the gem
 recipe from it with --steps in each of stages 1-3, each a subprocess. Per stage it reads log.jsonl and
-reports samples/s, TFLOP/s and MFU (common.vlm_flops + HeadFlops over the GPU's bf16 peak) over
+reports samples/s, TFLOP/s and MFU (common.vlm_flops + layer_flops over the GPU's bf16 peak) over
 the log steps after the first (compilation and warm-up excluded). Without --data it generates a small
 dataset of the preset's image size into --out first (~100 rollouts). Writes <out>/bench_train.md;
 last line: `bench_train: stage 3 best MFU X% (batch B, mode M)` (MFU is logged on GPUs only).

@@ -85,9 +85,8 @@ def main(argv):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    counter = C.HeadFlops(head)  # the head's forward + backward FLOPs, counted as one step runs
+    head_f = TP.head_flops(head, gem.cfg, True, device) * c.batch_size  # forward + backward, on the eager head
     step()
-    counter.close()
     for _ in range(c.warmup):
         step()
     sync()
@@ -111,7 +110,7 @@ def main(argv):
     launches = (sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
                 if on_device else kernel_ops(prof)) / c.steps
     mask = b["attention_mask"]
-    flops = C.vlm_flops(gem.cfg, mask, trains=True) + counter.total  # per step, forward + backward
+    flops = C.vlm_flops(gem.cfg, mask, trains=True) + head_f  # per step, forward + backward
     peak = C.peak_tflops(device, 0.0)
     mfu = flops / wall / (peak * 1e12) if peak else float("nan")
     print(f"top {c.top} ops by {'device' if on_device else 'CPU'} time (per step):")

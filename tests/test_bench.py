@@ -111,3 +111,20 @@ def test_kernel_ops_counts_compute_not_views_nor_the_optimizer():
         with record_function("optimizer"):
             opt.step()
     assert profile_step.kernel_ops(prof) == 3
+
+
+def test_preflight_says_in_one_line_what_is_missing(monkeypatch, capsys):
+    """bench/preflight.py: everything present -> `preflight ok`, rc 0; a module that does not import, no GPU
+    where one is needed, too little disk -> one line naming it, rc 1."""
+    import preflight as pf
+    assert pf.main(["--cuda=false"]) == 0
+    assert capsys.readouterr().out.startswith("preflight ok")
+    monkeypatch.setattr(pf, "MODULES", pf.MODULES + ["no_such_module_here"])
+    assert pf.main(["--cuda=false"]) == 1
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("preflight failed: import no_such_module_here") and "\n" not in out
+    monkeypatch.setattr(pf, "MODULES", pf.MODULES[:-1])
+    assert pf.main(["--cuda=false", "--min_disk_gb=1e12"]) == 1
+    assert "GB free, need 1e+12" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert pf.main([]) == 1 and "sees no GPU" in capsys.readouterr().out

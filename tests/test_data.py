@@ -766,3 +766,35 @@ def test_demo_frame_cache_equals_rendering_and_follows_the_files(micro_demos, mi
     os.utime(cached.files[-1], ns=(1, 1))  # an episode file changed: its frames may differ, a new cache
     data.DemoDataset(demos, **kw)
     assert len(dirs()) == 2
+
+
+def test_records_longer_than_max_len_are_left_out_whole_and_counted(micro_data, tmp_path):
+    """A record over max_len is left out, never cut (a cut answer loses its end and <|im_end|>); the count
+    and the longest length are reported; the cache (whole records) is one for every max_len. The `micro`
+    and `tiny` presets' max_len fits the micro data whole."""
+    import train_pretrain as TP
+    from common import parse_config
+    root = _copy_micro(micro_data, tmp_path)
+    tok = data.load_tokenizer(os.path.join(root, "tokenizer.json"))
+    kw = dict(tok=tok, image_size=64, n_image_tokens=16, head_size=16)
+    lengths = {r["id"]: len(data.encode_chat(tok, r["conversations"], 16)[0]) for r in data.split_records(root, "train")}
+    cut = 96
+    want = sorted(i for i, n in lengths.items() if n <= cut)
+    assert 0 < len(want) < len(lengths)  # the micro data has records on both sides of 96 tokens
+    im_end = data.special_ids(tok)["im_end_id"]
+    for cache in (False, True):
+        ds = data.GemDataset(root, "train", max_len=cut, cache=cache, **kw)
+        assert sorted(r["id"] for r in ds.records) == want
+        assert ds.too_long == (len(lengths) - len(want), max(lengths.values()))
+        assert ds.skipped[f"longer than max_len={cut} tokens"] == len(lengths) - len(want)
+        for i in range(len(ds)):
+            it = ds[i]
+            assert len(it["input_ids"]) == lengths[it["id"]]  # whole, not cut
+            answer = it["labels"][it["labels"] != -100]  # (depth-only records have no answer)
+            assert it["task"] == "depth" or answer[-1] == im_end  # the answer keeps its end
+    data.GemDataset(root, "train", max_len=4096, cache=True, **kw)
+    assert len(os.listdir(os.path.join(root, "cache"))) == 1  # max_len is not part of the cache's key
+    with pytest.raises(ValueError, match="image tokens do not fit in max_len=10"):
+        data.GemDataset(root, "train", max_len=10, **kw)
+    for preset in ("micro", "tiny"):
+        assert parse_config(TP.TrainConfig, [f"--preset={preset}"], TP.PRESETS).max_len >= max(lengths.values())

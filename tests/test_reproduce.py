@@ -98,10 +98,24 @@ def _tables(text: str) -> list[dict]:
     return out
 
 
-def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
+def test_micro_reproduction_fills_every_cell(tmp_path, capsys, monkeypatch):
     args = ["--preset=micro", "--seeds=0", f"--data={tmp_path}/data", f"--runs={tmp_path}/runs",
             f"--results={tmp_path}/results"]
+    pages, write = [], rp.write_readme  # the page is rewritten as each step finishes (a cut run keeps its tables)
+
+    def spy(c, log, wall, missing=()):
+        text = write(c, log, wall, missing)
+        pages.append((list(missing), text))
+        return text
+    monkeypatch.setattr(rp, "write_readme", spy)
     text = rp.main(args)
+    n_steps = len(rp.plan(rp.ReproConfig(preset="micro")))
+    assert "partial page was not written" not in capsys.readouterr().out
+    assert [len(m) for m, _ in pages] == list(range(n_steps - 1, -1, -1)) + [0]  # one page per step, then the last
+    assert "Partial page: 21 steps not finished" in pages[0][1] and "Partial page" not in text
+    assert _tables(pages[0][1])[0]["sft"]["macro"] == "n/a"  # only the data made
+    half = next(t for m, t in pages if "s0 eval sft" not in m and m)  # sft evaluated, other steps still to run
+    assert _tables(half)[0]["sft"]["macro"] != "n/a" and "Partial page" in half
     with open(tmp_path / "results" / "README.md") as f:
         assert f.read() == text
     rows = _table_rows(text)
@@ -146,12 +160,34 @@ def test_micro_reproduction_fills_every_cell(tmp_path, capsys):
              if ln.startswith("| ") and not ln.startswith("| run")]
     assert {(r[0], r[1]) for r in speed} >= {("stage 0", "0"), ("gem", "1"), ("gem", "2"), ("gem", "3"), ("sft", "3"),
                                              ("vla_sft", "vla"), ("vla_gem", "vla")}
-    for run, stage, steps, ms, per_s, tflops, mfu in speed:
-        assert float(ms) > 0 and float(tflops) > 0 and mfu == "n/a", run  # no GPU: no MFU
+    for run, stage, steps, ms, per_s, tflops, mfu, total, total_mfu, beside in speed:
+        assert float(ms) > 0 and float(tflops) > 0 and mfu == total_mfu == "n/a", run  # no GPU: no MFU
         assert float(per_s) == pytest.approx(4 * 1000 / float(ms), rel=0.02, abs=1), (run, stage)  # micro: batch 4
+        assert float(total) > 0 and all(b.startswith("s0 ") for b in beside.split(", ") if b), (run, stage)
     # rerun: every step is skipped, the README is the same
     capsys.readouterr()
     again = rp.main(args)
     out = capsys.readouterr().out
-    assert out.count("done earlier, skipped") == len(rp.plan(rp.ReproConfig(preset="micro")))
+    assert out.count("done earlier, skipped") == n_steps
     assert _table_rows(again) == rows
+
+
+def test_speed_table_sums_the_runs_that_share_the_gpu(tmp_path):
+    """Each run divides only its own FLOPs by the GPU's peak; the GPU total of a stage adds the FLOPs of every
+    run whose log windows overlap its span, pro rata, and names those runs. Here A runs [0, 10] s at
+    1 TFLOP/s, B [5, 15] s at 2 TFLOP/s, C [20, 30] s (never beside A or B); peak 100 TFLOP/s."""
+    def run(name, stage, start, tflops):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            for k in range(5):  # five windows of 2 s
+                t = start + 2 * (k + 1)
+                f.write(json.dumps(dict(stage=stage, step=10 * (k + 1), samples_per_s=50.0, step_ms=200.0, tflops=tflops,
+                                        mfu=tflops / 100, time=t, dt=2.0)) + "\n")
+        return str(tmp_path / name)
+    runs = {"A": run("A", 3, 0, 1.0), "B": run("B", 3, 5, 2.0), "C": run("C", 0, 20, 4.0)}
+    rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in rp.speed(runs).splitlines()[2:])}
+    # A over [0, 10]: its own 10 TFLOP + B's windows inside [5, 10] (5 s at 2 TFLOP/s) = 20 TFLOP in 10 s
+    assert rows["A"][5:] == ["1", "1.0%", "2", "2.0%", "B"]
+    # B over [5, 15]: its own 20 TFLOP + A's [5, 10] at 1 TFLOP/s = 25 TFLOP in 10 s
+    assert rows["B"][5:] == ["2", "2.0%", "2.5", "2.5%", "A"]
+    assert rows["C"][5:] == ["4", "4.0%", "4", "4.0%", ""]

@@ -273,7 +273,7 @@ def test_step_flops_match_torch_flop_counter(init, micro_demos, blocks, depth, m
     reaches (the expert's blocks read hidden states 0..blocks-1; the depth head reads the last layer), no
     unembedding backward, plus the expert's and head's layers by hooks == torch's FlopCounterMode for the same
     forward + backward. The expert's attention runs through SDPA, which torch's CPU counter does not see and
-    HeadFlops leaves out (< 1% of a step). A batch of one sample repeated has no padding."""
+    layer_flops leaves out (< 1% of a step). A batch of one sample repeated has no padding."""
     from torch.utils.flop_counter import FlopCounterMode
     import common as C
     import model as M
@@ -287,9 +287,7 @@ def test_step_flops_match_torch_flop_counter(init, micro_demos, blocks, depth, m
     torch.manual_seed(0)
     with FlopCounterMode(display=False) as fc:
         vla(b, cfg)["loss"].backward()
-    counter = C.HeadFlops(torch.nn.ModuleList([m for m in (vla.expert, vla.head) if m is not None]))
-    torch.manual_seed(0)
-    vla(b, cfg)["loss"].backward()
-    counter.close()
-    ours = C.vlm_flops(vlm.cfg, b["attention_mask"], True, vla.grad_layers(), text_grad=False) + counter.total
+    parts = torch.nn.ModuleList([m for m in (vla.expert, vla.head) if m is not None])
+    counted = C.layer_flops(parts, lambda: vla(b, cfg))  # a forward only, as train_vla counts its first batch
+    ours = C.vlm_flops(vlm.cfg, b["attention_mask"], True, vla.grad_layers(), text_grad=False) + counted
     assert ours == pytest.approx(fc.get_total_flops(), rel=1e-9)
