@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 import typing
 
 import torch
@@ -34,13 +35,16 @@ def die(msg: str):
 
 
 def git_commit() -> str:
-    """This checkout's commit; in a copy without .git (a lent GPU machine's), $GEM_COMMIT if set."""
+    """$GEM_COMMIT when set (a copied tree, e.g. a lent GPU machine's, whose .git, if any, may be another
+    commit's: seen there), else this checkout's commit."""
+    if os.environ.get("GEM_COMMIT"):
+        return os.environ["GEM_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         out = ""
-    return out or os.environ.get("GEM_COMMIT") or "unknown"
+    return out or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +160,47 @@ def config_from_dict(cls, d: dict, source: str = "config.json"):
     kw = {k: (config_from_dict(nested[k], v, source) if k in nested else
               tuple(v) if typing.get_origin(hints[k]) is tuple else v) for k, v in d.items()}
     return cls(**kw)
+
+
+def record_run(out: str, cfg, mutable: set, write: bool = True, **facts) -> None:
+    """Write <out>/run.json: `facts` and the resolved config of this invocation, every earlier invocation
+    kept under "invocations". With cfg.resume, first refuse (one line naming the setting) a config that
+    differs from the run's first one in anything but `mutable` (logging, cadence, device, workers: what does
+    not change the numbers the run computes), and a different world size: steps, batch, lr, data and shapes
+    decide the schedule and the sample order of the steps already taken. Every DDP rank checks; `write`: rank 0."""
+    path = os.path.join(out, "run.json")
+    now = dict(facts, time=time.strftime("%Y-%m-%d %H:%M:%S"), config=config_to_dict(cfg))
+    old = None
+    if getattr(cfg, "resume", False) and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        first = old.get("invocations", [old])[0]
+        for key, (a, b) in _diff(first.get("config", {}), now["config"]).items():
+            if key.split(".")[-1] not in mutable:
+                die(f"--resume: --{key.split('.')[-1]}={b!r} differs from the run's {a!r} ({path}): it would change "
+                    f"what the run computes; rerun with the old setting or start a new --out")
+        if "world_size" in facts and first.get("world_size", facts["world_size"]) != facts["world_size"]:
+            die(f"--resume: {facts['world_size']} processes, but the run started with {first['world_size']} ({path}): "
+                f"the global batch and each rank's samples would change")
+    if not write:
+        return
+    runs = (old.get("invocations", [old]) if old else []) + [now]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(now, invocations=runs), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> dict:
+    """Flattened {key: (a's value, b's value)} where two config dicts differ (nested configs: model.dim)."""
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out |= _diff(x, y, f"{prefix}{k}.")
+        elif (list(x) if isinstance(x, (list, tuple)) else x) != (list(y) if isinstance(y, (list, tuple)) else y):
+            out[prefix + k] = (x, y)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

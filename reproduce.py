@@ -170,10 +170,13 @@ def needed(steps: list[dict], names: set[str]) -> list[dict]:
 
 
 def ready(todo: list[dict], done: set) -> list[dict]:
-    """The steps whose dependencies are done, VLA trainings first (the longest steps, at the end of the
-    longest chain: stage 0 -> sft / gem -> VLA; starting them late is what makes a run long), else in plan order."""
+    """The steps whose dependencies are done: VLA trainings first (the longest steps, at the end of the
+    longest chain: stage 0 -> sft / gem -> VLA; starting them late is what makes a run long), then
+    evaluations (short, and what the tables are made of: the first H200 run, cut at its limit, had trained
+    sft and blind but evaluated neither while the ablations trained), else in plan order."""
     ok = [st for st in todo if all(d in done for d in st["deps"])]
-    return sorted(ok, key=lambda st: st["argv"][1] != "train_vla.py")  # a stable sort: plan order otherwise
+    rank = {"train_vla.py": 0, "eval.py": 1}
+    return sorted(ok, key=lambda st: rank.get(st["argv"][1], 2))  # a stable sort: plan order otherwise
 
 
 def run_steps(c: ReproConfig, steps: list[dict] | None = None, after=None) -> list[dict]:

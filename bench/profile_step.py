@@ -106,7 +106,10 @@ def main(argv):
     on_device = device.type == "cuda"
     dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if on_device \
         else e.self_cpu_time_total  # noqa: E731  microseconds
-    busy = sum(dev_time(e) for e in events) / 1e6 / c.steps  # seconds of kernels per step
+    # the kernels alone: an op's self device time repeats its kernels' (summing both counted each kernel
+    # twice: "device busy 128%" in the first H200 run)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] if on_device else events
+    busy = sum(dev_time(e) for e in kernels) / 1e6 / c.steps  # seconds of kernels per step
     launches = (sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
                 if on_device else kernel_ops(prof)) / c.steps
     mask = b["attention_mask"]

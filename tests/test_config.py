@@ -75,3 +75,15 @@ def test_nested_config_fields_are_plain_flags():
         assert needle in str(e.value) and "\n" not in str(e.value)
     back = common.config_from_dict(Outer, common.config_to_dict(c))  # JSON round trip rebuilds the nested config
     assert back == c and isinstance(back.inner, Inner)
+
+
+def test_git_commit_prefers_gem_commit(monkeypatch):
+    """A copied tree (a lent GPU machine's) may carry another commit's .git: $GEM_COMMIT, when set, names
+    the code that ran; otherwise the checkout's own commit."""
+    import re
+    from common import git_commit
+    monkeypatch.delenv("GEM_COMMIT", raising=False)
+    own = git_commit()
+    assert re.fullmatch(r"[0-9a-f]{40}", own) or own == "unknown"
+    monkeypatch.setenv("GEM_COMMIT", "4d0a5eb")
+    assert git_commit() == "4d0a5eb"

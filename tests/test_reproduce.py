@@ -72,13 +72,16 @@ def test_plan_has_every_step_once_after_its_dependencies():
 
 def test_a_ready_vla_training_starts_before_the_other_recipes():
     """The VLAs are the longest steps and end the longest chain: once sft is trained, its VLA goes ahead of the
-    recipes still waiting (plan order would start them first)."""
+    recipes still waiting (plan order would start them first); then the evaluations, which the tables need."""
     steps = rp.plan(rp.config(["--preset=tiny", "--seeds=0", "--data=/d", "--runs=/r", "--results=/x"]))
     done = {"data", "demos", "s0 stage 0", "s0 sft"}
     todo = [st for st in steps if st["name"] not in done]
     names = [st["name"] for st in rp.ready(todo, done)]
     assert names[0] == "s0 vla_sft" and "s0 gem" in names and "s0 vla_gem" not in names
-    assert names[1:] == [st["name"] for st in todo if st["name"] in names[1:]]  # the rest in plan order
+    evals = [n for n in names if n == "rules" or n.startswith(("reference", "s0 eval"))]
+    assert "s0 eval sft" in evals and names[1:1 + len(evals)] == evals  # evaluations before the recipes still to train
+    for part in (evals, names[1 + len(evals):]):  # each group in plan order
+        assert part == [st["name"] for st in todo if st["name"] in part]
 
 
 def _table_rows(text: str) -> list[str]:  # the three result tables (not the step times)
