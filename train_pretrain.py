@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 import data as D
 from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
-                    lr_at, parse_config, peak_tflops, setup_dist, vlm_flops)
+                    lr_at, parse_config, peak_tflops, record_run, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead, draw_noise
 from hf import gem_from_hf
 from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
@@ -152,6 +152,9 @@ PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config rou
                steps2=2000, steps3=6000, lr0=1e-4, lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4,
                workers=6, eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
 }
+# what --resume may change: how the run is watched and where it runs, never what it computes (common.record_run)
+RESUME_MAY_CHANGE = {"resume", "log_every", "eval_every", "val_batches", "val_gen", "viz_every", "ckpt_every", "sample_steps",
+                     "cfg_scale", "device", "compile", "peak_tflops", "threads", "workers", "stop_after", "cache", "cache_dir"}
 RECIPES = {"base": [0], "sft": [3], "gem": [1, 2, 3], "rgb": [1, 2, 3], "direct": [3], "regress": [1, 2, 3]}
 
 # GEM's progressive training (PAPER.md "Training"): the parts each stage trains and the losses it uses.
@@ -733,10 +736,8 @@ def train(tc: TrainConfig, stages: list):
     gem.to(device)
     if head is not None:
         head.to(device)
-    if rank == 0:
-        with open(os.path.join(tc.out, "run.json"), "w") as f:
-            json.dump(dict(recipe=tc.recipe, stages=stages, final=f"stage{stages[-1]}", git_commit=git_commit(),
-                           world_size=world, device=str(device), config=config_to_dict(tc)), f, indent=2)
+    record_run(tc.out, tc, RESUME_MAY_CHANGE, write=rank == 0, recipe=tc.recipe, stages=stages, final=f"stage{stages[-1]}",
+               git_commit=git_commit(), world_size=world, device=str(device))
     ctx = dict(device=device, rank=rank, world=world, ddp=ddp, log=log, logf=logf, tok=tok, steps_run=0)
     for stage in stages:
         ck = os.path.join(tc.out, f"stage{stage}")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import data as D
 from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
-                    lr_at, parse_config, peak_tflops, setup_dist, vlm_flops)
+                    lr_at, parse_config, peak_tflops, record_run, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
 from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt
@@ -211,6 +211,9 @@ class VLAConfig:
     stop_after: int = 0             # stop (with a checkpoint) after this many steps of this invocation; 0 = never
 
 
+# what --resume may change: how the run is watched and where it runs, never what it computes (common.record_run)
+RESUME_MAY_CHANGE = {"resume", "log_every", "eval_every", "ckpt_every", "device", "compile", "peak_tflops", "threads", "workers",
+                     "render_workers", "cache_dir", "stop_after"}
 PRESETS = {
     "micro": dict(horizon=4, expert_dim=32, expert_heads=2, expert_blocks=0, steps=6, batch_size=4, depth_batch=0,
                   flow_repeats=2, log_every=1, eval_every=3, ckpt_every=3, val_max=8),
@@ -418,6 +421,8 @@ def main(argv=None):
     if os.path.isdir(ckpt) and not cfg.resume:
         die(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
+    record_run(cfg.out, cfg, RESUME_MAY_CHANGE, write=rank == 0, recipe="vla", final="ckpt", init=cfg.init,
+               git_commit=git_commit(), world_size=world, device=str(device))  # a changed run is refused here
 
     def logf(rec):
         if rank == 0:
@@ -472,9 +477,6 @@ def main(argv=None):
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     n_exp, n_vlm = (sum(p.numel() for p in m.parameters()) for m in (model.expert, model.vlm))
     if rank == 0:
-        with open(os.path.join(cfg.out, "run.json"), "w") as f:
-            json.dump(dict(recipe="vla", final="ckpt", init=cfg.init, git_commit=git_commit(), world_size=world,
-                           device=str(device), config=config_to_dict(cfg)), f, indent=2)
         msg = (f"VLA: expert {n_exp / 1e6:.2f}M params ({len(model.expert.blocks)} blocks <- VLM layers 0.."
                f"{len(model.expert.blocks) - 1}), VLM {n_vlm / 1e6:.2f}M {'frozen' if cfg.freeze_vlm else 'trained'}, "
                f"depth loss {'x%g' % cfg.depth_weight if model.head is not None else 'off'}; {len(train_idx)} train / "

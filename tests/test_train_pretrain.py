@@ -128,7 +128,12 @@ def test_resume_is_exact(stop_after, stage, step, base, micro_data, tmp_path):
     run(args + [f"--out={tmp_path / 'straight'}"])
     run(args + [f"--out={tmp_path / 'split'}", f"--stop_after={stop_after}", "--workers=2"])
     assert json.load(open(tmp_path / "split" / f"stage{stage}" / "pretrain.json"))["step"] == step
+    if stop_after == 1:  # a resume that would change what the run computes is refused, naming the setting
+        for changed in ("--batch_size=2", "--steps3=6", "--lr3=0.01", "--scenes=0:0.5", "--head_size=32"):
+            with pytest.raises(SystemExit, match=f"--resume: {changed.split('=')[0]}="):
+                run(args + [f"--out={tmp_path / 'split'}", "--resume", changed])
     run(args + [f"--out={tmp_path / 'split'}", "--resume", "--workers=2"])
+    assert len(json.load(open(tmp_path / "split" / "run.json"))["invocations"]) == 2  # every invocation kept
     a, b = weights(str(tmp_path / "straight" / "stage3")), weights(str(tmp_path / "split" / "stage3"))
     assert a.keys() == b.keys()
     for k in a:

@@ -171,7 +171,11 @@ def test_resume_is_exact(init, micro_demos, tmp_path):
     train(init, micro_demos, b, "--steps=4", "--stop_after=2", "--workers=2")
     with pytest.raises(SystemExit, match="--resume"):  # an existing run is never silently overwritten
         train(init, micro_demos, b, "--steps=4")
+    for changed, name in (("--horizon=8", "horizon"), ("--steps=6", "steps"), ("--lr=0.01", "lr")):  # another run
+        with pytest.raises(SystemExit, match=f"--resume: --{name}="):
+            train(init, micro_demos, b, "--steps=4", "--resume", changed)
     train(init, micro_demos, b, "--steps=4", "--resume", "--workers=2")
+    assert len(json.load(open(os.path.join(b, "run.json")))["invocations"]) == 2  # every invocation kept
     ta, tb = (V.load_checkpoint(os.path.join(d, "ckpt"))[0] for d in (a, b))
     assert ta.keys() == tb.keys()
     for k in ta:
