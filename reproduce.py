@@ -5,8 +5,9 @@
     python reproduce.py --preset=small --seeds=0,1,2   # one GPU
     python reproduce.py --preset=tiny --seeds=0,1,2    # three training seeds: what a claim needs (~1.5 h on 2 cores)
 
-Steps (each a subprocess of the owning script; a step whose `.done` marker exists is skipped, so a rerun
-continues where an interrupted one stopped; an interrupted training step resumes with --resume):
+Steps (each a subprocess of the owning script; a rerun skips a step whose `.done` marker holds the same argv
+and code hash and redoes the rest, moving their old folders aside; an interrupted training step with the same
+argv and code resumes with --resume):
   data.py (VLM data, demos), eval.py rules (the 2D-rule baseline) -> per seed: train_pretrain.py base
   (stage 0, on its own --base_share of the train scenes) -> recipes sft, gem, rgb, direct, regress, blind (sft
   on grey images) on the other scenes -> train_vla.py on sft (no depth loss) and on gem (depth loss x0.1) ->
@@ -24,10 +25,12 @@ table 2; LIBERO success -> table 3 (PAPER.md "Results to mirror").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -179,16 +182,70 @@ def ready(todo: list[dict], done: set) -> list[dict]:
     return sorted(ok, key=lambda st: rank.get(st["argv"][1], 2))  # a stable sort: plan order otherwise
 
 
+def step_code(script: str) -> str:
+    """A hash of the project's .py files a script runs: itself and every project module it imports,
+    transitively (read from its import lines, those inside functions too)."""
+    seen, todo = set(), [script]
+    while todo:
+        f = todo.pop()
+        if f in seen or not os.path.isfile(os.path.join(HERE, f)):
+            continue
+        seen.add(f)
+        with open(os.path.join(HERE, f)) as fh:
+            todo += [m + ".py" for m in re.findall(r"^\s*(?:from|import)\s+(\w+)", fh.read(), re.M)]
+    h = hashlib.sha256()
+    for f in sorted(seen):
+        with open(os.path.join(HERE, f), "rb") as fh:
+            h.update(f.encode() + b"\0" + fh.read())
+    return h.hexdigest()[:16]
+
+
+def _marker(st: dict, kind: str) -> dict | None:
+    path = os.path.join(st["out"], kind)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fresh_steps(steps: list[dict]) -> set:
+    """The steps a rerun may skip: done (`.done`) with the same argv and code as now, after fresh steps only.
+    Every other step whose folder exists is moved aside (<out>.stale-N: nothing is deleted) unless it was
+    interrupted with the same argv and code (`.started`), which resumes. A step after a redone one is redone."""
+    sig = {st["name"]: dict(argv=st["argv"][1:], code=step_code(st["argv"][1])) for st in steps}
+    fresh, stale = set(), set()
+    for st in steps:  # plan order: dependencies first
+        name, done = st["name"], _marker(st, ".done")
+        deps_ok = not any(d in stale for d in st["deps"])
+        if done is not None and done.get("sig") == sig[name] and deps_ok:
+            fresh.add(name)
+            continue
+        stale.add(name)
+        started = _marker(st, ".started")
+        if os.path.isdir(st["out"]) and (done is not None or not deps_ok or started != sig[name]):
+            k = 1
+            while os.path.exists(f"{st['out']}.stale-{k}"):
+                k += 1
+            os.rename(st["out"], f"{st['out']}.stale-{k}")
+            print(f"{name}: its settings, its code or a step before it changed since it ran: moved {st['out']} "
+                  f"aside to .stale-{k}; running it again", flush=True)
+    for st in steps:
+        st["sig"] = sig[st["name"]]
+    return fresh
+
+
 def run_steps(c: ReproConfig, steps: list[dict] | None = None, after=None) -> list[dict]:
     """Run the plan (or the given steps of it), `jobs` steps at a time (single-threaded torch each: on a
     small CPU two 1-thread processes outrun one 2-thread process). Each step logs to <out>.log; a status line
-    shows progress; after(log so far, names of the steps not finished) runs as each step finishes."""
+    shows progress; after(log so far, names of the steps not finished) runs as each step finishes. A rerun
+    skips the steps done with the same argv and code (fresh_steps) and redoes the rest."""
     steps, log, running = steps if steps is not None else plan(c), [], {}
-    done = {st["name"] for st in steps if os.path.isfile(os.path.join(st["out"], ".done"))}
+    done = fresh_steps(steps)
     for st in steps:
         if st["name"] in done:
             print(f"{st['name']}: done earlier, skipped", flush=True)
-            log.append(json.load(open(os.path.join(st["out"], ".done"))) | {"skipped": True})
+            log.append(_marker(st, ".done") | {"skipped": True})
     todo, t0, last = [st for st in steps if st["name"] not in done], time.time(), 0.0
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill, too
     try:
@@ -199,7 +256,9 @@ def run_steps(c: ReproConfig, steps: list[dict] | None = None, after=None) -> li
                 if argv[1].startswith("train_") and os.path.isdir(st["out"]) and any(
                         d.startswith("stage") or d == "ckpt" for d in os.listdir(st["out"])):
                     argv = argv + ["--resume"]  # an interrupted training continues from its last checkpoint
-                os.makedirs(os.path.dirname(st["out"]), exist_ok=True)
+                os.makedirs(st["out"], exist_ok=True)
+                with open(os.path.join(st["out"], ".started"), "w") as fd:  # resumable only by the same argv and code
+                    json.dump(st["sig"], fd)
                 f = open(st["out"] + ".log", "w")
                 print(f"[{time.time() - t0:5.0f}s] start {st['name']}: {' '.join(argv[1:])}", flush=True)
                 # own process group: stopping reproduce stops the step and its worker processes too
@@ -214,7 +273,7 @@ def run_steps(c: ReproConfig, steps: list[dict] | None = None, after=None) -> li
                 if proc.returncode != 0:
                     tail = open(st["out"] + ".log").read().splitlines()[-15:]
                     raise SystemExit("\n".join(tail) + f"\nerror: step '{name}' failed (exit {proc.returncode}); log: {st['out']}.log")
-                rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": st["argv"][1:]}
+                rec = {"name": name, "seconds": round(time.time() - t, 1), "argv": st["argv"][1:], "sig": st["sig"]}
                 os.makedirs(st["out"], exist_ok=True)
                 with open(os.path.join(st["out"], ".done"), "w") as fd:
                     json.dump(rec, fd)
@@ -617,6 +676,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
 def config(argv: list[str]) -> ReproConfig:
     c = parse_config(ReproConfig, argv, PRESETS)
     check_shares(c.shares)
+    if len(set(c.seeds)) < len(c.seeds) or not c.seeds:
+        raise SystemExit(f"error: --seeds={','.join(map(str, c.seeds))}: give each training seed once")
     c.data, c.runs, c.results = (os.path.abspath(x) for x in (c.data or f"data/{c.preset}", c.runs or f"runs/{c.preset}",
                                                               c.results or f"results/{c.preset}"))
     return c

@@ -173,6 +173,36 @@ def test_micro_reproduction_fills_every_cell(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("done earlier, skipped") == n_steps
     assert _table_rows(again) == rows
+    # rerun with another flag: the steps it changes are redone (old folders moved aside), the others skipped
+    rp.main(args + ["--episodes=2"])
+    out = capsys.readouterr().out
+    redo = {"s0 eval vla_sft", "s0 eval vla_gem"}
+    assert out.count("done earlier, skipped") == n_steps - 2 and all(f"{n}: its settings" in out for n in redo)
+    assert (tmp_path / "runs/seed0/vla_gem/eval_vla.stale-1/results.json").is_file()
+    assert json.load(open(tmp_path / "results" / "results.json"))["vla"]["vla_gem"]["0"]["avg"][0] is not None
+
+
+def test_rerun_redoes_changed_steps_and_what_follows_them(tmp_path, capsys):
+    """fresh_steps: a step done with the same argv and code is skipped; one whose argv (or code) changed is
+    moved aside and redone, and so is every step after it; an interrupted step with the same argv and code
+    keeps its folder (it resumes)."""
+    def step(name, script, deps=(), flag="x"):
+        return dict(name=name, out=str(tmp_path / name), argv=["py", script, f"--f={flag}"], deps=list(deps))
+    steps = [step("data", "data.py"), step("train", "train_pretrain.py", ["data"]), step("eval", "eval.py", ["train"]),
+             step("other", "eval.py", ["data"]), step("late", "eval.py", ["data"])]
+    for st in steps:
+        os.makedirs(st["out"])
+        sig = dict(argv=st["argv"][1:], code=rp.step_code(st["argv"][1]))
+        with open(os.path.join(st["out"], ".done" if st["name"] != "late" else ".started"), "w") as f:
+            json.dump(dict(name=st["name"], sig=sig) if st["name"] != "late" else sig, f)
+    assert rp.fresh_steps([dict(s) for s in steps]) == {"data", "train", "eval", "other"}  # late: unfinished, resumes
+    assert os.path.isdir(tmp_path / "late") and not list(tmp_path.glob("*.stale-*"))
+    steps[1] = step("train", "train_pretrain.py", ["data"], flag="y")  # another flag for the training
+    assert rp.fresh_steps(steps) == {"data", "other"}
+    assert sorted(p.name for p in tmp_path.glob("*.stale-*")) == ["eval.stale-1", "train.stale-1"]
+    assert rp.step_code("train_pretrain.py") != rp.step_code("eval.py")  # eval.py imports more than the trainer
+    with pytest.raises(SystemExit, match="--seeds=0,0"):
+        rp.config(["--preset=micro", "--seeds=0,0"])
 
 
 def test_speed_table_sums_the_runs_that_share_the_gpu(tmp_path):
