@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -262,9 +263,23 @@ def load_checkpoint(path: str, with_train_state: bool = False):
 # ----------------------------------------------------------------------------------------------------
 # Training infrastructure shared by train_pretrain.py and train_vla.py
 
+def require(cfg, **minimum) -> None:
+    """A one-line error naming the first flag below its minimum: require(cfg, batch_size=1, steps=0)."""
+    for k, m in minimum.items():
+        if getattr(cfg, k) < m:
+            die(f"--{k}={getattr(cfg, k)}: must be >= {m}")
+
+
 def resolve_device(flag: str) -> torch.device:
-    """--device: auto (the GPU when there is one) | cpu | cuda."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag)
+    """--device: auto (the GPU when there is one) | cpu | cuda (or cuda:N); anything else, or a GPU that is
+    not there, is a one-line error naming the flag."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
+        die(f"--device={flag}: use auto, cpu or cuda")
+    if flag != "cpu" and not torch.cuda.is_available():
+        die(f"--device={flag}: this machine has no CUDA GPU that torch {torch.__version__} can use (--device=auto or cpu)")
+    return torch.device(flag)
 
 
 def setup_dist(cfg):

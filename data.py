@@ -435,6 +435,7 @@ class GemDataset(torch.utils.data.Dataset):
         self.head_size, self.image_first, self.max_len, self.blind = head_size, image_first, max_len, blind
         self.skipped = Counter()
         recs = split_records(source, split, image_root, depth_root, self.skipped)
+        self.n_read = len(recs)  # before any filter: an empty split is the data's fault, not the filters'
         self.no_depth = sum(r["_depth"] is None for r in recs)
         self.arrays = None
         if cache:  # every record of the split is cached (one cache serves every --families / --scenes)

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import torch
 
-from common import parse_config, resolve_device
+from common import parse_config, require, resolve_device
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -750,6 +750,8 @@ def main(argv: list[str]) -> dict:
         raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...] | python eval.py rules --data=DIR --out=DIR"
                          "  (--help lists the flags)")
     cfg = parse_config(EvalConfig, argv[1:])
+    require(cfg, max_questions=0, batch_size=1, max_new_tokens=1, depth_frames=0, probe_steps=0, sample_steps=1, episodes=1,
+            workers=1, threads=1)
     if argv[0] == "rules":
         if not cfg.data or not cfg.out:
             raise SystemExit("error: eval.py rules needs --data (a dataset root) and --out")

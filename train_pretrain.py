@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 import data as D
 from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
-                    lr_at, parse_config, peak_tflops, record_run, setup_dist, vlm_flops)
+                    lr_at, parse_config, peak_tflops, record_run, require, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead, draw_noise
 from hf import gem_from_hf
 from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
@@ -591,6 +591,8 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         if d.too_long[0]:
             log(f"warning: {d.too_long[0]} {split} records are longer than --max_len={tc.max_len} tokens (the longest "
                 f"{d.too_long[1]}): left out, not cut; raise --max_len to train on them")
+    if not ds.n_read:
+        die(f"--data={tc.data}: its train split holds no records")
     if not len(ds):
         die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
     gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
@@ -669,6 +671,8 @@ def main(argv=None):
     tc = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, PRESETS)
     if tc.recipe not in RECIPES:
         die(f"unknown --recipe={tc.recipe!r}; valid: {', '.join(RECIPES)}")
+    require(tc, batch_size=1, grad_accum=1, steps0=0, steps1=0, steps2=0, steps3=0, log_every=1, eval_every=0, val_batches=0,
+            val_gen=0, viz_every=0, ckpt_every=0, sample_steps=1, max_len=1, head_size=1, workers=0, threads=0, stop_after=0)
     if tc.loss_norm not in ("token", "sample"):
         die(f"unknown --loss_norm={tc.loss_norm!r}; valid: token, sample")
     if tc.recipe != "base" and not tc.init:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import data as D
 from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
-                    lr_at, parse_config, peak_tflops, record_run, setup_dist, vlm_flops)
+                    lr_at, parse_config, peak_tflops, record_run, require, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
 from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt
@@ -414,6 +414,10 @@ def main(argv=None):
     cfg = parse_config(VLAConfig, sys.argv[1:] if argv is None else argv, PRESETS)
     if not cfg.init:
         die("--init is required: a pretraining run or stage directory from train_pretrain.py")
+    require(cfg, batch_size=1, steps=1, horizon=1, flow_steps=1, flow_repeats=1, replan_k=1, log_every=1, eval_every=0,
+            ckpt_every=0, depth_batch=0, val_episodes=0, val_max=0, workers=0, threads=0, stop_after=0)
+    if not os.path.isdir(cfg.demos):
+        die(f"--demos={cfg.demos}: no such directory (expert demos: python data.py demos --out=DIR)")
     device, rank, world, ddp = setup_dist(cfg)
     if cfg.batch_size % world:
         die(f"--batch_size={cfg.batch_size} is not divisible by the {world} DDP processes")
@@ -431,7 +435,10 @@ def main(argv=None):
 
     # the VLM (and its generative head) from pretraining; the tokenizer travels with the checkpoint
     torch.manual_seed(cfg.seed)  # the expert's initial weights
-    vlm, head, tok, pre_tc = load_pretrained(cfg.init)
+    try:
+        vlm, head, tok, pre_tc = load_pretrained(cfg.init)
+    except (ValueError, FileNotFoundError) as e:  # not a checkpoint: one line naming the file
+        die(f"--init={cfg.init}: {str(e).strip(chr(39))}")
     tok_path = os.path.join(resolve_ckpt(cfg.init), "tokenizer.json")
     if cfg.depth_weight > 0 and head is None:
         die(f"--depth_weight={cfg.depth_weight} but {cfg.init} has no generative head (an sft/base VLM): use 0")

@@ -199,7 +199,10 @@ def test_checkpoint_of_another_shape_and_nan_stop(base, micro_data, tmp_path):
     import shutil
     out = tmp_path / "other"
     shutil.copytree(base, out)
-    with pytest.raises(SystemExit) as e:  # resume a dim-32 checkpoint with a dim-48 model
+    with pytest.raises(SystemExit, match="--resume: --dim=48"):  # resume a dim-32 run with a dim-48 model: run.json
+        run([f"--data={micro_data}", "--recipe=base", f"--out={out}", "--resume", "--dim=48"])
+    os.remove(out / "run.json")  # without it, the checkpoint itself refuses the other shape
+    with pytest.raises(SystemExit) as e:
         run([f"--data={micro_data}", "--recipe=base", f"--out={out}", "--resume", "--dim=48", "--steps0=8"])
     msg = str(e.value)
     assert "model.safetensors" in msg and "shape" in msg and "\n" not in msg
