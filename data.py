@@ -511,12 +511,27 @@ CACHE_CHUNK = 256  # images per cache-building job
 CACHE_ARRAYS = ("images", "depth_mm", "depth_valid", "depth_target", "depth_mask", "rgb_target", "image_of", "ids", "labels", "offsets")
 
 
+# the functions that compute what a cache holds: their source is part of its key, so changed code (a fixed
+# depth_target, an exercise solved) is a new cache, never the old arrays (no CACHE_VERSION bump to forget)
+CACHE_CODE = ("load_record_image", "load_rgb", "load_depth", "load_depth_png", "depth_target", "depth_mask", "rgb_target",
+              "encode_chat", "_text_ids", "_user_ids", "_assistant_head", "_cache_rows", "build_cache")
+DEMO_CACHE_CODE = ("_render_frames", "depth_target", "build_demo_cache")
+
+
+def code_key(names: tuple) -> str:
+    """A hash of the source of this module's functions `names` (as they are bound now)."""
+    import hashlib
+    import inspect
+    return hashlib.sha256("".join(inspect.getsource(globals()[n]) for n in names).encode()).hexdigest()[:16]
+
+
 def cache_key(ds: GemDataset, records: list[dict]) -> str:
     """What the cached content depends on: the split's records, every image / depth file (size and mtime),
-    the tokenizer, the sizes and prompt settings, CACHE_VERSION. Another key = another cache directory."""
+    the tokenizer, the sizes and prompt settings, the code that fills it (CACHE_CODE), CACHE_VERSION.
+    Another key = another cache directory."""
     import hashlib
     h = hashlib.sha256(json.dumps(dict(version=CACHE_VERSION, image_size=ds.image_size, head_size=ds.head_size,
-                                       n_image_tokens=ds.n_image_tokens, image_first=ds.image_first,
+                                       n_image_tokens=ds.n_image_tokens, image_first=ds.image_first, code=code_key(CACHE_CODE),
                                        resize="area; image bicubic; depth nearest", tokenizer=ds.tok.to_str()), sort_keys=True).encode())
     for r in records:
         h.update(json.dumps({k: v for k, v in r.items() if k not in ("_where", "_row")}, sort_keys=True).encode())
@@ -571,12 +586,16 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str, workers: int |
         files = [(j, {k: first[im][k] for k in ("_image", "_depth", "_where")}) for j, im in enumerate(images)]
         jobs = [(tmp, files[lo:lo + CACHE_CHUNK], S, H) for lo in range(0, n, CACHE_CHUNK)]
         workers = max(1, min(os.cpu_count() or 1, n // 500)) if workers is None else workers
-        _run_jobs(_cache_rows, jobs, workers, total=len(jobs), desc=f"caching {n} images", disable=len(jobs) < 4)
-        enc = [ds.encode(r) for r in records]
-        np.save(os.path.join(tmp, "ids.npy"), np.array([t for ids, _ in enc for t in ids], np.int32))
-        np.save(os.path.join(tmp, "labels.npy"), np.array([t for _, lab in enc for t in lab], np.int32))
-        np.save(os.path.join(tmp, "offsets.npy"), np.cumsum([0] + [len(ids) for ids, _ in enc]).astype(np.int64))
-        np.save(os.path.join(tmp, "image_of.npy"), np.array([row[r["_image"]] for r in records], np.int32))
+        try:
+            _run_jobs(_cache_rows, jobs, workers, total=len(jobs), desc=f"caching {n} images", disable=len(jobs) < 4)
+            enc = [ds.encode(r) for r in records]
+            np.save(os.path.join(tmp, "ids.npy"), np.array([t for ids, _ in enc for t in ids], np.int32))
+            np.save(os.path.join(tmp, "labels.npy"), np.array([t for _, lab in enc for t in lab], np.int32))
+            np.save(os.path.join(tmp, "offsets.npy"), np.cumsum([0] + [len(ids) for ids, _ in enc]).astype(np.int64))
+            np.save(os.path.join(tmp, "image_of.npy"), np.array([row[r["_image"]] for r in records], np.int32))
+        except BaseException:  # a failed build (a corrupt image, Ctrl-C) leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.replace(tmp, path)
         except OSError:  # another process built the same cache first: keep its copy
@@ -1538,10 +1557,15 @@ def _render_frames(job) -> None:
 def build_demo_cache(ds, cache_dir: str, workers: int = 1) -> dict:
     """Every demo step's frame rendered once into memory-mapped arrays under <cache_dir>/frames-<key> (rgb
     uint8 (N,S,S,3), depth target float16 (N,1,H,H), depth valid (N,)), keyed by the episode files (name,
-    size, mtime), the sizes and DEMO_CACHE_VERSION; built in a temporary directory by `workers` processes
-    and renamed into place, so a cache is whole or absent -> {name: array}."""
+    size, mtime), the sizes, the code that fills it (DEMO_CACHE_CODE and the simulator, which renders) and
+    DEMO_CACHE_VERSION; built in a temporary directory by `workers` processes and renamed into place, so a
+    cache is whole or absent -> {name: array}."""
     import hashlib
-    h = hashlib.sha256(json.dumps(dict(version=DEMO_CACHE_VERSION, image_size=ds.cfg.image_size, head_size=ds.head_size)).encode())
+    import inspect
+    import sim_env
+    code = code_key(DEMO_CACHE_CODE) + hashlib.sha256(inspect.getsource(sim_env).encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps(dict(version=DEMO_CACHE_VERSION, image_size=ds.cfg.image_size, head_size=ds.head_size,
+                                       code=code)).encode())
     for p in ds.files:
         st = os.stat(p)
         h.update(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -1554,7 +1578,11 @@ def build_demo_cache(ds, cache_dir: str, workers: int = 1) -> dict:
                                 ("depth_valid", (N,), np.bool_)):
             np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dt, shape).flush()
         jobs = [(p, int(ds.offsets[e]), tmp, S, H) for e, p in enumerate(ds.files)]
-        _run_jobs(_render_frames, jobs, workers, total=len(jobs), desc="demo frames", disable=len(jobs) < 4)
+        try:
+            _run_jobs(_render_frames, jobs, workers, total=len(jobs), desc="demo frames", disable=len(jobs) < 4)
+        except BaseException:  # a failed build leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.replace(tmp, path)
         except OSError:  # another process built the same cache first: keep its copy

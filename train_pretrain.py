@@ -577,7 +577,11 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
     ds_kw = dataset_kw(tc, gem, ctx["tok"], families=fams)
+    if ddp and rank:
+        dist.barrier()  # rank 0 builds the decode-once caches; the others then read them (one build, not one per rank)
     ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+    if ddp and not rank:
+        dist.barrier()
     if stage == 0 and not len(ds):  # data without a caption family (released GEM-250K): stage 0 trains on everything
         ds_kw["families"] = None
         ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)

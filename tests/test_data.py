@@ -798,3 +798,38 @@ def test_records_longer_than_max_len_are_left_out_whole_and_counted(micro_data, 
         data.GemDataset(root, "train", max_len=10, **kw)
     for preset in ("micro", "tiny"):
         assert parse_config(TP.TrainConfig, [f"--preset={preset}"], TP.PRESETS).max_len >= max(lengths.values())
+
+
+def test_caches_follow_the_code_that_fills_them(micro_data, micro_demos, tmp_path, monkeypatch):
+    """Changing depth_target (a fixed bug, a solved exercise) is a new cache for the VLM data and the demo
+    frames alike: the items follow the new code, never the old arrays."""
+    root = _copy_micro(micro_data, tmp_path)
+    tok = data.load_tokenizer(os.path.join(root, "tokenizer.json"))
+    kw = dict(tok=tok, image_size=64, n_image_tokens=16, head_size=16, cache=True)
+    old = data.GemDataset(root, "train", **kw)[0]["depth_target"]
+    demos = str(tmp_path / "demos")
+    shutil.copytree(micro_demos, demos, ignore=shutil.ignore_patterns("cache"))
+    dkw = dict(tok=tok, image_size=64, horizon=8, head_size=16, n_image_tokens=16, cache=True)
+    data.DemoDataset(demos, **dkw)
+    real = data.depth_target
+
+    def depth_target(depth_m, size):  # another implementation: half the real target
+        return real(depth_m, size) * 0.5
+    monkeypatch.setattr(data, "depth_target", depth_target)
+    new = data.GemDataset(root, "train", **kw)[0]["depth_target"]
+    assert torch.allclose(new, old * 0.5) and len(os.listdir(os.path.join(root, "cache"))) == 2
+    data.DemoDataset(demos, **dkw)
+    assert len([d for d in os.listdir(os.path.join(demos, "cache")) if d.startswith("frames-")]) == 2
+
+
+def test_a_failed_cache_build_leaves_nothing_behind(micro_data, tmp_path):
+    """A corrupt image stops the build with one line naming the file, and no half-built <split>-<key>.tmp-<pid>
+    stays in the cache directory."""
+    root = _copy_micro(micro_data, tmp_path)
+    tok = data.load_tokenizer(os.path.join(root, "tokenizer.json"))
+    bad = data.split_records(root, "train")[5]["_image"]
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(ValueError, match=os.path.basename(bad)):
+        data.GemDataset(root, "train", tok=tok, image_size=64, n_image_tokens=16, head_size=16, cache=True)
+    assert os.listdir(os.path.join(root, "cache")) == []
