@@ -268,7 +268,7 @@ def fmt_box(b) -> str:
 # Reading the JSONL layout (ours or GEM-250K-style) with one-line errors naming file and line
 
 OTHER = "other"  # the family of records that carry no "task" (released GEM-250K): scored by exact match, own row
-HOLDOUT_EVERY = 100  # a single JSONL has no val split: every 100th record (about 1%, at least one) is val
+HOLDOUT_EVERY = 100  # a single JSONL has no val split: the records of every 100th image (~1%, at least one) are val
 
 
 def parse_depth_root(spec: str) -> list[tuple[str, str]]:
@@ -355,15 +355,20 @@ def read_jsonl(path: str, image_root: str = "", depth_root: str | None = None, s
 def split_records(source: str, split: str, image_root: str = "", depth_root: str = "",
                   skipped: Counter | None = None) -> list[dict]:
     """A split of a data source: a directory (our layout: <source>/<split>.jsonl) or one JSONL file (the released
-    GEM-250K.jsonl: no splits, so val = every HOLDOUT_EVERY-th record and train = the rest; no test split).
+    GEM-250K.jsonl: no splits, so val = the records of every HOLDOUT_EVERY-th image and train = the rest; no
+    test split).
     For a file, depth is looked up by basename under `depth_root` (default: the file's directory)."""
     if not source.endswith(".jsonl"):
         return read_jsonl(os.path.join(source, f"{split}.jsonl"), image_root, depth_root or None, skipped)
     if split not in ("train", "val"):
-        raise ValueError(f"{source}: a single JSONL has the splits train and val (every {HOLDOUT_EVERY}th record), "
+        raise ValueError(f"{source}: a single JSONL has the splits train and val (every {HOLDOUT_EVERY}th image), "
                          f"not {split!r}: pass --split=val")
     recs = read_jsonl(source, image_root, depth_root or data_dir(source), skipped)
-    return [r for k, r in enumerate(recs) if (k % HOLDOUT_EVERY == 0) == (split == "val")]
+    # by image, not by record: several records ask about one image, and a val question must be about an image
+    # never trained on. Every HOLDOUT_EVERY-th image in a fixed pseudo-random order (crc32 of its path)
+    images = sorted({r["image"] for r in recs}, key=lambda x: (zlib.crc32(x.encode()), x))
+    val = set(images[::HOLDOUT_EVERY])
+    return [r for r in recs if (r["image"] in val) == (split == "val")]
 
 
 def data_dir(source: str) -> str:

@@ -588,7 +588,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
         log("stage 0: no caption records in the data: training on every record")
     one_file = tc.data.endswith(".jsonl")  # then both splits read (and skip in) the same file
     log(f"data: {tc.data}: train {len(ds)} records, val {len(val)}"
-        + (f" (val = every {D.HOLDOUT_EVERY}th record of the file)" if one_file else "")
+        + (f" (val = the records of every {D.HOLDOUT_EVERY}th image of the file)" if one_file else "")
         + f"; without depth (depth loss masked): {ds.no_depth} train, {val.no_depth} val"
         + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (D.Counter() if one_file else val.skipped)).items())))
     for split, d in (("train", ds), ("val", val)):

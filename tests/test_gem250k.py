@@ -97,8 +97,17 @@ def test_released_records_read_as_they_are(release, tok):
 def test_split_of_one_file_and_items(release, tok):
     kw = dict(tok=tok, image_size=32, n_image_tokens=4, head_size=8)
     train, val = data.GemDataset(release, "train", **kw), data.GemDataset(release, "val", **kw)
-    assert [r["id"] for r in val.records] == ["GEM-250K.jsonl:1"]  # every 100th record, at least one
-    assert len(train) == 13 and train.no_depth == 7 and val.no_depth == 0
+    assert len(val) == 1 and len(train) == 13  # the records of every 100th image, at least one
+    # by image: records that share an image share a split (records 0 and 1 below ask about one image)
+    shared = [dict(l, conversations=[dict(t, value=t["value"] + " (again)") for t in l["conversations"]])
+              for l in map(json.loads, open(release)) if "image" in l and isinstance(l["image"], str)]
+    two = os.path.join(os.path.dirname(release), "twice.jsonl")
+    with open(two, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [json.loads(x) for x in open(release)] + shared)
+    tr, va = (data.split_records(two, s) for s in ("train", "val"))
+    assert va and not {r["image"] for r in tr} & {r["image"] for r in va}
+    assert len(va) == 2 * len({r["image"] for r in va})  # each val image with both its records
+    assert train.no_depth + val.no_depth == 7
     assert dict(train.skipped) == {"video": 1, "several images": 1}
     with pytest.raises(ValueError, match="single JSONL.*--split=val"):
         data.GemDataset(release, "test", **kw)
