@@ -204,6 +204,13 @@ METRIC = {"box": "Acc@IoU0.5", "point": "point-in-region", "list": "object F1@Io
           "exact": "exact"}
 
 
+def file_shape(path: str) -> tuple[int, int]:
+    """(H, W) of an image file, from its header: the grid its record's mask_rle was encoded on."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size[::-1]
+
+
 def _region_hit(pt, meta: dict, gt_text: str, shape) -> bool:
     """Point types: inside the region data.py stores (meta["mask_rle"]: the object's pixels, or the free
     placement area), else within 50 units (5% of the image) of the reference point."""
@@ -464,7 +471,7 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
 
 
 def eval_vlm(cfg) -> dict:
-    from data import GemDataset
+    from data import GemDataset, split_records
     from train_pretrain import answer_questions, dataset_kw, load_pretrained
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
@@ -475,8 +482,11 @@ def eval_vlm(cfg) -> dict:
     gem.eval()
     kw = dataset_kw(tc, gem, tok, max_len=4096)
     test = GemDataset(tc.data, cfg.split, **kw)
-    train_recs = GemDataset(tc.data, "train", **(kw | dict(cache=False))).records  # the answers only
-    items = [test[i] for i in range(len(test)) if test.records[i]["task"] not in ("depth", "caption")]  # not benchmark questions
+    train_recs = split_records(tc.data, "train", tc.image_root, tc.depth_root)  # the answers only
+    keep = [i for i in range(len(test)) if test.records[i]["task"] not in ("depth", "caption")]  # not benchmark questions
+    items = [test[i] for i in keep]
+    mask_shape = {test.records[i]["id"]: file_shape(test.records[i]["_image"]) for i in keep
+                  if (test.records[i].get("meta") or {}).get("mask_rle") is not None}
     if cfg.max_questions:
         items = items[::max(1, len(items) // cfg.max_questions)][:cfg.max_questions]  # spread over types
     answers_by_type = {}
@@ -496,7 +506,7 @@ def eval_vlm(cfg) -> dict:
     rows, scenes = [], {}
     for it, p in zip(items, preds):
         kind = KIND.get(it["type"], "exact")
-        shape = tuple(it["image"].shape[-2:])
+        shape = mask_shape.get(it["id"])  # the size its mask was encoded at: the image file's, not the model's input
         sc, extra = score_answer(kind, p, it["answer"], it["meta"], shape)
         ch, _ = score_answer(kind, const.get(it["type"], ""), it["answer"], it["meta"], shape)
         rows.append({"id": it["id"], "type": it["type"], "family": it["task"], "score": sc, "chance": ch,

@@ -236,3 +236,19 @@ def test_eval_rules_on_generated_data_scores_the_best_train_rule(micro_data, tmp
         return not r["meta"]["heldout_template"] and not {(o["colour"], o["shape"]) for o in st["objects"]} & data.HELDOUT_COMBOS
     for t, v in test["per_type"].items():
         assert v["n"] == sum(seen(r) for r in data.read_jsonl(f"{micro_data}/test.jsonl") if r["meta"]["type"] == t)
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on(micro_data, tmp_path, monkeypatch, size):
+    """A model whose input size differs from the data's (64 px) must score the reference answers of the point
+    types (point, place, grasp: a mask per question) as right: the mask is decoded at the image file's size.
+    Decoding it at the model's size scored the reference 1/6 at 32 px and 0/6 at 128."""
+    import train_pretrain as TP
+    out = tmp_path / "base"
+    TP.main(["--preset=micro", "--recipe=base", f"--data={micro_data}", f"--out={out}", "--steps0=1", f"--image_size={size}",
+             f"--head_size={size // 4}", "--threads=1"])
+    monkeypatch.setattr(TP, "answer_questions", lambda gem, tok, items, *a: [it["answer"] for it in items])  # an oracle
+    res = ev.main(["vlm", f"--ckpt={out}", f"--out={tmp_path / 'ev'}", "--depth_frames=0"])
+    per = res["all"]["per_type"]
+    points = [t for t in ("point", "place", "grasp") if t in per]
+    assert points and all(per[t]["score"] == 1.0 for t in points), {t: per[t]["score"] for t in points}
