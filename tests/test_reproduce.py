@@ -101,19 +101,30 @@ def _tables(text: str) -> list[dict]:
     return out
 
 
-def test_micro_reproduction_fills_every_cell(tmp_path, capsys, monkeypatch):
-    args = ["--preset=micro", "--seeds=0", f"--data={tmp_path}/data", f"--runs={tmp_path}/runs",
-            f"--results={tmp_path}/results"]
+@pytest.fixture(scope="module")
+def micro_repro(tmp_path_factory):
+    """One uninterrupted `micro` reproduction -> (args, its root, every page written on the way, the final page,
+    its printed output, its results.json as first written)."""
+    import contextlib
+    import io
+    tmp = tmp_path_factory.mktemp("repro")
+    args = ["--preset=micro", "--seeds=0", f"--data={tmp}/data", f"--runs={tmp}/runs", f"--results={tmp}/results"]
     pages, write = [], rp.write_readme  # the page is rewritten as each step finishes (a cut run keeps its tables)
 
     def spy(c, log, wall, missing=()):
         text = write(c, log, wall, missing)
         pages.append((list(missing), text))
         return text
-    monkeypatch.setattr(rp, "write_readme", spy)
-    text = rp.main(args)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setattr(rp, "write_readme", spy)
+        text = rp.main(args)
+    return args, tmp, pages, text, out.getvalue(), json.load(open(tmp / "results" / "results.json"))
+
+
+def test_micro_reproduction_fills_every_cell(micro_repro, capsys):
+    args, tmp_path, pages, text, printed, _ = micro_repro
     n_steps = len(rp.plan(rp.ReproConfig(preset="micro")))
-    assert "partial page was not written" not in capsys.readouterr().out
+    assert "partial page was not written" not in printed
     assert [len(m) for m, _ in pages] == list(range(n_steps - 1, -1, -1)) + [0]  # one page per step, then the last
     assert "Partial page: 21 steps not finished" in pages[0][1] and "Partial page" not in text
     assert _tables(pages[0][1])[0]["sft"]["macro"] == "n/a"  # only the data made
@@ -224,3 +235,50 @@ def test_speed_table_sums_the_runs_that_share_the_gpu(tmp_path):
     # B over [5, 15]: its own 20 TFLOP + A's [5, 10] at 1 TFLOP/s = 25 TFLOP in 10 s
     assert rows["B"][5:] == ["2", "2.0%", "2.5", "2.5%", "A"]
     assert rows["C"][5:] == ["4", "4.0%", "4", "4.0%", ""]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (the steps run in their own sessions): a machine that dies."""
+    import signal
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += kids.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_killed_reproduction_reruns_to_the_same_results(micro_repro, tmp_path):
+    """reproduce.py killed (with everything it started) once after a training checkpoint exists and once while
+    an evaluation is writing, then rerun: the same results.json as the uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+    args = ["--preset=micro", "--seeds=0", f"--data={tmp_path}/data", f"--runs={tmp_path}/runs", f"--results={tmp_path}/results",
+            "--pretrain_flags=--ckpt_every=1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for ready in (lambda: (tmp_path / "runs/seed0/gem/stage1").is_dir(),  # a training checkpoint exists
+                  lambda: any((tmp_path / "runs/seed0").glob("*/eval_*"))):  # an evaluation has started
+        proc = subprocess.Popen([sys.executable, "reproduce.py"] + args, cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        t = time.time()
+        while not ready() and proc.poll() is None and time.time() - t < 300:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the moment to kill it"
+        _kill_tree(proc.pid)
+        proc.wait()
+    rp.main(args)
+    again = json.load(open(tmp_path / "results" / "results.json"))
+    assert again == micro_repro[5]
