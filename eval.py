@@ -205,7 +205,7 @@ METRIC = {"box": "Acc@IoU0.5", "point": "point-in-region", "list": "object F1@Io
 
 
 def _region_hit(pt, meta: dict, gt_text: str, shape) -> bool:
-    """Point types: inside the region data.py stores (meta["mask_rle"]: the object's pixels, or the free
+    """Point types: inside the region sim_data.py stores (meta["mask_rle"]: the object's pixels, or the free
     placement area), else within 50 units (5% of the image) of the reference point."""
     if meta.get("mask_rle") is not None and shape is not None:
         from data import rle_decode
@@ -301,7 +301,7 @@ def score_table(rows: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # The 2D-rule baseline: how much of a geometry question a rule answers that sees only the question text
-# and the objects' 2D image boxes (data.py stores them: meta obj_box / ref_box, marked points_px). Each
+# and the objects' 2D image boxes (sim_data.py stores them: meta obj_box / ref_box, marked points_px). Each
 # type has a few candidate rules, their one free number fitted on train; the best on train is scored on
 # the test split with the models' own scorer. A question the rule answers needs no depth.
 
@@ -366,7 +366,7 @@ def eval_rules(cfg) -> dict:
                               "chance": score(lambda r: const, test)}
     if not out["per_type"] and not any("obj_box" in (r.get("meta") or {}) for r in recs["train"]):
         raise SystemExit(f"error: {cfg.data}/train.jsonl: no record has meta.obj_box (data made before the 2D-rule baseline? "
-                         f"regenerate it with data.py)")
+                         f"regenerate it with sim_data.py)")
     md = [f"# 2D-rule baseline: {cfg.data} ({cfg.split} split)\n", "| type | best rule on train | test score | chance |", "|---|---|---|---|"]
     md += [f"| {t} | {v['rule']} | {_pct(v['score'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] (n={v['n']}) | {_pct(v['chance'])} |"
            for t, v in out["per_type"].items()]
@@ -512,8 +512,8 @@ def eval_vlm(cfg) -> dict:
 
 def heldout_tags(item: dict, root: str, cache: dict) -> list[str]:
     """Test-split parts: a held-out question template (meta flag); a held-out colour x shape combination
-    (data.HELDOUT_COMBOS, never in train/val) in the scene (states/<frame>.json) or named in the text; else "seen"."""
-    from data import HELDOUT_COMBOS
+    (sim_data.HELDOUT_COMBOS, never in train/val) in the scene (states/<frame>.json) or named in the text; else "seen"."""
+    from sim_data import HELDOUT_COMBOS
     frame = item["meta"].get("frame")
     if frame not in cache:
         path = os.path.join(root, "states", f"{frame}.json")

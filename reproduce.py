@@ -7,7 +7,7 @@
 
 Steps (each a subprocess of the owning script; a step whose `.done` marker exists is skipped, so a rerun
 continues where an interrupted one stopped; an interrupted training step resumes with --resume):
-  data.py (VLM data, demos), eval.py rules (the 2D-rule baseline) -> per seed: train_pretrain.py base
+  sim_data.py (VLM data, demos), eval.py rules (the 2D-rule baseline) -> per seed: train_pretrain.py base
   (stage 0, on its own --base_share of the train scenes) -> recipes sft, gem, rgb, direct, regress, blind (sft
   on grey images) on the other scenes -> train_vla.py on sft (no depth loss) and on gem (depth loss x0.1) ->
   eval.py vlm on every recipe, eval.py vla on both VLAs, plus the scripted-expert and random-policy rows ->
@@ -64,7 +64,7 @@ class ReproConfig:
     vlm_eval: str = ""          # extra eval.py vlm flags, space separated
     pretrain_flags: str = ""    # extra train_pretrain.py flags for every recipe, e.g. "--steps3=100"
     vla_flags: str = ""         # extra train_vla.py flags
-    data_flags: str = ""        # extra data.py flags (VLM data)
+    data_flags: str = ""        # extra sim_data.py flags (VLM data)
     workers: int = 2            # processes simulating: VLM data, demos, VLA rollouts
     jobs: int = 2               # steps run at once
     threads: int = 1            # torch threads per training step
@@ -99,8 +99,8 @@ def plan(c: ReproConfig) -> list[dict]:
 
     def add(name, out, argv, deps=()):
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
-    add("data", D, ["data.py", f"--out={D}", f"--preset={p}", f"--workers={c.workers}"] + c.data_flags.split())
-    add("demos", demos, ["data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}", f"--workers={c.workers}"] + etasks)
+    add("data", D, ["sim_data.py", f"--out={D}", f"--preset={p}", f"--workers={c.workers}"] + c.data_flags.split())
+    add("demos", demos, ["sim_data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}", f"--workers={c.workers}"] + etasks)
     add("rules", f"{R}/rules", ["eval.py", "rules", f"--data={D}", f"--out={R}/rules"], ["data"])
     split = 1.0 - c.base_share  # recipes: scenes [0, split * share); stage 0: [split, 1)
     base_scenes = [f"--scenes={split:.6g}:1"] if c.base_share else []

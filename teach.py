@@ -129,7 +129,8 @@ FULL_DEPENDS = {
                        "test_demo_dataset_and_obs_to_inputs_match_the_policy_path",
                        "test_demo_frame_cache_equals_rendering_and_follows_the_files",
                        "test_depth_mask_keeps_cells_at_least_half_valid", "test_depth_target_matches_independent_formula",
-                       "test_every_reference_answer_scores_one_in_eval", "test_gem_dataset_on_micro_data")
+                       "test_gem_dataset_on_micro_data")
+    + _t("test_sim_data.py", "test_every_reference_answer_scores_one_in_eval")
     + _t("test_gem250k.py", "test_split_of_one_file_and_items", "test_train_on_the_released_file")
     + _t("test_hf.py", "test_hf_preset_end_to_end")
     + _t("test_train_pretrain.py", "test_checkpoint_of_another_shape_and_nan_stop",

@@ -141,7 +141,7 @@ PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config rou
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
     # small: one GPU. A step costs ~46 GFLOP per sample (69 with the head; stages 1-2: 39), so the step counts
     # fit reproduce.py's 8 minutes: ~75 PFLOP for stage 0, six recipes and two VLAs, ~5 min at 250 TFLOP/s.
-    # Epochs over data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
+    # Epochs over sim_data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
     "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150,
                   steps2=500, steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, viz_every=500,
                   ckpt_every=500, val_gen=256, max_len=320),

@@ -167,7 +167,7 @@ def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 
 class VLAConfig:
     preset: str = "tiny"
     init: str = ""                  # pretraining run or stage directory (train_pretrain.py), required
-    demos: str = "data/demos"       # demo episodes (python data.py demos ...)
+    demos: str = "data/demos"       # demo episodes (python sim_data.py demos ...)
     out: str = "runs/tiny/vla"      # run directory: run.json, log.jsonl, ckpt/
     resume: bool = False            # continue <out>/ckpt exactly (model, optimizer, step; data order and noise are per-step seeded)
     tasks: str = ""                 # "goal" (a suite), "spatial:0,goal:3" (tasks): train on those only; "" = every demo

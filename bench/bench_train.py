@@ -58,7 +58,7 @@ def main(argv):
     os.makedirs(c.out, exist_ok=True)
     data = c.data or os.path.join(c.out, "data")
     if not os.path.isfile(os.path.join(data, "train.jsonl")):
-        run(["data.py", f"--out={data}", f"--preset={'micro' if c.preset == 'micro' else c.preset}",
+        run(["sim_data.py", f"--out={data}", f"--preset={'micro' if c.preset == 'micro' else c.preset}",
              "--train_rollouts=100", "--val_rollouts=4", "--test_rollouts=4", f"--workers={min(8, os.cpu_count() or 1)}"],
             os.path.join(c.out, "data.log"))
     rows, best = [], None

@@ -79,7 +79,7 @@ def main(argv):
 
     def data(d):
         if not os.path.isfile(f"{c.data}{d}/val.jsonl"):
-            sh(["data.py", f"--out={c.data}{d}", "--preset=tiny", f"--workers={max(1, c.jobs)}"] + DATA[d], f"{c.out}/data{d}.log")
+            sh(["sim_data.py", f"--out={c.data}{d}", "--preset=tiny", f"--workers={max(1, c.jobs)}"] + DATA[d], f"{c.out}/data{d}.log")
 
     def base(b):
         d, flags = BASES[b]

@@ -215,6 +215,7 @@ def test_rules_fit_their_number_on_train_and_read_only_boxes_and_text():
 
 def test_eval_rules_on_generated_data_scores_the_best_train_rule(micro_data, tmp_path):
     import data
+    import sim_data
     # scored on train itself: micro's few test questions may hold no in-distribution `marked` one
     res = ev.main(["rules", f"--data={micro_data}", "--split=train", f"--out={tmp_path}"])
     assert set(res["per_type"]) == {"closer", "marked", "distance", "height", "fit"}
@@ -233,6 +234,6 @@ def test_eval_rules_on_generated_data_scores_the_best_train_rule(micro_data, tmp
 
     def seen(r):
         st = json.load(open(f"{micro_data}/states/{r['meta']['frame']}.json"))["state"]
-        return not r["meta"]["heldout_template"] and not {(o["colour"], o["shape"]) for o in st["objects"]} & data.HELDOUT_COMBOS
+        return not r["meta"]["heldout_template"] and not {(o["colour"], o["shape"]) for o in st["objects"]} & sim_data.HELDOUT_COMBOS
     for t, v in test["per_type"].items():
         assert v["n"] == sum(seen(r) for r in data.read_jsonl(f"{micro_data}/test.jsonl") if r["meta"]["type"] == t)
