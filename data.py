@@ -11,7 +11,7 @@ VLM data layout (ours; DESIGN.md section 3):
     <root>/images/<id>.png (RGB)    <root>/depth/<id>.png (16-bit, millimetres, 0 = invalid)
     <root>/tokenizer.json           (sim_data.py also writes stats.json, states/, shards/)
 "task" is a family of FAMILY_TYPES; "meta" holds the machine-readable answer and type, so eval.py scores
-without parsing the question.
+without parsing the question (question_of / answer_of: a record's question and reference answer).
 The released GEM-250K layout is read as it is (split_records, read_jsonl): one GEM-250K.jsonl of LLaVA-style
 {"image", "conversations"} records (no id, no task: family OTHER), images of any size (squashed to the model's
 square input: load_rgb), depth at <depth root>/depth/<image basename> (depth_by_basename; resized with nearest
@@ -342,6 +342,16 @@ def load_depth(path: str, shape, where: str) -> np.ndarray:
     return d
 
 
+def question_of(r: dict) -> str:
+    """A record's first human turn (with its <image> tag): the question a benchmark asks."""
+    return next((t["value"] for t in r["conversations"] if t["from"] == "human"), "")
+
+
+def answer_of(r: dict) -> str:
+    """A record's first assistant turn: the reference answer ("" for a depth-only record)."""
+    return next((t["value"] for t in r["conversations"] if t["from"] == "gpt"), "")
+
+
 def scene_of(r: dict) -> str:
     """The scene (expert rollout) a record's image comes from: its frame id minus the time step."""
     frame = (r.get("meta") or {}).get("frame")
@@ -443,13 +453,11 @@ class GemDataset(torch.utils.data.Dataset):
         if self.blind:
             image = torch.full_like(image, 128)
             rgb_t = rgb_target(image.permute(1, 2, 0).numpy(), self.head_size)
-        conv = r["conversations"]
-        question = next((t["value"] for t in conv if t["from"] == "human"), "")
         meta = r.get("meta") or {}
         return dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), image=image,
                     depth_target=target, depth_mask=mask, rgb_target=rgb_t, depth_valid=valid, depth_m=torch.from_numpy(depth),
-                    id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question.replace(IMAGE, "").strip(),
-                    answer=next((t["value"] for t in conv if t["from"] == "gpt"), ""), meta=meta)
+                    id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question_of(r).replace(IMAGE, "").strip(),
+                    answer=answer_of(r), meta=meta)
 
 
 CACHE_CHUNK = 256  # images per cache-building job

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from common import parse_config, resolve_device
+from data import answer_of, question_of
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -310,18 +311,14 @@ def _height(b): return max(1.0, b[3] - b[1])
 def _gap(a, b): return max(1.0, math.dist(((a[0] + a[2]) / 2, (a[1] + a[3]) / 2), ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)))
 
 
-def _answer(r): return next((c["value"] for c in r["conversations"] if c["from"] == "gpt"), "")
-def _question(r): return next((c["value"] for c in r["conversations"] if c["from"] == "human"), "")
-
-
 def rule_candidates(typ: str, train: list[dict]) -> dict:
     """{rule name: record -> answer text} for one question type, free numbers fitted on `train`."""
     yn = lambda c: "yes" if c else "no"
-    ans = [parse_number(_answer(r)) or 0.0 for r in train]
+    ans = [parse_number(answer_of(r)) or 0.0 for r in train]
     med = float(np.median(ans)) if ans else 0.0
     by_text = {}
     for r, a in zip(train, ans):
-        by_text.setdefault(_question(r), []).append(a)
+        by_text.setdefault(question_of(r), []).append(a)
     text_med = {q: float(np.median(v)) for q, v in by_text.items()}
     if typ == "closer":  # "is A closer to the camera than B?"
         return {"the object lower in the image is nearer": lambda r: yn(_bottom(r["meta"]["obj_box"]) > _bottom(r["meta"]["ref_box"])),
@@ -336,7 +333,7 @@ def rule_candidates(typ: str, train: list[dict]) -> dict:
         px = (lambda r: _gap(r["meta"]["obj_box"], r["meta"]["ref_box"])) if typ == "distance" else (lambda r: _height(r["meta"]["obj_box"]))
         k = float(np.median([a / px(r) for r, a in zip(train, ans)])) if train else 0.0
         return {"the train median": lambda r: str(round(med)),
-                "the train median for this question text": lambda r: str(round(text_med.get(_question(r), med))),
+                "the train median for this question text": lambda r: str(round(text_med.get(question_of(r), med))),
                 f"{k:.3g} x the {'box centres distance' if typ == 'distance' else 'box height'} in 1/1000 image units":
                     lambda r: str(round(k * px(r)))}
     return {}
@@ -352,16 +349,16 @@ def eval_rules(cfg) -> dict:
     for t in ("closer", "marked", "distance", "height", "fit"):
         train = [r for r in recs["train"] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")]
         test = [r for r in recs[cfg.split] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")
-                and heldout_tags(dict(meta=r["meta"], question=_question(r), answer=_answer(r)), cfg.data, tags) == ["seen"]]
+                and heldout_tags(dict(meta=r["meta"], question=question_of(r), answer=answer_of(r)), cfg.data, tags) == ["seen"]]
         if not train or not test:
             continue
-        score = lambda fn, rs: float(np.mean([score_answer(KIND[t], fn(r), _answer(r), r["meta"])[0] for r in rs]))
+        score = lambda fn, rs: float(np.mean([score_answer(KIND[t], fn(r), answer_of(r), r["meta"])[0] for r in rs]))
         rules = rule_candidates(t, train)
         fitted = {name: score(fn, train) for name, fn in rules.items()}
         best = max(fitted, key=fitted.get)
         s = score(rules[best], test)
         lo, hi = wilson(s * len(test), len(test))
-        const = constant_answer(KIND[t], [_answer(r) for r in train])
+        const = constant_answer(KIND[t], [answer_of(r) for r in train])
         out["per_type"][t] = {"rule": best, "train": fitted, "score": s, "n": len(test), "lo": lo, "hi": hi,
                               "chance": score(lambda r: const, test)}
     if not out["per_type"] and not any("obj_box" in (r.get("meta") or {}) for r in recs["train"]):

@@ -253,7 +253,7 @@ TYPES = GEOMETRY + ["rel_yn", "rel_mc", "count", "place", "box", "next_step"]  #
 MIN_SEEDS = 3
 
 
-def _load(path):
+def load_json(path):
     with open(path) as f:
         return json.load(f)
 
@@ -488,7 +488,7 @@ def speed(runs: dict[str, str], every: dict[str, str] | None = None) -> str:
 
 
 def _done(path):  # a finished step's results.json, or None while the step has not finished (a partial page)
-    return _load(path) if os.path.isfile(path) else None
+    return load_json(path) if os.path.isfile(path) else None
 
 
 def collect(c: ReproConfig) -> dict:
@@ -521,7 +521,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
     t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
     t3 = ["spatial", "object", "goal", "long", "avg", "subgoals on long"]
     try:  # the commit that trained the models (stage 0's run.json), not the one writing this page
-        commit = _load(f"{S[0]}/base/run.json")["git_commit"][:7]
+        commit = load_json(f"{S[0]}/base/run.json")["git_commit"][:7]
     except (OSError, KeyError, ValueError):
         commit = "unknown"
     import torch
