@@ -13,6 +13,8 @@ use it without an import circle (nanochat keeps one such file).
   die / git_commit                   one-line fatal errors; the commit recorded in every run
   vlm_flops / layer_flops / peak_tflops  MFU: the FLOPs a step runs (non-padding tokens, backward only where it
                                      runs; the head by hooks) over the GPU's dense bf16 peak (PEAK_BF16_TFLOPS)
+  run_jobs / write_atomic            a process pool with a progress bar; text files written whole or not at all
+                                     (the data makers: data.py's caches, sim_data.py)
 """
 from __future__ import annotations
 
@@ -314,3 +316,32 @@ def layer_flops(module, run) -> float:
         for h in hooks:
             h.remove()
     return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker pools and atomic files (the data makers)
+
+def _one_thread():  # a pool worker: the pool is the parallelism (and a forked torch must not reuse its thread pool)
+    torch.set_num_threads(1)
+
+
+def run_jobs(fn, jobs, workers: int, total: int, **bar_kw) -> None:
+    """fn(job) for every job, in worker processes when workers > 1, with a tqdm bar over `total` jobs."""
+    from tqdm import tqdm
+    with tqdm(total=total, initial=total - len(jobs), **bar_kw) as bar:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp  # fork where available (cheap, inherits imports), else spawn
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers, _one_thread) as pool:
+                for _ in pool.imap_unordered(fn, jobs):
+                    bar.update()
+        else:
+            for j in jobs:
+                fn(j)
+                bar.update()
+
+
+def write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sim_env
+from common import run_jobs, write_atomic
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>"]
@@ -358,12 +359,39 @@ def scene_of(r: dict) -> str:
     return frame.rsplit("-", 1)[0] if frame else r["image"]
 
 
+def parse_scenes(spec: str):
+    """--scenes: "lo:hi" -> (lo, hi) fractions for select_scenes, or None ("": every scene)."""
+    if not spec:
+        return None
+    try:
+        lo, hi = (float(x) for x in spec.split(":"))
+    except ValueError:
+        lo = hi = -1.0
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"--scenes={spec}: expected lo:hi with 0 <= lo < hi <= 1, e.g. 0:0.5")
+    return lo, hi
+
+
 def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
     """The records of the scenes ranked [lo, hi) (fractions) in a fixed pseudo-random order (crc32 of the
     scene id): disjoint ranges give disjoint scenes, and [0, a) is inside [0, b) for a < b."""
     scenes = sorted({scene_of(r) for r in records}, key=lambda x: (zlib.crc32(x.encode()), x))
     keep = set(scenes[round(lo * len(scenes)):round(hi * len(scenes))])
     return [r for r in records if scene_of(r) in keep]
+
+
+def distinct_frames(records: list[dict], need_depth: bool = True) -> list[int]:
+    """One record index per distinct frame (with depth, if need_depth): a frame carries several questions,
+    and a frame with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
+    seen, idx = set(), []
+    for i, r in enumerate(records):
+        d = r["_depth"]
+        key = (d if os.path.basename(r["_image"]) == os.path.basename(d) else None) if d else \
+            (None if need_depth else r["_image"])
+        if key and key not in seen:
+            seen.add(key)
+            idx.append(i)
+    return idx
 
 
 CACHE_VERSION = 4  # bump whenever what the cache holds, or how it is computed, changes
@@ -645,7 +673,7 @@ def device_batch(items: list, pad_id: int, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers the data makers share: masks in meta (rle; eval.py decodes them), worker pools, atomic files
+# Masks in meta (sim_data.py encodes the regions a point may hit, eval.py decodes them)
 
 def rle_encode(mask: np.ndarray) -> list[int]:
     """Bool (H,W) mask -> [start, length, ...] over the row-major flattened image (compact, for meta)."""
@@ -660,31 +688,6 @@ def rle_decode(rle, shape) -> np.ndarray:
         flat[s:s + n] = True
     return flat.reshape(shape)
 
-
-def _one_thread():  # a pool worker: the pool is the parallelism (and a forked torch must not reuse its thread pool)
-    torch.set_num_threads(1)
-
-
-def run_jobs(fn, jobs, workers: int, total: int, **bar_kw) -> None:
-    """fn(job) for every job, in worker processes when workers > 1, with a tqdm bar over `total` jobs."""
-    from tqdm import tqdm
-    with tqdm(total=total, initial=total - len(jobs), **bar_kw) as bar:
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing as mp  # fork where available (cheap, inherits imports), else spawn
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers, _one_thread) as pool:
-                for _ in pool.imap_unordered(fn, jobs):
-                    bar.update()
-        else:
-            for j in jobs:
-                fn(j)
-                bar.update()
-
-
-def write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -408,8 +408,8 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
     """Depth sampled from the checkpoint's own depth head (if it has one) and from a probe head fitted on
     frozen features with a fixed budget (every checkpoint, so recipes compare on equal terms)."""
     import torch.nn.functional as F
-    from data import GemDataset, special_ids
-    from train_pretrain import build_head, dataset_kw, depth_grid, distinct_frames
+    from data import GemDataset, distinct_frames, special_ids
+    from train_pretrain import build_head, dataset_kw, depth_grid
     pad = special_ids(tok)["pad_id"]
     kw = dataset_kw(tc, gem, tok, max_len=4096)
 

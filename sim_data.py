@@ -50,8 +50,8 @@ import numpy as np
 from PIL import Image
 
 import sim_env
-from data import (FAMILY_TYPES, IMAGE, VLA_PROMPT, compute_norm_stats, rle_encode, run_jobs, save_depth_png,
-                  train_tokenizer, write_atomic)
+from common import run_jobs, write_atomic
+from data import FAMILY_TYPES, IMAGE, VLA_PROMPT, compute_norm_stats, rle_encode, save_depth_png, train_tokenizer
 
 # Family weights of the extra questions drawn per frame (_draw_types); record shares: module docstring.
 MIXTURE = {"grounding": 0.33, "reasoning": 0.30, "planning": 0.17, "trajectory": 0.10, "depth": 0.05}

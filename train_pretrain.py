@@ -50,6 +50,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from typing import Optional
 
@@ -262,19 +263,6 @@ def save_stage(path, gem, head, tc, tok_path, stage, step, opt, done, data_pos):
                         json_files={"pretrain.json": meta}, copy_files={"tokenizer.json": tok_path}, train_state=state)
 
 
-def scene_range(text: str):
-    """--scenes "lo:hi" -> (lo, hi) fractions, or None for every scene."""
-    if not text:
-        return None
-    try:
-        lo, hi = (float(x) for x in text.split(":"))
-    except ValueError:
-        lo = hi = -1.0
-    if not 0 <= lo < hi <= 1:
-        die(f"--scenes={text}: expected lo:hi with 0 <= lo < hi <= 1, e.g. 0:0.5")
-    return lo, hi
-
-
 def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
     """Set requires_grad for the stage (STAGES) and return the parameters the optimizer updates."""
     # >>> exercise: stage_freezing
@@ -412,10 +400,9 @@ def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size:
 def validate(gem, head, ds, tc, stage, pad_id, device, amp):
     """Validation losses on a fixed spread sample of the split, with fixed flow noise and no CFG drop (the
     models are in eval mode), so curves are comparable; plus greedy answers when the stage trains text."""
-    was_training = gem.training, head.training if head is not None else False
-    gem.eval()
-    if head is not None:
-        head.eval()
+    modes = [(m, m.training) for m in (gem, head) if m is not None]
+    for m, _ in modes:
+        m.eval()
     losses = STAGES[stage]["losses"]
     modality = head.cfg.modality if head is not None else "depth"
     text_sum = n_tok = flow_sum = n_flow = 0.0
@@ -436,9 +423,8 @@ def validate(gem, head, ds, tc, stage, pad_id, device, amp):
         res["val_flow"] = flow_sum / n_flow
     if tc.val_gen and "text" in losses:
         res.update(val_answers(gem, ds, tc))
-    gem.train(was_training[0])
-    if head is not None:
-        head.train(was_training[1])
+    for m, was in modes:
+        m.train(was)
     return res
 
 
@@ -448,29 +434,13 @@ def val_answers(gem, ds, tc, show=2):
     qs = [i for i, r in enumerate(ds.records) if r["task"] != "depth"]
     items = [ds[qs[j]] for j in spread(len(qs), tc.val_gen)]
     answers = answer_questions(gem, ds.tok, items, tc.image_first, tc.batch_size, max_new_tokens=48)
-    hits, counts = {}, {}
-    for it, ans in zip(items, answers):
-        key = f"{it['task']}/{it['type']}"
-        counts[key] = counts.get(key, 0) + 1
-        hits[key] = hits.get(key, 0) + int(ans == str(it["answer"]).strip())
+    keys = [f"{it['task']}/{it['type']}" for it in items]
+    counts = Counter(keys)
+    hits = Counter(k for k, it, ans in zip(keys, items, answers) if ans == str(it["answer"]).strip())
     res = {f"acc/{k}": hits[k] / counts[k] for k in sorted(counts)}
     res["val_samples"] = [f"Q: {it['question'].replace(D.IMAGE, '').strip()} | A: {a} | true: {it['answer']}"
                           for it, a in list(zip(items, answers))[:show]]
     return res
-
-
-def distinct_frames(records: list[dict], need_depth: bool = True) -> list[int]:
-    """One record index per distinct frame (with depth, if need_depth): a frame carries several questions,
-    and a frame with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
-    seen, idx = set(), []
-    for i, r in enumerate(records):
-        d = r["_depth"]
-        key = (d if os.path.basename(r["_image"]) == os.path.basename(d) else None) if d else \
-            (None if need_depth else r["_image"])
-        if key and key not in seen:
-            seen.add(key)
-            idx.append(i)
-    return idx
 
 
 @torch.no_grad()
@@ -483,17 +453,13 @@ def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
     hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
     gen = head.sample(hidden.float(), steps=tc.sample_steps, cfg_scale=tc.cfg_scale,
                       generator=torch.Generator(device=device).manual_seed(0))
-    size = max(gem.cfg.image_size, 64)
-
-    def img(x):  # (C,S,S) in [0,1] -> (size,size,3) uint8
-        x = F.interpolate(x[None].float().clamp(0, 1), (size, size), mode="nearest")[0]
-        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-        return (x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    rows = [np.concatenate([img((b["pixel_values"][i] + 1) / 2), img(b["target"][i]), img(gen[i])], 1)
-            for i in range(len(gen))]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
     gem.train(was_training)
+    size = max(gem.cfg.image_size, 64)
+    up = lambda x: F.interpolate(x.float().clamp(0, 1), (size, size), mode="nearest").expand(-1, 3, -1, -1)  # (B, 3, size, size)
+    grid = torch.cat([up((b["pixel_values"] + 1) / 2), up(b["target"]), up(gen)], -1)  # (B, 3, size, 3 size): a row per item
+    grid = grid.permute(0, 2, 3, 1).reshape(-1, 3 * size, 3)  # (B size, 3 size, 3): the rows one under the other
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -547,7 +513,7 @@ def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, param
     if (rank == 0 and head is not None and "flow" in STAGES[stage]["losses"]
             and ((tc.viz_every and step % tc.viz_every == 0) or last)):
         png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
-        frames = distinct_frames(val.records, need_depth=head.cfg.modality == "depth")
+        frames = D.distinct_frames(val.records, need_depth=head.cfg.modality == "depth")
         if frames:  # data without depth has nothing to show a depth head against
             depth_grid(gem, head, val, [frames[j] for j in spread(len(frames), 4)], tc, pad_id, device, png)
             shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
@@ -574,16 +540,16 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
     ds_kw = dataset_kw(tc, gem, ctx["tok"], families=fams)
-    ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+    ds, val = D.GemDataset(tc.data, "train", scenes=D.parse_scenes(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
     if stage == 0 and not len(ds):  # data without a caption family (released GEM-250K): stage 0 trains on everything
         ds_kw["families"] = None
-        ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+        ds, val = D.GemDataset(tc.data, "train", scenes=D.parse_scenes(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
         log("stage 0: no caption records in the data: training on every record")
     one_file = tc.data.endswith(".jsonl")  # then both splits read (and skip in) the same file
     log(f"data: {tc.data}: train {len(ds)} records, val {len(val)}"
         + (f" (val = every {D.HOLDOUT_EVERY}th record of the file)" if one_file else "")
         + f"; without depth (depth loss masked): {ds.no_depth} train, {val.no_depth} val"
-        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (D.Counter() if one_file else val.skipped)).items())))
+        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (Counter() if one_file else val.skipped)).items())))
     for split, d in (("train", ds), ("val", val)):
         if d.too_long[0]:
             log(f"warning: {d.too_long[0]} {split} records are longer than --max_len={tc.max_len} tokens (the longest "

@@ -237,11 +237,11 @@ def test_stage_losses(base, micro_data):
 
 
 def test_frames_and_targets(micro_data):
-    """distinct_frames: one record per frame with depth, never a marked copy (its own image over the frame's
+    """data.distinct_frames: one record per frame with depth, never a marked copy (its own image over the frame's
     depth map); make_batch: an RGB target is valid wherever the image exists, depth only where depth exists."""
     tok = TP.D.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
     ds = TP.D.GemDataset(micro_data, "val", tok, 64, 16, 16)
-    idx = TP.distinct_frames(ds.records)
+    idx = TP.D.distinct_frames(ds.records)
     frames = {r["meta"]["frame"] for r in ds.records}  # reference: the frame ids the generator wrote
     assert sorted(ds.records[i]["meta"]["frame"] for i in idx) == sorted(frames)
     assert any(r["meta"].get("type") == "marked" for r in ds.records)  # the case that matters is present
@@ -254,7 +254,7 @@ def test_frames_and_targets(micro_data):
     assert torch.equal(pv, TP.D.collate(items, 0)["pixel_values"]) and pv.dtype == torch.float32
     assert pv.min() >= -1 and pv.max() <= 1 and pv.min() < 0 < pv.max()
     bare = [dict(r, _depth=None) for r in ds.records]  # GEM-250K style, no depth
-    assert TP.distinct_frames(bare) == [] and len(TP.distinct_frames(bare, need_depth=False)) >= len(idx)
+    assert TP.D.distinct_frames(bare) == [] and len(TP.D.distinct_frames(bare, need_depth=False)) >= len(idx)
     # validation samples are spread over the split (its first records are a few consecutive rollouts)
     assert TP.spread(100, 4) == [0, 33, 66, 99] and TP.spread(3, 8) == [0, 1, 2] and TP.spread(0, 4) == []
 
