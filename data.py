@@ -607,6 +607,11 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
 
 
+def spread(n: int, k: int) -> list[int]:
+    """k indices evenly spread over range(n) (a fixed validation sample: every part of the split, not its start)."""
+    return sorted({int(j) for j in np.linspace(0, n - 1, min(k, n))}) if n else []
+
+
 @functools.lru_cache(maxsize=2)  # a step's samples span at most two epochs; drawing the order each step cost ~1 ms
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist())
@@ -687,7 +692,6 @@ def rle_decode(rle, shape) -> np.ndarray:
     for s, n in zip(rle[::2], rle[1::2]):
         flat[s:s + n] = True
     return flat.reshape(shape)
-
 
 
 # ----------------------------------------------------------------------------------------------------

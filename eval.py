@@ -5,12 +5,14 @@
     python eval.py vla --ckpt expert --suite all --episodes 50               # reference rows only
     python eval.py rules --data data/tiny --out runs/tiny/rules              # the 2D-rule baseline
 
-Every run writes results.json, results.md and figures (PNG grid RGB | true depth | generated depth;
-GIFs of rollouts) into --out (default: <ckpt>/eval_<split|vla>).
+Every run writes results.json, results.md and figures (PNG grid RGB | true depth | generated depth: depth_grid;
+GIFs of rollouts) into --out (default: <ckpt>/eval_<split|vla>). Any stage checkpoint can be evaluated, so
+the depth a run's head generates can be watched stage by stage (training itself logs only its losses).
 
 Paper -> code map
   VSI-Bench numeric answers, "mean relative accuracy"       mean_relative_accuracy
   grounding: box Acc@IoU>=0.5 / mIoU, point-in-mask         box_iou, point_in_mask (score_answer)
+  greedy answers through the chat template                 answer_questions (GEM.answer)
   yes/no, multiple choice (CV-Bench, EmbSpatial style)      parse_yesno, parse_letter -> exact match
   planning (subtask QA): per-step and whole-plan accuracy   plan_scores
   Fig. 5 "depth generated from the features"                depth_probe: sample the head (or fit one on
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from common import parse_config, resolve_device
-from data import answer_of, question_of
+from data import IMAGE, answer_of, encode_prompt, question_of, special_ids, to_pixel_values
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -404,12 +406,30 @@ def fit_probe(head, feats, targets, masks, steps: int, lr: float = 2e-3, bs: int
     return head.eval()
 
 
+@torch.no_grad()
+def depth_grid(gem, head, ds, idx, pad_id, device, path, steps: int, cfg_scale: float):
+    """PNG grid, one row per item ds[i] of idx: RGB | true target | target sampled from the (eval-mode) model's
+    features, the same noise for every head."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from train_pretrain import make_batch
+    b = make_batch(ds, idx, pad_id, head.cfg.modality, device)
+    hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
+    gen = head.sample(hidden.float(), steps=steps, cfg_scale=cfg_scale, generator=torch.Generator(device=device).manual_seed(0))
+    size = max(gem.cfg.image_size, 64)
+    up = lambda x: F.interpolate(x.float().clamp(0, 1), (size, size), mode="nearest").expand(-1, 3, -1, -1)  # (B, 3, size, size)
+    grid = torch.cat([up((b["pixel_values"] + 1) / 2), up(b["target"]), up(gen)], -1)  # (B, 3, size, 3 size): a row per item
+    grid = grid.permute(0, 2, 3, 1).reshape(-1, 3 * size, 3)  # (B size, 3 size, 3): the rows one under the other
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+
+
 def depth_probe(gem, head, tc, tok, cfg) -> dict:
     """Depth sampled from the checkpoint's own depth head (if it has one) and from a probe head fitted on
     frozen features with a fixed budget (every checkpoint, so recipes compare on equal terms)."""
     import torch.nn.functional as F
-    from data import GemDataset, distinct_frames, special_ids
-    from train_pretrain import build_head, dataset_kw, depth_grid
+    from data import GemDataset, distinct_frames
+    from train_pretrain import build_head, dataset_kw
     pad = special_ids(tok)["pad_id"]
     kw = dataset_kw(tc, gem, tok, max_len=4096)
 
@@ -454,15 +474,25 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
             v = np.array([m.get(k, np.nan) for m in ms], float)
             res[name] |= {k: float(np.nanmean(v)), k + "_se": float(np.nanstd(v) / math.sqrt(max(1, np.isfinite(v).sum())))}
         if hd is not None:
-            tc_viz = dataclasses.replace(tc, sample_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
-            depth_grid(gem, hd, test_ds, test_idx[:4], tc_viz, pad, dev, os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
+            depth_grid(gem, hd, test_ds, test_idx[:4], pad, dev, os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"),
+                       cfg.sample_steps, cfg.cfg_scale)
     res["note"] = f"probe: fresh {tc.head_size}x{tc.head_size} head fitted {cfg.probe_steps} steps on {len(train_idx)} frozen train frames"
     return res
 
 
+def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers (text) to dataset items' questions, through the chat template and GEM.answer."""
+    if not items:
+        return []
+    prompts = [encode_prompt(tok, IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in items]
+    pixels = to_pixel_values(torch.stack([it["image"] for it in items]))
+    ids = gem.answer(prompts, pixels, max_new_tokens, special_ids(tok)["im_end_id"], batch_size)
+    return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
+
+
 def eval_vlm(cfg) -> dict:
     from data import GemDataset
-    from train_pretrain import answer_questions, dataset_kw, load_pretrained
+    from train_pretrain import dataset_kw, load_pretrained
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)

@@ -77,7 +77,7 @@ PRESETS = {
     # (where the recipes differ) all 300 steps, and the VLAs learn the goal suite only (trained on all 40 tasks, a 300-step tiny VLA succeeds on none of them)
     # (regress is left out of tiny's default to make room for the blind baseline: --recipes to add it)
     "tiny": dict(recipes="sft,gem,rgb,direct,blind", demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
-                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0 --val_gen=32",
+                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0",
                  vla_suites="goal", vla_flags="--steps=300"),
     # small: one GPU and its CPU cores: three steps share the GPU (a width-512 model leaves it idle between kernels)
     # while 8 processes simulate (data, demos, rollouts; each rollout worker has its policy on the GPU); target <= 8 min

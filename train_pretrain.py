@@ -1,6 +1,6 @@
 """GEM-mini pretraining: stage 0 (the base VLM) and GEM's progressive stages 1-3, with the paper's ablations.
 
-Run (the run directory --out gets run.json, log.jsonl, stage<k>/ checkpoints and depth_*.png):
+Run (the run directory --out gets run.json, log.jsonl and stage<k>/ checkpoints; eval.py vlm answers and draws):
     python train_pretrain.py --preset=tiny --recipe=base --data=data/gem-mini --out=runs/tiny/base
     python train_pretrain.py --preset=tiny --recipe=gem --init=runs/tiny/base --out=runs/tiny/gem
     torchrun --nproc_per_node=2 train_pretrain.py ...        # DDP (gloo on CPU, nccl on GPU)
@@ -47,14 +47,11 @@ import gc
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -120,11 +117,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100            # 0 = only at the end of each stage
     val_batches: int = 4             # validation losses on val_batches * batch_size records spread over the split
-    val_gen: int = 64                # validation questions answered greedily at each evaluation
-    viz_every: int = 100
     ckpt_every: int = 100
-    sample_steps: int = 30           # Euler steps of the depth sampler (paper: 30, CFG 5)
-    cfg_scale: float = 5.0
     device: str = "auto"             # auto | cpu | cuda
     compile: bool = False
     peak_tflops: float = 0.0         # MFU denominator per GPU; 0 = from the GPU's name (PEAK_BF16_TFLOPS)
@@ -136,22 +129,19 @@ class TrainConfig:
 PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config routes them to TrainConfig.model)
     # micro: seconds, for the tests
     "micro": dict(MODEL_PRESETS["micro"], image_size=64, head_width=16, cond_dim=16, head_size=16, steps0=4, steps1=2,
-                  steps2=2, steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, val_gen=4, viz_every=0,
-                  ckpt_every=0, sample_steps=2),
+                  steps2=2, steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, ckpt_every=0),
     # tiny: 2-core CPU, a few minutes per recipe (see "Making tiny learn" above)
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
     # small: one GPU. A step costs ~46 GFLOP per sample (69 with the head; stages 1-2: 39), so the step counts
     # fit reproduce.py's 8 minutes: ~75 PFLOP for stage 0, six recipes and two VLAs, ~5 min at 250 TFLOP/s.
     # Epochs over sim_data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
-    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150,
-                  steps2=500, steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, viz_every=500,
-                  ckpt_every=500, val_gen=256, max_len=320),
+    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150, steps2=500,
+                  steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, ckpt_every=500, max_len=320),
     # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm): every model size, the image size and
     # the pixel normalisation come from their configs (build_gem). head_size must be the token grid times a
     # power of two: 56 fits siglip-base-patch16-224 (grid 7) and siglip-so400m-patch14-384 (27 patches, grid 14)
-    "hf": dict(head_width=128, cond_dim=512, head_size=56, steps0=2000, steps1=500,
-               steps2=2000, steps3=6000, lr0=1e-4, lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4,
-               workers=6, eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
+    "hf": dict(head_width=128, cond_dim=512, head_size=56, steps0=2000, steps1=500, steps2=2000, steps3=6000, lr0=1e-4,
+               lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4, workers=6, eval_every=1000, ckpt_every=500, max_len=512),
 }
 RECIPES = {"base": [0], "sft": [3], "gem": [1, 2, 3], "rgb": [1, 2, 3], "direct": [3], "regress": [1, 2, 3]}
 
@@ -245,7 +235,8 @@ def load_pretrained(ckpt_dir: str, device="cpu"):
     if meta.get("head") is not None:
         check_flow_convention(path)
     gem, extra = GEM.from_pretrained(path, return_extra=True)
-    tc = config_from_dict(TrainConfig, meta["train"], meta_file)
+    old = ("val_gen", "viz_every", "sample_steps", "cfg_scale")  # earlier versions' flags for what training printed and drew
+    tc = config_from_dict(TrainConfig, {k: v for k, v in meta["train"].items() if k not in old}, meta_file)
     head = None
     if meta.get("head") is not None:
         head = GenerativeHead(config_from_dict(DepthHeadConfig, meta["head"], meta_file))
@@ -342,7 +333,7 @@ def head_flops(head: GenerativeHead, c, cond_grad: bool, device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: the datasets' settings and the batches a stage trains on (the sampler and loader: data.StepItems)
+# Data: the datasets' settings, the batches a stage trains on (the sampler and loader: data.StepItems), validation
 
 def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
     """GemDataset's settings for a model and a run's TrainConfig (training, evaluation and the depth probe)."""
@@ -379,34 +370,17 @@ def host_chunks(items: list, pad_id: int, modality: str, noise: tuple | None = N
     return [host_batch(ch, pad_id, modality, noise) for ch in D.length_chunks(items)]
 
 
-def spread(n: int, k: int) -> list[int]:
-    """k indices evenly spread over range(n) (validation samples: every part of the split, not its start)."""
-    return sorted({int(j) for j in np.linspace(0, n - 1, min(k, n))}) if n else []
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation: losses, greedy answers (exact match per type), depth visualisation
-
-def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers (text) to dataset items' questions, through the chat template and GEM.answer."""
-    sid = D.special_ids(tok)
-    prompts = [D.encode_prompt(tok, D.IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in items]
-    pixels = D.to_pixel_values(torch.stack([it["image"] for it in items])) if items else None
-    ids = gem.answer(prompts, pixels, max_new_tokens, sid["im_end_id"], batch_size) if items else []
-    return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
-
-
 @torch.no_grad()
 def validate(gem, head, ds, tc, stage, pad_id, device, amp):
     """Validation losses on a fixed spread sample of the split, with fixed flow noise and no CFG drop (the
-    models are in eval mode), so curves are comparable; plus greedy answers when the stage trains text."""
+    models are in eval mode), so curves are comparable (eval.py answers the questions and draws the depth)."""
     modes = [(m, m.training) for m in (gem, head) if m is not None]
     for m, _ in modes:
         m.eval()
     losses = STAGES[stage]["losses"]
     modality = head.cfg.modality if head is not None else "depth"
     text_sum = n_tok = flow_sum = n_flow = 0.0
-    idx = spread(len(ds), tc.val_batches * tc.batch_size)
+    idx = D.spread(len(ds), tc.val_batches * tc.batch_size)
     for s in range(0, len(idx), tc.batch_size):
         b = make_batch(ds, idx[s:s + tc.batch_size], pad_id, modality, device)
         with amp:
@@ -421,45 +395,9 @@ def validate(gem, head, ds, tc, stage, pad_id, device, amp):
     res = {"val_text": text_sum / max(n_tok, 1)}  # per answer token whatever --loss_norm: comparable across runs
     if n_flow:
         res["val_flow"] = flow_sum / n_flow
-    if tc.val_gen and "text" in losses:
-        res.update(val_answers(gem, ds, tc))
     for m, was in modes:
         m.train(was)
     return res
-
-
-@torch.no_grad()
-def val_answers(gem, ds, tc, show=2):
-    """Greedy answers to val_gen questions spread over the split: exact match per type (eval.py does real metrics)."""
-    qs = [i for i, r in enumerate(ds.records) if r["task"] != "depth"]
-    items = [ds[qs[j]] for j in spread(len(qs), tc.val_gen)]
-    answers = answer_questions(gem, ds.tok, items, tc.image_first, tc.batch_size, max_new_tokens=48)
-    keys = [f"{it['task']}/{it['type']}" for it in items]
-    counts = Counter(keys)
-    hits = Counter(k for k, it, ans in zip(keys, items, answers) if ans == str(it["answer"]).strip())
-    res = {f"acc/{k}": hits[k] / counts[k] for k in sorted(counts)}
-    res["val_samples"] = [f"Q: {it['question'].replace(D.IMAGE, '').strip()} | A: {a} | true: {it['answer']}"
-                          for it, a in list(zip(items, answers))[:show]]
-    return res
-
-
-@torch.no_grad()
-def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
-    """PNG grid, one row per item ds[i] of idx: RGB | true target | target sampled from the current features."""
-    from PIL import Image
-    was_training = gem.training
-    gem.eval()
-    b = make_batch(ds, idx, pad_id, head.cfg.modality, device)
-    hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
-    gen = head.sample(hidden.float(), steps=tc.sample_steps, cfg_scale=tc.cfg_scale,
-                      generator=torch.Generator(device=device).manual_seed(0))
-    gem.train(was_training)
-    size = max(gem.cfg.image_size, 64)
-    up = lambda x: F.interpolate(x.float().clamp(0, 1), (size, size), mode="nearest").expand(-1, 3, -1, -1)  # (B, 3, size, size)
-    grid = torch.cat([up((b["pixel_values"] + 1) / 2), up(b["target"]), up(gen)], -1)  # (B, 3, size, 3 size): a row per item
-    grid = grid.permute(0, 2, 3, 1).reshape(-1, 3 * size, 3)  # (B size, 3 size, 3): the rows one under the other
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,22 +439,13 @@ def train_step(model, has_head, host, params, stage, step, tc, ddp, device, amp,
 
 
 def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
-    """Validation, the depth grid and checkpoints, each on its own schedule; -> True to stop (--stop_after)."""
+    """Validation and checkpoints, each on its own schedule; -> True to stop (--stop_after)."""
     rank, device, log, logf, ckpt = ctx["rank"], ctx["device"], ctx["log"], ctx["logf"], ctx["ckpt"]
     last = step == total
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     if rank == 0 and ((tc.eval_every and step % tc.eval_every == 0) or last):
         res = validate(gem, head, val, tc, stage, pad_id, device, amp)
         logf(dict(stage=stage, step=step, **res))
-        for s in res.pop("val_samples", []):
-            log("  " + s)
-    if (rank == 0 and head is not None and "flow" in STAGES[stage]["losses"]
-            and ((tc.viz_every and step % tc.viz_every == 0) or last)):
-        png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
-        frames = D.distinct_frames(val.records, need_depth=head.cfg.modality == "depth")
-        if frames:  # data without depth has nothing to show a depth head against
-            depth_grid(gem, head, val, [frames[j] for j in spread(len(frames), 4)], tc, pad_id, device, png)
-            shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
     ctx["steps_run"] += 1
     stop = bool(tc.stop_after and ctx["steps_run"] >= tc.stop_after)
     if (tc.ckpt_every and step % tc.ckpt_every == 0) or last or stop:
@@ -549,7 +478,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     log(f"data: {tc.data}: train {len(ds)} records, val {len(val)}"
         + (f" (val = every {D.HOLDOUT_EVERY}th record of the file)" if one_file else "")
         + f"; without depth (depth loss masked): {ds.no_depth} train, {val.no_depth} val"
-        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (Counter() if one_file else val.skipped)).items())))
+        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped if one_file else ds.skipped + val.skipped).items())))
     for split, d in (("train", ds), ("val", val)):
         if d.too_long[0]:
             log(f"warning: {d.too_long[0]} {split} records are longer than --max_len={tc.max_len} tokens (the longest "
@@ -696,9 +625,7 @@ def train(tc: TrainConfig, stages: list):
         check_flow_convention(hpath)
         load_head(head, load_checkpoint(hpath)[0], os.path.join(hpath, "model.safetensors"))
         head_trained = True
-    gem.to(device)
-    if head is not None:
-        head.to(device)
+    gem, head = gem.to(device), head.to(device) if head is not None else None
     if rank == 0:
         with open(os.path.join(tc.out, "run.json"), "w") as f:
             json.dump(dict(recipe=tc.recipe, stages=stages, final=f"stage{stages[-1]}", git_commit=git_commit(),

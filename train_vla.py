@@ -373,9 +373,8 @@ def build_optimizer(model: GEMVLA, cfg: VLAConfig, fused: bool = False):
 def split_demos(ds, tasks: str, val_episodes: int):
     """Dataset indices -> (train, val): keep --tasks ("goal" = a whole suite, "spatial:3" = one task, comma
     separated; "" = all), and hold out each task's last `val_episodes` episodes."""
-    want = [t for t in tasks.split(",") if t]
     try:
-        keep = [(t.split(":")[0], int(t.split(":")[1]) if ":" in t else None) for t in want]
+        keep = [(t.split(":")[0], int(t.split(":")[1]) if ":" in t else None) for t in tasks.split(",") if t]
     except ValueError:
         die(f"--tasks={tasks!r}: expected suite or suite:task_id items, e.g. goal or spatial:0,goal:3")
     by_task = {}
