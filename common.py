@@ -13,6 +13,8 @@ use it without an import circle (nanochat keeps one such file).
   die / git_commit                   one-line fatal errors; the commit recorded in every run
   vlm_flops / layer_flops / peak_tflops  MFU: the FLOPs a step runs (non-padding tokens, backward only where it
                                      runs; the head by hooks) over the GPU's dense bf16 peak (PEAK_BF16_TFLOPS)
+  run_jobs / write_atomic            a process pool with a progress bar; text files written whole or not at all
+                                     (the data makers: data.py's caches, sim_data.py)
 """
 from __future__ import annotations
 
@@ -163,12 +165,32 @@ def config_from_dict(cls, d: dict, source: str = "config.json"):
     return cls(**kw)
 
 
-def record_run(out: str, cfg, mutable: set, write: bool = True, **facts) -> None:
+def run_log(out: str, rank: int):
+    """-> (logf, log) of a run directory: logf(record) appends one JSON line to <out>/log.jsonl, log(msg) also
+    prints it; both on rank 0 only (DDP)."""
+    def logf(rec: dict):
+        if rank == 0:
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def log(msg: str):
+        if rank == 0:
+            print(msg, flush=True)
+            logf({"msg": msg})
+    return logf, log
+
+
+# what --resume may change in either trainer: how the run is watched and where it runs, never what it computes
+WATCHING = frozenset({"resume", "log_every", "eval_every", "ckpt_every", "device", "compile", "peak_tflops", "threads",
+                      "workers", "stop_after", "cache_dir"})
+
+
+def record_run(out: str, cfg, also: set, write: bool = True, **facts) -> None:
     """Write <out>/run.json: `facts` and the resolved config of this invocation, every earlier invocation
     kept under "invocations". With cfg.resume, first refuse (one line naming the setting) a config that
-    differs from the run's first one in anything but `mutable` (logging, cadence, device, workers: what does
-    not change the numbers the run computes), and a different world size: steps, batch, lr, data and shapes
-    decide the schedule and the sample order of the steps already taken. Every DDP rank checks; `write`: rank 0."""
+    differs from the run's first one in anything but WATCHING and `also` (the script's own such settings),
+    and a different world size: steps, batch, lr, data and shapes decide the schedule and the sample order of
+    the steps already taken. Every DDP rank checks; `write`: rank 0."""
     path = os.path.join(out, "run.json")
     now = dict(facts, time=time.strftime("%Y-%m-%d %H:%M:%S"), config=config_to_dict(cfg))
     old = None
@@ -177,7 +199,7 @@ def record_run(out: str, cfg, mutable: set, write: bool = True, **facts) -> None
             old = json.load(f)
         first = old.get("invocations", [old])[0]
         for key, (a, b) in _diff(first.get("config", {}), now["config"]).items():
-            if key.split(".")[-1] not in mutable:
+            if key.split(".")[-1] not in WATCHING | also:
                 die(f"--resume: --{key.split('.')[-1]}={b!r} differs from the run's {a!r} ({path}): it would change "
                     f"what the run computes; rerun with the old setting or start a new --out")
         if "world_size" in facts and first.get("world_size", facts["world_size"]) != facts["world_size"]:
@@ -374,3 +396,32 @@ def layer_flops(module, run) -> float:
         for h in hooks:
             h.remove()
     return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker pools and atomic files (the data makers)
+
+def _one_thread():  # a pool worker: the pool is the parallelism (and a forked torch must not reuse its thread pool)
+    torch.set_num_threads(1)
+
+
+def run_jobs(fn, jobs, workers: int, total: int, **bar_kw) -> None:
+    """fn(job) for every job, in worker processes when workers > 1, with a tqdm bar over `total` jobs."""
+    from tqdm import tqdm
+    with tqdm(total=total, initial=total - len(jobs), **bar_kw) as bar:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp  # fork where available (cheap, inherits imports), else spawn
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers, _one_thread) as pool:
+                for _ in pool.imap_unordered(fn, jobs):
+                    bar.update()
+        else:
+            for j in jobs:
+                fn(j)
+                bar.update()
+
+
+def write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

@@ -1,46 +1,32 @@
-"""GEM-mini data: a miniature GEM-4M rendered by our simulator, the tokenizer, the datasets, the demos.
+"""GEM-mini data: GEM-style data -> training tensors, for our generated data and the released GEM-250K alike.
 
-Run:
-    python data.py --out data/gem-mini --preset tiny          # VLM data (presets micro, tiny, small)
-    python data.py demos --suite all --per-task 20 --out data/demos   # expert demos for the VLA
+The data comes from sim_data.py (our miniature GEM-4M rendered by the simulator, and the expert demos):
+    python sim_data.py --out data/gem-mini --preset tiny                   # VLM data (presets micro, tiny, small)
+    python sim_data.py demos --suite all --per-task 20 --out data/demos    # expert demos for the VLA
+or is the released GEM-250K.jsonl, read as it is. This file reads both: the layout, the tokenizer and chat
+template, the depth / RGB targets and masks, the datasets with their decode-once caches, the training batches.
 
 VLM data layout (ours; DESIGN.md section 3):
     <root>/{train,val,test}.jsonl   {"id","image","depth"(optional),"task","conversations","meta"}
     <root>/images/<id>.png (RGB)    <root>/depth/<id>.png (16-bit, millimetres, 0 = invalid)
-    <root>/tokenizer.json  <root>/stats.json (counts per family and type)  <root>/shards/ (restart points)
+    <root>/tokenizer.json           (sim_data.py also writes stats.json, states/, shards/)
+"task" is a family of FAMILY_TYPES; "meta" holds the machine-readable answer and type, so eval.py scores
+without parsing the question (question_of / answer_of: a record's question and reference answer).
 The released GEM-250K layout is read as it is (split_records, read_jsonl): one GEM-250K.jsonl of LLaVA-style
 {"image", "conversations"} records (no id, no task: family OTHER), images of any size (squashed to the model's
 square input: load_rgb), depth at <depth root>/depth/<image basename> (depth_by_basename; resized with nearest
-neighbour: load_depth), video and multi-image records skipped and counted, val = every 100th record.
-Every answer is computed from the simulator state; "meta" holds the machine-readable answer and type
-so eval.py scores without parsing the question (and the named objects' 2D boxes, obj_box / ref_box, for
-the 2D-rule baseline). Coordinates in text: integers in [0, 1000).
-Geometry needs the image: every VLM image has its own camera (VIEW: look-at point, distance, pitch, yaw,
-fov; draw_view) and every movable object its own size (SCALE; scale_objects), so neither "how tall" nor
-"how far" follows from names or 2D positions (bench/world_check.py measures it). The VLA suites keep
-sim_env's one fixed camera. Scenes are split for stage 0 / the recipes / data shares by select_scenes.
-
-Families (DESIGN.md; type names go into meta["type"]; FAMILY_TYPES, TEMPLATES):
-  grounding  box, point, place (free spot beside an object), grasp, list      answers "[x1, y1, x2, y2]", "(x, y)"
-  reasoning  rel_yn, rel_mc, closer, marked (two drawn marks), distance, height, count, fit
-  planning   decompose, next_step, done        trajectory: 5-8 future gripper points
-  caption    the visible objects by colour and shape (stage 0's data)       depth: image only, no question
-Answers are chosen first where that keeps them balanced (yes/no, letter positions); relations use the
-simulator's predicates and are rejected within REL_MARGIN of their threshold. The test split adds
-held-out templates and the HELDOUT_COMBOS (colour x shape never in train/val).
+neighbour: load_depth), video and multi-image records skipped and counted, val = the records of every 100th image.
+Demos (sim_data.py demos): <root>/*.npz episodes (load_episode) and norm_stats.json; the VLA's frames are
+re-rendered exactly from the stored simulator states (DemoDataset, build_demo_cache).
 
 Paper -> code map
-  GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MAKERS (q_*), gen_shard (MIXTURE)
-    training samples records uniformly; shares of records (`python data.py --out /tmp/tinydata --preset tiny`,
-    train): grounding 24%, caption 23%, reasoning 23%, planning 22%, trajectory 5%, depth 3%
-  varied embodied viewpoints (GEM-4M mixes many cameras)                 VIEW, draw_view, SCALE, scale_objects
-  depth for every image (exact here; the paper uses GT or DA3 pseudo-depth)  save_depth_png / load_depth_png
+  depth for every image (16-bit PNG in millimetres, 0 = invalid)          save_depth_png / load_depth_png
   depth target: inverse depth, 2nd-98th percentile, clip, 1 - x          depth_target
   RGB-reconstruction ablation target                                     rgb_target
   Qwen-VL chat template, loss on assistant tokens only                   encode_chat / encode_prompt
   LLaVA-style JSONL + depth/ folder (GEM-250K layout; depth optional)    split_records / read_jsonl / GemDataset / collate
   invalid depth pixels (0) masked per pixel in L_flow                    depth_target / depth_mask
-  GEM-VLA demonstrations, action chunks, state/action normalisation      demo_task / DemoDataset / normalize
+  GEM-VLA demonstrations, action chunks, state/action normalisation      DemoDataset / normalize
   one preprocessing for training and the deployed policy                 obs_to_inputs
   (ours) training batches: stateless sampler, loader-side collation,     sample_indices / StepItems / step_loader
     uint8 images to the device                                           on_device / device_batch
@@ -50,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -63,43 +48,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import sim_env
+from common import run_jobs, write_atomic
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>"]
 IMAGE = "<image>"
-# Family weights of the extra questions drawn per frame (_draw_types); record shares: module docstring.
-MIXTURE = {"grounding": 0.33, "reasoning": 0.30, "planning": 0.17, "trajectory": 0.10, "depth": 0.05}
+# The task families of the records (sim_data.py makes them; read_jsonl checks "task" against them)
 FAMILY_TYPES = {
     "grounding": ["box", "point", "place", "grasp", "list"],
     "reasoning": ["rel_yn", "rel_mc", "closer", "marked", "distance", "height", "count", "fit"],
     "planning": ["decompose", "next_step", "done"],
     "trajectory": ["trajectory"], "caption": ["caption"], "depth": ["depth"]}
-# type -> (training templates, templates held out for the test split). Few templates on purpose: the
-# tiny model must spend its capacity on binding words to image regions, not on paraphrases.
-TEMPLATES = {
-    "box": (["Give the box of the {a}.", "Where is the {a}? Answer with a box."],
-            ["Find the {a} and give its bounding box."]),
-    "point": (["Point to the {a}."], ["Show the {a} with a point."]),
-    "place": (["Give a point where the {a} can be placed {rel} the {b}."],
-              ["Where can the {a} go {rel} the {b}? Give a point."]),
-    "grasp": (["Where should the gripper grasp the {a}?"], ["Give a grasp point for the {a}."]),
-    "list": (["List the objects with their boxes."], ["Name every object and give its box."]),
-    "rel_yn": (["Is the {a} {rel} the {b}?"], ["Is it true that the {a} is {rel} the {b}?"]),
-    "rel_mc": (["Which object is {rel} the {b}? {choices}"], ["Pick the object {rel} the {b}. {choices}"]),
-    "closer": (["Is the {a} closer to the camera than the {b}?"], ["Is the {a} nearer to the camera than the {b}?"]),
-    "marked": (["Which marked point is closer to the camera? A (cyan) or B (magenta)"],
-               ["Of the marks A (cyan) and B (magenta), which is nearer to the camera?"]),
-    "distance": (["How far apart are the {a} and the {b} in cm?"], ["What is the distance between the {a} and the {b} in cm?"]),
-    "height": (["How tall is the {a} in cm?"], ["What is the height of the {a} in cm?"]),
-    "count": (["How many {what} are there?"], ["Count the {what}."]),
-    "fit": (["Does the {a} fit {prep} the {b}?"], ["Can the {a} fit {prep} the {b}?"]),
-    "decompose": (["List the steps to {instr}."], ["Break the task into steps: {instr}."]),
-    "next_step": (["Task: {instr}. What is the next step? {choices}"], ["Task: {instr}. Which step comes next? {choices}"]),
-    "done": (["Task: {instr}. Is it done?"], ["Task: {instr}. Is the goal achieved?"]),
-    "trajectory": (["Give {n} points of the gripper path to {instr}."], ["Trace the gripper path in {n} points to {instr}."]),
-    "caption": (["Describe the objects."], ["What objects do you see?"]),
-    "depth": ([""], [""]),
-}
-LETTERS = "ABCD"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,7 +85,7 @@ def train_tokenizer(texts, path: str, vocab_size: int = 512):
 def load_tokenizer(path: str):
     from tokenizers import Tokenizer
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: tokenizer file missing (generate data with data.py first)")
+        raise FileNotFoundError(f"{path}: tokenizer file missing (generate data with sim_data.py first)")
     tok = Tokenizer.from_file(path)
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
@@ -190,7 +150,7 @@ def encode_prompt(tok, question: str, n_image_tokens: int, image_first: bool = T
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images, depth targets and coordinates
+# Images and depth targets
 
 def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 in [-1, 1]: THE image preprocessing (batches, the VLA Policy)."""
@@ -249,19 +209,6 @@ def load_depth_png(path: str) -> np.ndarray:
     if a.ndim != 2 or a.dtype not in (np.uint16, np.int32):  # PIL reads 16-bit PNGs as uint16 or int32
         raise ValueError(f"{path}: not a single-channel 16-bit depth PNG (got {a.dtype} {a.shape})")
     return a.astype(np.float32) / 1000.0
-
-
-def to_1000(v, size: int) -> int:
-    """Continuous pixel coordinate (pixel i covers [i, i+1)) -> integer in [0, 1000) (Qwen-VL style)."""
-    return int(min(999, max(0, round(float(v) * 1000.0 / size))))
-
-
-def fmt_point(p) -> str:
-    return f"({p[0]}, {p[1]})"
-
-
-def fmt_box(b) -> str:
-    return f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,10 +348,33 @@ def load_depth(path: str, shape, where: str) -> np.ndarray:
     return d
 
 
+def question_of(r: dict) -> str:
+    """A record's first human turn (with its <image> tag): the question a benchmark asks."""
+    return next((t["value"] for t in r["conversations"] if t["from"] == "human"), "")
+
+
+def answer_of(r: dict) -> str:
+    """A record's first assistant turn: the reference answer ("" for a depth-only record)."""
+    return next((t["value"] for t in r["conversations"] if t["from"] == "gpt"), "")
+
+
 def scene_of(r: dict) -> str:
     """The scene (expert rollout) a record's image comes from: its frame id minus the time step."""
     frame = (r.get("meta") or {}).get("frame")
     return frame.rsplit("-", 1)[0] if frame else r["image"]
+
+
+def parse_scenes(spec: str):
+    """--scenes: "lo:hi" -> (lo, hi) fractions for select_scenes, or None ("": every scene)."""
+    if not spec:
+        return None
+    try:
+        lo, hi = (float(x) for x in spec.split(":"))
+    except ValueError:
+        lo = hi = -1.0
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"--scenes={spec}: expected lo:hi with 0 <= lo < hi <= 1, e.g. 0:0.5")
+    return lo, hi
 
 
 def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
@@ -415,23 +385,16 @@ def select_scenes(records: list[dict], lo: float, hi: float) -> list[dict]:
     return [r for r in records if scene_of(r) in keep]
 
 
-CACHE_VERSION = 4  # bump whenever what the cache holds, or how it is computed, changes
-
-
 class GemDataset(torch.utils.data.Dataset):
     """One record -> model inputs: chat-templated ids/labels, image tensor, depth and RGB targets.
 
-    `source` is a data directory (our layout) or one JSONL file (the released GEM-250K layout): split_records.
-    Records without depth get depth_valid False and a zero target, and pixels without depth (0 in the PNG)
-    a False depth_mask: the depth loss is masked for both. `skipped` counts the records left out (several
-    images, video, longer than max_len tokens: drop_long) and `no_depth` those without a depth map. `families` keeps only those task families; `scenes` = (lo, hi) only those scenes
-    (select_scenes); `blind` replaces every image by one constant grey image (the blind baseline).
-
-    cache=True decodes the split once (build_cache: images at the model's size, depth in millimetres, both
-    targets at the head's size, token ids and labels, as memory-mapped .npy files under <root>/cache, or
-    `cache_root`; the directory of a JSONL source) and reads every item from there: the same tensors as from the PNGs, without the PNG
-    decoding, percentiles, resizes and tokenisation per sample per step. Cached items are views of the
-    (copy-on-write) maps: collate copies them; do not modify an item's tensors in place."""
+    `source`: a data directory (our layout) or one JSONL file (GEM-250K): split_records. Without depth a record
+    gets depth_valid False and a zero target, a pixel without depth (0) a False depth_mask: the depth loss is
+    masked for both. `skipped` counts the records left out (several images, video, over max_len: drop_long),
+    `no_depth` those without depth. `families` / `scenes` = (lo, hi) keep only those (select_scenes); `blind`
+    makes every image one grey image (the blind baseline). cache=True decodes the split once (build_cache:
+    memory-mapped .npy files under <root>/cache or `cache_root`) and reads every item from there: the same
+    tensors as from the PNGs. Cached items are views of copy-on-write maps: do not modify them in place."""
 
     def __init__(self, source, split, tok, image_size, n_image_tokens, head_size, families=None,
                  image_first=True, max_len=512, scenes=None, blind=False, cache=False, cache_root=None,
@@ -459,26 +422,19 @@ class GemDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def load_image(self, r):
-        return load_record_image(r, self.image_size)
-
     def encode(self, r):
         """Token ids and labels of a record's whole conversation (never cut: see drop_long)."""
         return encode_chat(self.tok, r["conversations"], self.n_image_tokens, self.image_first)
 
     def drop_long(self, recs: list[dict]) -> list[dict]:
-        """The records of at most max_len tokens. A longer one is left out whole, never cut (a cut answer
-        loses its end and its <|im_end|>, which the model then never learns to write), and counted in
-        `skipped`; `too_long` = (count, longest length) for the caller's warning. The image must fit."""
-        if self.arrays is not None:
-            lengths = np.diff(self.arrays["offsets"])[[r["_row"] for r in recs]]
-        else:
-            lengths = np.array([len(self.encode(r)[0]) for r in recs], np.int64)
-        over = lengths > self.max_len
+        """The records of at most max_len tokens: a longer one is left out whole and counted (`skipped`;
+        `too_long` = (count, longest)), never cut: a cut answer loses its end and <|im_end|>. The image must fit."""
+        lengths = (np.diff(self.arrays["offsets"])[[r["_row"] for r in recs]] if self.arrays is not None
+                   else np.array([len(self.encode(r)[0]) for r in recs], np.int64))
+        over, r = lengths > self.max_len, recs[int(np.argmax(lengths))] if recs else None
+        if over.any() and self.encode(r)[0].index(special_ids(self.tok)["vision_end_id"]) >= self.max_len:
+            raise ValueError(f"{r['_where']}: the image tokens do not fit in max_len={self.max_len}")
         if over.any():
-            r = recs[int(np.argmax(lengths))]
-            if self.encode(r)[0].index(special_ids(self.tok)["vision_end_id"]) >= self.max_len:
-                raise ValueError(f"{r['_where']}: the image tokens do not fit in max_len={self.max_len}")
             self.skipped[f"longer than max_len={self.max_len} tokens"] += int(over.sum())
         self.too_long = (int(over.sum()), int(lengths.max()) if len(lengths) else 0)
         return [r for r, o in zip(recs, over) if not o]
@@ -486,7 +442,7 @@ class GemDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         if self.arrays is None:
-            rgb, depth, valid = self.load_image(r)
+            rgb, depth, valid = load_record_image(r, self.image_size)
             ids, labels = self.encode(r)
             target = depth_target(depth, self.head_size) if valid else torch.zeros(1, self.head_size, self.head_size)
             mask = depth_mask(depth, self.head_size)
@@ -503,28 +459,25 @@ class GemDataset(torch.utils.data.Dataset):
         if self.blind:
             image = torch.full_like(image, 128)
             rgb_t = rgb_target(image.permute(1, 2, 0).numpy(), self.head_size)
-        conv = r["conversations"]
-        question = next((t["value"] for t in conv if t["from"] == "human"), "")
         meta = r.get("meta") or {}
         return dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), image=image,
                     depth_target=target, depth_mask=mask, rgb_target=rgb_t, depth_valid=valid, depth_m=torch.from_numpy(depth),
-                    id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question.replace(IMAGE, "").strip(),
-                    answer=next((t["value"] for t in conv if t["from"] == "gpt"), ""), meta=meta)
+                    id=r["id"], task=r["task"], type=meta.get("type", r["task"]), question=question_of(r).replace(IMAGE, "").strip(),
+                    answer=answer_of(r), meta=meta)
 
 
 CACHE_CHUNK = 256  # images per cache-building job
 CACHE_ARRAYS = ("images", "depth_mm", "depth_valid", "depth_target", "depth_mask", "rgb_target", "image_of", "ids", "labels", "offsets")
 
 
-# the functions that compute what a cache holds: their source is part of its key, so changed code (a fixed
-# depth_target, an exercise solved) is a new cache, never the old arrays (no CACHE_VERSION bump to forget)
+# the functions that fill a cache: their source is part of its key, so changed code (a fixed depth_target, a
+# solved exercise) makes a new cache, never reuses the old arrays
 CACHE_CODE = ("load_record_image", "load_rgb", "load_depth", "load_depth_png", "depth_target", "depth_mask", "rgb_target",
               "encode_chat", "_text_ids", "_user_ids", "_assistant_head", "_cache_rows", "build_cache")
 DEMO_CACHE_CODE = ("_render_frames", "depth_target", "build_demo_cache")
 
 
-def code_key(names: tuple) -> str:
-    """A hash of the source of this module's functions `names` (as they are bound now)."""
+def code_key(names: tuple) -> str:  # a hash of the source of this module's functions `names`, as bound now
     import hashlib
     import inspect
     return hashlib.sha256("".join(inspect.getsource(globals()[n]) for n in names).encode()).hexdigest()[:16]
@@ -532,10 +485,10 @@ def code_key(names: tuple) -> str:
 
 def cache_key(ds: GemDataset, records: list[dict]) -> str:
     """What the cached content depends on: the split's records, every image / depth file (size and mtime),
-    the tokenizer, the sizes and prompt settings, the code that fills it (CACHE_CODE), CACHE_VERSION.
-    Another key = another cache directory."""
+    the tokenizer, the sizes and prompt settings, the code that fills it (CACHE_CODE). Another key = another
+    cache directory."""
     import hashlib
-    h = hashlib.sha256(json.dumps(dict(version=CACHE_VERSION, image_size=ds.image_size, head_size=ds.head_size,
+    h = hashlib.sha256(json.dumps(dict(image_size=ds.image_size, head_size=ds.head_size,
                                        n_image_tokens=ds.n_image_tokens, image_first=ds.image_first, code=code_key(CACHE_CODE),
                                        resize="area; image bicubic; depth nearest", tokenizer=ds.tok.to_str()), sort_keys=True).encode())
     for r in records:
@@ -592,7 +545,7 @@ def build_cache(ds: GemDataset, records: list[dict], prefix: str, workers: int |
         jobs = [(tmp, files[lo:lo + CACHE_CHUNK], S, H) for lo in range(0, n, CACHE_CHUNK)]
         workers = max(1, min(os.cpu_count() or 1, n // 500)) if workers is None else workers
         try:
-            _run_jobs(_cache_rows, jobs, workers, total=len(jobs), desc=f"caching {n} images", disable=len(jobs) < 4)
+            run_jobs(_cache_rows, jobs, workers, total=len(jobs), desc=f"caching {n} images", disable=len(jobs) < 4)
             enc = [ds.encode(r) for r in records]
             np.save(os.path.join(tmp, "ids.npy"), np.array([t for ids, _ in enc for t in ids], np.int32))
             np.save(os.path.join(tmp, "labels.npy"), np.array([t for _, lab in enc for t in lab], np.int32))
@@ -648,6 +601,11 @@ def collate(batch, pad_id: int, pixels: bool = True) -> dict:
 def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Samples at global positions [start, start+count) of an endless stream of seeded epoch permutations."""
     return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k indices evenly spread over range(n) (a fixed validation sample: every part of the split, not its start)."""
+    return sorted({int(j) for j in np.linspace(0, n - 1, min(k, n))}) if n else []
 
 
 @functools.lru_cache(maxsize=2)  # a step's samples span at most two epochs; drawing the order each step cost ~1 ms
@@ -716,26 +674,7 @@ def device_batch(items: list, pad_id: int, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Question makers: one per type. Each reads a Scene (one rendered frame + simulator state) and returns
-# (question, answer, meta) or None when no unambiguous question of that type exists in this frame.
-# The question comes from sc.template, called last (it records in sc.held whether it drew a held-out one).
-
-RELATIONS = {"left_of": "left of", "right_of": "right of", "in_front_of": "in front of", "behind": "behind",
-             "on": "on", "inside": "in"}
-HELDOUT_COMBOS = {("white", "ball"), ("black", "block")}  # colour x shape seen only in the test split
-REL_MARGIN = 0.015  # metres: relations within this of their threshold are ambiguous and rejected
-MIN_VISIBLE = 0.002  # an object must cover this share of the image to be asked about (8 px at 64x64)
-# The VLM world is built so that geometry needs the image, and metric geometry needs depth (issue 12; the VLA
-# suites keep sim_env's one fixed LIBERO-style camera). Every VLM image gets its own camera (draw_view):
-# the look-at point on the table, the distance to it (m), pitch (degrees down from horizontal), yaw (degrees
-# about the vertical; small, so "left of" / "in front of" in world terms stay left / front in the image) and
-# the field of view. sim_env's fixed camera is look (0, .02), distance .69, pitch 41.5, yaw 0, fov 46.
-VIEW = dict(look_x=(-0.08, 0.08), look_y=(-0.06, 0.12), dist=(0.40, 1.00), pitch=(20.0, 75.0), yaw=(-12.0, 12.0),
-            fov=(30.0, 65.0))
-# Every movable object gets its own size (scale_objects): cubes and balls a uniform scale, blocks and cans a
-# footprint scale and a separate height scale, so "how tall is the red can" has no answer in its name.
-SCALE = dict(uniform=(0.7, 1.45), xy=(0.8, 1.25), z=(0.55, 1.6))
-
+# Masks in meta (sim_data.py encodes the regions a point may hit, eval.py decodes them)
 
 def rle_encode(mask: np.ndarray) -> list[int]:
     """Bool (H,W) mask -> [start, length, ...] over the row-major flattened image (compact, for meta)."""
@@ -751,695 +690,9 @@ def rle_decode(rle, shape) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def plural(word: str) -> str:
-    return word + ("es" if word.endswith(("s", "x", "sh", "ch")) else "s")
-
-
-class Scene:
-    """A rendered frame with the simulator's object list, camera and (for planning) the expert's future."""
-
-    def __init__(self, obs, info, split, rng, task=None, future=None, success=False, subgoal=0, instr=None):
-        self.rgb, self.depth, self.seg = obs["rgb"], obs["depth"], obs["seg"]
-        self.S = self.rgb.shape[0]
-        self.objs = info["objects"]
-        self.K, self.pose = np.asarray(info["K"], float), np.asarray(info["cam_pose"], float)
-        self.split, self.rng, self.task, self.future = split, rng, task, future
-        self.success, self.subgoal, self.instr = success, subgoal, instr
-        names = [o["name"] for o in self.objs]
-        min_px = MIN_VISIBLE * self.S * self.S
-        self.visible = [o for o in self.objs if o["visible_px"] >= min_px and o["box2d"] is not None]
-        self.all_visible = len(self.visible) == len(self.objs)
-        self.refs = [o for o in self.visible if names.count(o["name"]) == 1]  # unambiguous by name
-
-    def template(self, typ, **kw) -> str:
-        train, held = TEMPLATES[typ]
-        self.held = self.split == "test" and self.rng.random() < 0.5
-        return self.one(held if self.held else train).format(**kw)
-
-    def one(self, seq):
-        return seq[self.rng.integers(len(seq))]
-
-    def pick(self, seq, k=1):
-        idx = self.rng.choice(len(seq), size=k, replace=False)
-        return [seq[i] for i in idx] if k > 1 else seq[idx[0]]
-
-    def mask(self, o) -> np.ndarray:
-        return self.seg == o["id"]
-
-    def point(self, px) -> list[int]:
-        return [to_1000(px[0], self.S), to_1000(px[1], self.S)]
-
-    def box(self, o) -> list[int]:
-        return [to_1000(v, self.S) for v in o["box2d"]]
-
-    def project(self, pts_world) -> np.ndarray:
-        """World points (N,3) -> pixel coordinates (N,2), the simulator's own camera model."""
-        import sim_env
-        return sim_env.project(self.K, self.pose, np.asarray(pts_world, float))
-
-    def cam_z(self, p_world) -> float:
-        """Camera z-depth (metres) of a world point: the quantity "closer to the camera" compares."""
-        R, t = self.pose[:3, :3], self.pose[:3, 3]
-        return float((R.T @ (np.asarray(p_world, float) - t))[2])
-
-    def backproject(self) -> np.ndarray:
-        """World xyz (H,W,3) of every pixel centre from the metric depth map (pinhole, z-depth)."""
-        v, u = np.mgrid[0:self.S, 0:self.S] + 0.5
-        rays = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(self.K).T  # (H,W,3), z = 1
-        return (rays * self.depth[..., None]) @ self.pose[:3, :3].T + self.pose[:3, 3]
-
-
-def _rel_ok(b, rel) -> bool:
-    """"in" is asked about the tray only and "on" about anything but the tray (natural phrasing)."""
-    return (rel == "inside") == (b["shape"] == "tray") or rel not in ("on", "inside")
-
-
-def _clear(a, b, rel):
-    """The simulator's predicate `a rel b`, or None when its margin is too small to ask about."""
-    import sim_env
-    holds, margin = bool(getattr(sim_env, rel)(a, b)), float(sim_env.relation_margin(a, b, rel))
-    return holds if abs(margin) >= REL_MARGIN and holds == (margin > 0) else None
-
-
-def q_box(sc):
-    if not sc.refs:
-        return None
-    o = sc.pick(sc.refs)
-    box = sc.box(o)
-    return sc.template("box", a=o["name"]), fmt_box(box), dict(answer=box, obj=o["id"], name=o["name"])
-
-
-def q_point(sc, typ="point"):
-    cands = [o for o in sc.refs if typ == "point" or o.get("graspable", o["shape"] not in ("plate", "tray"))]
-    if not cands:
-        return None
-    o = sc.pick(cands)
-    m = sc.mask(o)
-    if typ == "grasp":  # the top centre of the object, where a top-down grasp closes
-        top = np.asarray(o["pos"], float) + [0, 0, o["half_extents"][2]]
-        px = sc.project(top[None])[0]
-        if not (0 <= px[0] < sc.S and 0 <= px[1] < sc.S) or not m[int(px[1]), int(px[0])]:
-            return None  # top hidden (e.g. under the gripper)
-    else:  # the mask pixel nearest the mask's centroid (always on the object, even for odd shapes)
-        ys, xs = np.nonzero(m)
-        k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
-        px = (xs[k] + 0.5, ys[k] + 0.5)
-    pt = sc.point(px)
-    return sc.template(typ, a=o["name"]), fmt_point(pt), dict(answer=pt, obj=o["id"], name=o["name"], mask_rle=rle_encode(m))
-
-
-def place_region(sc, a, b, rel) -> np.ndarray:
-    """Pixels where `a` could stand on the table: free of other objects and clearly `rel` of b."""
-    xyz = sc.backproject()
-    ra = max(a["half_extents"][:2]) + 0.01
-    ok = (np.abs(xyz[..., 2]) < 0.004) & (sc.seg == 0)  # table surface, nothing on it
-    for o in sc.objs:
-        if o["id"] != a["id"]:
-            hx, hy = o["half_extents"][:2]
-            ok &= (np.abs(xyz[..., 0] - o["pos"][0]) > hx + ra) | (np.abs(xyz[..., 1] - o["pos"][1]) > hy + ra)
-    ys, xs = np.nonzero(ok)
-    for y, x in zip(ys, xs):  # the side test is the simulator's own relation, on a moved copy of a
-        moved = dict(a, pos=[float(xyz[y, x, 0]), float(xyz[y, x, 1]), float(a["half_extents"][2])])
-        ok[y, x] = _clear(moved, b, rel) is True
-    return ok
-
-
-def q_place(sc):
-    movable = [o for o in sc.refs if o["shape"] not in ("plate", "tray")]
-    if not movable or len(sc.refs) < 2:
-        return None
-    a = sc.pick(movable)
-    b = sc.pick([o for o in sc.refs if o is not a])
-    rel = sc.pick(["left_of", "right_of", "in_front_of", "behind"])
-    region = place_region(sc, a, b, rel)
-    ys, xs = np.nonzero(region)
-    if len(xs) < 3:
-        return None
-    bx, by = sc.project([b["pos"]])[0]  # canonical answer: the free pixel nearest to b's projection (just beside b)
-    k = np.argmin((xs + 0.5 - bx) ** 2 + (ys + 0.5 - by) ** 2)
-    pt = sc.point((xs[k] + 0.5, ys[k] + 0.5))
-    q = sc.template("place", a=a["name"], b=b["name"], rel=RELATIONS[rel])
-    return q, fmt_point(pt), dict(answer=pt, obj=a["id"], ref=b["id"], rel=rel, mask_rle=rle_encode(region))
-
-
-def q_list(sc):
-    if not sc.all_visible or len(sc.refs) != len(sc.objs):
-        return None
-    objs = sorted(sc.objs, key=lambda o: o["box2d"][0] + o["box2d"][2])  # left to right
-    items = [dict(name=o["name"], obj=o["id"], box=sc.box(o)) for o in objs]
-    return sc.template("list"), "; ".join(f"{it['name']} {fmt_box(it['box'])}" for it in items), dict(answer=items)
-
-
-def q_rel_yn(sc):
-    want = bool(sc.rng.random() < 0.5)  # choose the answer first: yes/no stay balanced
-    for rel in map(str, sc.rng.permutation(list(RELATIONS))):
-        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and _rel_ok(b, rel) and _clear(a, b, rel) is want]
-        if pairs:
-            a, b = sc.one(pairs)
-            q, ans = sc.template("rel_yn", a=a["name"], b=b["name"], rel=RELATIONS[rel]), "yes" if want else "no"
-            return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], rel=rel)
-    return None
-
-
-def _choices(sc, correct, others):
-    """Options = correct + up to 3 others in random order; the correct letter is uniform over positions."""
-    others = list(others)
-    opts = [others[i] for i in sc.rng.permutation(len(others))[:len(LETTERS) - 1]]
-    k = int(sc.rng.integers(len(opts) + 1))
-    opts.insert(k, correct)
-    return opts, LETTERS[k]
-
-
-def _lettered(opts) -> str:
-    return " ".join(f"{L}. {o}" for L, o in zip(LETTERS, opts))
-
-
-def q_rel_mc(sc):
-    for rel in map(str, sc.rng.permutation(list(RELATIONS))):
-        for b in (sc.refs[i] for i in sc.rng.permutation(len(sc.refs))):
-            others = [o for o in sc.refs if o is not b] if _rel_ok(b, rel) else []
-            pos = [o for o in others if _clear(o, b, rel) is True]
-            neg = [o for o in others if _clear(o, b, rel) is False]
-            if pos and neg:  # one true option, the others clearly false
-                a = sc.pick(pos)
-                opts, letter = _choices(sc, a["name"], [o["name"] for o in neg])
-                q = sc.template("rel_mc", b=b["name"], rel=RELATIONS[rel], choices=_lettered(opts))
-                return q, letter, dict(answer=letter, choices=opts, obj=a["id"], ref=b["id"], rel=rel)
-    return None
-
-
-def q_closer(sc):
-    want = bool(sc.rng.random() < 0.5)
-    # the centres' depths must differ clearly AND agree with what the visible pixels show
-    z = {o["id"]: (sc.cam_z(o["pos"]), np.median(sc.depth[sc.mask(o)])) for o in sc.refs}
-    pairs = [(a, b) if want else (b, a) for a in sc.refs for b in sc.refs if a is not b
-             and z[b["id"]][0] - z[a["id"]][0] >= 0.03 and z[b["id"]][1] - z[a["id"]][1] >= 0.01]
-    if not pairs:
-        return None
-    a, b = sc.one(pairs)
-    q, ans = sc.template("closer", a=a["name"], b=b["name"]), "yes" if want else "no"
-    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"])
-
-
-def marker_size(S: int) -> int:
-    return max(2, S // 21)  # 3 px at 64x64: visible, yet hides little
-
-
-MARKER_RGB = ([0, 255, 255], [255, 0, 255])  # A cyan, B magenta: no object or background has these
-
-
-def draw_markers(rgb, pts_px) -> np.ndarray:
-    """Filled squares centred on the marked pixels."""
-    out, r = rgb.copy(), marker_size(rgb.shape[0]) // 2
-    for (x, y), col in zip(pts_px, MARKER_RGB):
-        out[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1] = col
-    return out
-
-
-def q_marked(sc):
-    """Two marked pixels; which is closer (metric z-depth at the pixel). Draws the markers (sc.marked)."""
-    r = marker_size(sc.S) // 2 + 1
-    for _ in range(20):
-        (xa, ya), (xb, yb) = sc.rng.integers(r, sc.S - r, size=(2, 2))
-        da, db = float(sc.depth[ya, xa]), float(sc.depth[yb, xb])
-        if min(da, db) > 0 and abs(da - db) >= max(0.05, 0.1 * min(da, db)) and np.hypot(xa - xb, ya - yb) >= sc.S / 6:
-            break
-    else:
-        return None
-    sc.marked = draw_markers(sc.rgb, [(xa, ya), (xb, yb)])
-    ans = "A" if da < db else "B"
-    pts = [sc.point((xa + 0.5, ya + 0.5)), sc.point((xb + 0.5, yb + 0.5))]
-    return sc.template("marked"), ans, dict(answer=ans, points_px=[[int(xa), int(ya)], [int(xb), int(yb)]],
-                                            depths=[da, db], points=pts)
-
-
-def q_distance(sc):
-    if len(sc.refs) < 2:
-        return None
-    a, b = sc.pick(sc.refs, 2)
-    cm = int(round(100 * math.hypot(a["pos"][0] - b["pos"][0], a["pos"][1] - b["pos"][1])))
-    return sc.template("distance", a=a["name"], b=b["name"]), str(cm), dict(answer=cm, obj=a["id"], ref=b["id"])
-
-
-def q_height(sc):
-    import sim_env  # movable objects only: a plate or tray has one size, which its name gives away
-    cands = [o for o in sc.refs if o["shape"] in sim_env.SHAPES]
-    if not cands:
-        return None
-    o = sc.pick(cands)
-    cm = int(round(200 * o["half_extents"][2]))
-    if cm < 1:
-        return None
-    return sc.template("height", a=o["name"]), str(cm), dict(answer=cm, obj=o["id"])
-
-
-def q_count(sc):
-    if not sc.all_visible:  # a hidden object would make the count unanswerable from the image
-        return None
-    kinds = [("objects", lambda o: True)]
-    kinds += [(f"{c} objects", lambda o, c=c: o["colour"] == c) for c in sorted({o["colour"] for o in sc.objs})]
-    kinds += [(plural(s), lambda o, s=s: o["shape"] == s) for s in sorted({o["shape"] for o in sc.objs})]
-    what, f = sc.one(kinds)
-    n = sum(map(f, sc.objs))
-    return sc.template("count", what=what), str(n), dict(answer=n, what=what)
-
-
-def fits(a, b):
-    """True / False when a's footprint clearly fits within b's (any orientation) or clearly cannot; else None."""
-    (amin, amax), (bmin, bmax) = (sorted(2 * h for h in o["half_extents"][:2]) for o in (a, b))
-    if amax + 0.005 <= bmin:
-        return True
-    if amin >= bmax + 0.005:
-        return False
-    return None
-
-
-def q_fit(sc):
-    want = bool(sc.rng.random() < 0.5)
-    pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and fits(a, b) is want]
-    if not pairs:
-        return None
-    a, b = sc.one(pairs)
-    q, ans = sc.template("fit", a=a["name"], b=b["name"], prep="in" if b["shape"] == "tray" else "on"), "yes" if want else "no"
-    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"])
-
-
-def q_decompose(sc):
-    steps = list(sc.task.subgoals)
-    return sc.template("decompose", instr=sc.instr), "; ".join(steps), dict(answer=steps)
-
-
-def q_next_step(sc):
-    steps = list(sc.task.subgoals)
-    if sc.success or len(steps) < 2:
-        return None
-    correct = steps[sc.subgoal]
-    opts, letter = _choices(sc, correct, [s for s in steps if s != correct])
-    q = sc.template("next_step", instr=sc.instr, choices=_lettered(opts))
-    return q, letter, dict(answer=letter, choices=opts, subgoal=int(sc.subgoal))
-
-
-def q_done(sc):
-    ans = "yes" if sc.success else "no"
-    return sc.template("done", instr=sc.instr), ans, dict(answer=ans)
-
-
-def q_trajectory(sc):
-    if sc.future is None or len(sc.future) < 5:
-        return None
-    n = int(sc.rng.integers(5, 9))
-    idx = np.round(np.linspace(0, len(sc.future) - 1, n)).astype(int)
-    px = sc.project(np.asarray(sc.future, float)[idx])
-    if px.min() < 0 or px.max() >= sc.S:  # part of the path out of view (cameras vary): not askable
-        return None
-    pts = [sc.point(p) for p in px]
-    q = sc.template("trajectory", n=n, instr=sc.instr)
-    return q, "[" + ", ".join(map(fmt_point, pts)) + "]", dict(answer=pts, n=n)
-
-
-def caption_order(o):
-    import sim_env  # by colour, then shape: a canonical order that carries no spatial information
-    cols = list(sim_env.COLOURS)
-    return (cols.index(o["colour"]) if o["colour"] in cols else len(cols), o["shape"], o["name"])
-
-
-def q_caption(sc):
-    if not sc.visible:
-        return None
-    names = [o["name"] for o in sorted(sc.visible, key=caption_order)]
-    return sc.template("caption"), ", ".join(names), dict(answer=names)
-
-
-MAKERS = {"box": q_box, "point": q_point, "place": q_place, "grasp": functools.partial(q_point, typ="grasp"),
-          "list": q_list, "rel_yn": q_rel_yn, "rel_mc": q_rel_mc, "closer": q_closer, "marked": q_marked,
-          "distance": q_distance, "height": q_height, "count": q_count, "fit": q_fit, "decompose": q_decompose,
-          "next_step": q_next_step, "done": q_done, "trajectory": q_trajectory, "caption": q_caption}
-TYPE_FAMILY = {t: f for f, ts in FAMILY_TYPES.items() for t in ts}
-
-
 # ----------------------------------------------------------------------------------------------------
-# The generator: expert rollouts of random (suite, task) from training seeds, a few frames of each,
-# a caption + a few questions per frame. Shards are written atomically and skipped when present.
-
-@dataclasses.dataclass
-class GenConfig:
-    out: str = "data/gem-mini"
-    preset: str = "tiny"
-    seed: int = 0
-    image_size: int = 64
-    train_rollouts: int = 240  # expert episodes per split; each gives `frames` images
-    val_rollouts: int = 16
-    test_rollouts: int = 40
-    frames: int = 5  # images per rollout: the start, frames - 2 mid-rollout frames, the success frame
-    reduce: float = 0.7  # share of rollouts whose scene loses some distractors (2-5 objects)
-    questions: int = 3  # questions per image, families drawn by MIXTURE (+ one caption per image)
-    round_robin: bool = False  # cycle through every type instead of drawing (micro: covers all types)
-    shard: int = 8  # rollouts per shard: the unit of restart
-    workers: int = 2
-    vocab_size: int = 512
-
-
-GEN_PRESETS = {
-    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=5,
-                  round_robin=True, shard=2, workers=1, vocab_size=384),
-    # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share), ~45 test questions per reasoning type
-    "tiny": dict(image_size=64, train_rollouts=360, test_rollouts=80),
-    "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
-}
-SPLITS = ("train", "val", "test")
-# simulator seeds, disjoint by construction (generate refuses more rollouts than fit): split s uses
-# [SEED_BASE[s], + ATTEMPTS * rollouts), below the next split's, then the demos (demo_seed), then the eval states
-SEED_BASE, ATTEMPTS = {"train": 0, "val": 300_000, "test": 600_000}, 20
-
-
-def expert_rollout(env, start: dict):
-    """Expert from a start state to success, without rendering -> (sim states, expert subgoals, success)."""
-    _, info = env.reset(options={"state": start})
-    states, subgoals = [env.get_state()], [env.expert_subgoal]
-    for _ in range(info["max_steps"]):
-        _, _, term, trunc, info = env.step(env.expert_action())
-        states.append(env.get_state()), subgoals.append(env.expert_subgoal)
-        if term or trunc:
-            break
-    return states, subgoals, bool(info["success"])
-
-
-def reduce_scene(state: dict, task, rng) -> dict:
-    """A copy of a reset state with some distractors removed (2-5 objects left): small scenes make the
-    colour -> location binding learnable for the tiny model. Objects the task's goals name stay."""
-    keep_roles = {g[1] for g in task.goals} | {g[2] for g in task.goals if g[0] in ("on", "in")}
-    objs = state["objects"]
-    must = [i for i, o in enumerate(objs) if o["role"] in keep_roles]
-    rest = [i for i in rng.permutation(len(objs)).tolist() if i not in must]
-    n = max(len(must), int(rng.integers(2, min(5, len(objs)) + 1)))
-    idx = sorted(must + rest[:n - len(must)])
-    return dict(state, objects=[dict(objs[i], id=k + 1) for k, i in enumerate(idx)],
-                start=[state["start"][i] for i in idx])
-
-
-def draw_view(rng) -> dict:
-    """A camera for one image (VIEW ranges) as sim_env "aug" keys: position, look-at point, fov."""
-    v = {k: float(rng.uniform(*r)) for k, r in VIEW.items()}
-    p, y = math.radians(v["pitch"]), math.radians(v["yaw"])
-    look = np.array([v["look_x"], v["look_y"], 0.0])
-    cam = look + v["dist"] * np.array([math.sin(y) * math.cos(p), -math.cos(y) * math.cos(p), math.sin(p)])
-    return dict(cam=cam.tolist(), look=look.tolist(), fov=v["fov"])
-
-
-def scale_objects(state: dict, rng):
-    """A copy of a start state whose movable objects have their own sizes (SCALE), standing where they stood;
-    None when two footprints would then come closer than 1 cm (the caller draws another scene)."""
-    import sim_env
-    objs, start = [], []
-    for o, st in zip(state["objects"], state["start"]):
-        if o["shape"] in sim_env.SHAPES:
-            s = float(rng.uniform(*SCALE["uniform" if o["shape"] in ("cube", "ball") else "xy"]))
-            sz = s if o["shape"] in ("cube", "ball") else float(rng.uniform(*SCALE["z"]))
-            h = [o["half_extents"][0] * s, o["half_extents"][1] * s, o["half_extents"][2] * sz]
-            lift = h[2] - o["half_extents"][2]  # same support, new half height
-            o, st = dict(o, half_extents=h, pos=[o["pos"][0], o["pos"][1], o["pos"][2] + lift]), [st[0], st[1], st[2] + lift]
-        objs.append(o), start.append(st)
-    ext = [sim_env._ext(o["shape"], o["half_extents"], o["yaw"]) for o in objs]
-    for i in range(len(objs)):
-        for j in range(i):
-            d = np.abs(np.subtract(objs[i]["pos"][:2], objs[j]["pos"][:2])) - ext[i][:2] - ext[j][:2]
-            if d.max() < 0.01:
-                return None
-    return dict(state, objects=objs, start=start)
-
-
-def _env(cache, suite, task_id, image_size, render=True):
-    import sim_env
-    key = (suite, task_id, image_size, render)
-    if key not in cache:
-        cache[key] = sim_env.TabletopEnv(suite, task_id, image_size=image_size, render_images=render)
-    return cache[key]
-
-
-def _draw_types(cfg, rng, rr, skip):
-    """Question types for one frame (besides its caption and the explicitly placed "done" questions):
-    the least used so far (micro: every type appears), else families drawn by MIXTURE."""
-    pool = [t for t in TYPE_FAMILY if t not in skip]
-    if cfg["round_robin"]:  # the least used types so far (rr counts uses): every type gets covered
-        chosen = sorted(pool, key=lambda t: rr.get(t, 0))[:cfg["questions"]]
-        rr.update({t: rr.get(t, 0) + 1 for t in chosen})
-        return chosen
-    fams = [f for f in MIXTURE if any(t in pool for t in FAMILY_TYPES[f])]
-    p = np.array([MIXTURE[f] for f in fams])
-    out = []
-    for f in rng.choice(fams, size=cfg["questions"], p=p / p.sum()):
-        types = [t for t in FAMILY_TYPES[f] if t in pool]
-        out.append(types[int(rng.integers(len(types)))])
-    return out
-
-
-def frame_records(sc, fid, types, out):
-    """Records for one frame. A type with no unambiguous question here falls back to its family's others."""
-    recs = []
-    for j, typ in enumerate(types):
-        sid = f"{fid}-{j}"
-        rec = dict(id=sid, image=f"images/{fid}.png", depth=f"depth/{fid}.png", task=TYPE_FAMILY[typ])
-        if typ == "depth":  # the image alone, for the depth head
-            recs.append(dict(rec, conversations=[{"from": "human", "value": IMAGE}], meta=dict(type="depth", frame=fid)))
-            continue
-        fam = FAMILY_TYPES[TYPE_FAMILY[typ]]
-        for alt in [typ] + [t for t in sc.rng.permutation(fam).tolist() if t != typ]:
-            sc.marked = None
-            made = MAKERS[alt](sc) if (alt != "done" or typ == "done") else None
-            if made:
-                break
-        if not made:
-            continue
-        q, a, meta = made
-        for k in ("obj", "ref"):  # the objects' 2D boxes: what the 2D-rule baseline (eval.py rules) may see
-            o = next((o for o in sc.visible if o["id"] == meta.get(k)), None)
-            if o is not None:
-                meta[f"{k}_box"] = sc.box(o)
-        if sc.marked is not None:  # markers drawn on a copy of the frame: its own image file
-            rec["image"] = f"images/{sid}.png"
-            Image.fromarray(sc.marked).save(os.path.join(out, rec["image"]))
-        rec.update(conversations=[{"from": "human", "value": f"{IMAGE}\n{q}"}, {"from": "gpt", "value": a}],
-                   meta=dict(type=alt, frame=fid, **meta, heldout_template=sc.held))
-        recs.append(rec)
-    return recs
-
-
-def gen_shard(job):
-    """Write one shard: images, depth maps, simulator states, and last (atomically) the shard's JSONL."""
-    cfg, split, k = job
-    import sim_env
-    out, S = cfg["out"], cfg["image_size"]
-    rng = np.random.default_rng([cfg["seed"], SPLITS.index(split), k])
-    pairs = [(s, t) for s in sim_env.SUITES for t in range(len(sim_env.SUITES[s]))]
-    records, cache, rr = [], {}, {}
-    for r in range(k * cfg["shard"], min(cfg[f"{split}_rollouts"], (k + 1) * cfg["shard"])):
-        for attempt in range(ATTEMPTS):  # train/val never show a held-out colour x shape combination
-            suite, task_id = pairs[int(rng.integers(len(pairs)))]
-            env = _env(cache, suite, task_id, S, render=False)
-            env.reset(seed=SEED_BASE[split] + ATTEMPTS * r + attempt)
-            start = env.get_state()
-            # spatial tasks' instructions name their landmarks and distractors: those scenes stay whole
-            if suite != "spatial" and rng.random() < cfg["reduce"]:
-                start = reduce_scene(start, env.task, rng)
-            start = scale_objects(start, rng)
-            if start is None:  # resized objects would touch
-                continue
-            states, subgoals, ok = expert_rollout(env, start)
-            combos = {(o["colour"], o["shape"]) for o in start["objects"]}
-            if ok and (split == "test" or not combos & HELDOUT_COMBOS):
-                break
-        else:  # never with the real expert; a failed rollout, touching resized objects or a held-out combination is never written
-            raise RuntimeError(f"gen_shard: {split} rollout {r}: no successful expert rollout (with non-touching resized objects) "
-                               f"without a held-out colour x shape in seeds {SEED_BASE[split] + ATTEMPTS * r}..{SEED_BASE[split] + ATTEMPTS * (r + 1) - 1}")
-        renv, T = _env(cache, suite, task_id, S), len(states) - 1
-        grip = [st["grip"][:3] for st in states]
-        ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
-        for t in [0] + ts + [T]:  # the start, a few mid-rollout frames, and the success frame
-            st = dict(states[t], aug=draw_view(rng))  # this image's own camera
-            obs, info = renv.reset(options={"state": st})
-            fid = f"{split}-{r:05d}-{t:03d}"
-            instr = env.task.instruction(rng, heldout=split == "test" and bool(rng.random() < 0.5))
-            sc = Scene(obs, info, split, rng, task=env.task, future=grip[t:], success=t == T,
-                       subgoal=subgoals[t], instr=instr)
-            Image.fromarray(obs["rgb"]).save(os.path.join(out, "images", fid + ".png"))
-            save_depth_png(os.path.join(out, "depth", fid + ".png"), obs["depth"])
-            with open(os.path.join(out, "states", fid + ".json"), "w") as f:
-                json.dump(dict(suite=suite, task_id=int(task_id), t=t, state=st), f)
-            skip = {"caption", "done"}  # every frame gets a caption; "done" is placed below
-            if t == T:  # nothing left to plan or trace at the success frame
-                skip |= {"next_step", "trajectory"}
-            types = ["caption"] + _draw_types(cfg, rng, rr, skip)
-            if t == T or (ts and t == ts[len(ts) // 2]):  # "is it done?": one yes and one no per rollout
-                types.append("done")
-            for rec in frame_records(sc, fid, types, out):
-                rec["meta"].update(suite=suite, task_id=int(task_id), t=t)
-                records.append(rec)
-    # a shard file exists only once the shard is complete
-    _write_atomic(os.path.join(out, "shards", f"{split}-{k:04d}.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    return split, k, len(records)
-
-
-def generate(cfg: GenConfig) -> dict:
-    """Generate (or finish generating) a dataset; returns the stats also written to stats.json."""
-    import sim_env
-    c = dataclasses.asdict(cfg)
-    for s, end in zip(SPLITS, [SEED_BASE["val"], SEED_BASE["test"], DEMO_SEED_BASE]):  # seed ranges stay disjoint
-        if not 0 <= c[f"{s}_rollouts"] <= (end - SEED_BASE[s]) // ATTEMPTS:
-            raise SystemExit(f"error: --{s}_rollouts={c[f'{s}_rollouts']} out of range 0..{(end - SEED_BASE[s]) // ATTEMPTS} "
-                             f"(its simulator seeds would reach the next range)")
-    for d in ("images", "depth", "states", "shards"):
-        os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
-    # finished shards are only reused by the same recipe: refuse to mix two configs in one folder
-    # the world's own settings too: data made before a change of cameras or sizes is never reused
-    recipe = {k: v for k, v in c.items() if k not in ("out", "workers", "preset")} | {"world": dict(VIEW=VIEW, SCALE=SCALE)}
-    recipe = json.loads(json.dumps(recipe))  # as read back from gen_config.json (tuples become lists)
-    cfg_path = os.path.join(cfg.out, "gen_config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in recipe if old.get(k) != recipe[k])
-        if diff:
-            raise SystemExit(f"error: {cfg_path}: {cfg.out} holds data generated with other settings "
-                             f"({', '.join(f'{k}: {old.get(k)!r} there, {recipe[k]!r} now' for k in diff)}); use another --out")
-    _write_atomic(cfg_path, json.dumps(recipe, indent=1))
-    jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(c[f"{s}_rollouts"] / cfg.shard))]
-    shard_file = lambda s, k: os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")
-    todo = [j for j in jobs if not os.path.isfile(shard_file(j[1], j[2]))]  # finished shards are kept
-    _run_jobs(gen_shard, todo, cfg.workers, total=len(jobs), desc="shards", disable=cfg.preset == "micro")
-    stats, texts = {"config": c, "splits": {}}, []
-    for s in SPLITS:
-        recs = []
-        for _, _, k in [j for j in jobs if j[1] == s]:
-            with open(shard_file(s, k)) as f:
-                recs += [json.loads(line) for line in f]
-        _write_atomic(os.path.join(cfg.out, f"{s}.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
-        stats["splits"][s] = dict(samples=len(recs), images=len({r["image"] for r in recs}),
-                                  families=dict(Counter(r["task"] for r in recs)),
-                                  types=dict(Counter(r["meta"]["type"] for r in recs)))
-        if s == "train":
-            texts = [t["value"].replace(IMAGE, "") for r in recs for t in r["conversations"]]
-    # the VLA's training instructions must tokenize compactly too
-    texts += [VLA_PROMPT.format(instr=t) for ts in sim_env.SUITES.values() for task in ts for t in task.templates]
-    train_tokenizer(texts, os.path.join(cfg.out, "tokenizer.json"), cfg.vocab_size)
-    _write_atomic(os.path.join(cfg.out, "stats.json"), json.dumps(stats, indent=1))
-    return stats
-
-
-def _one_thread():  # a pool worker: the pool is the parallelism (and a forked torch must not reuse its thread pool)
-    torch.set_num_threads(1)
-
-
-def _run_jobs(fn, jobs, workers: int, total: int, **bar_kw) -> None:
-    """fn(job) for every job, in worker processes when workers > 1, with a tqdm bar over `total` jobs."""
-    from tqdm import tqdm
-    with tqdm(total=total, initial=total - len(jobs), **bar_kw) as bar:
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing as mp  # fork where available (cheap, inherits imports), else spawn
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers, _one_thread) as pool:
-                for _ in pool.imap_unordered(fn, jobs):
-                    bar.update()
-        else:
-            for j in jobs:
-                fn(j)
-                bar.update()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# VLA demonstrations, normalisation, and THE observation preprocessing shared with the Policy
-
-@dataclasses.dataclass
-class DemoConfig:
-    out: str = "data/demos"
-    suite: str = "all"  # or one suite name
-    tasks: str = "all"  # or comma-separated task ids
-    per_task: int = 20
-    seed: int = 0
-    image_size: int = 64
-    workers: int = 2
-
-
-DEMO_SEED_BASE, DEMO_TASKS, DEMO_TRIES = 900_000, 10, 1000  # demo seed blocks: see demo_seed
-
-
-def demo_seed(seed: int, task_id: int, k: int) -> int:
-    """Scene seed of try k of task task_id under --seed=seed: DEMO_TRIES per task, DEMO_TASKS tasks per --seed,
-    all in [DEMO_SEED_BASE, sim_env.EVAL_SEED_BASE): above the VLM data's seeds, below the eval start states'."""
-    import sim_env
-    top = (sim_env.EVAL_SEED_BASE - DEMO_SEED_BASE) // (DEMO_TASKS * DEMO_TRIES) - 1
-    for v, hi, what in ((seed, top, f"--seed={seed}"), (task_id, DEMO_TASKS - 1, f"demo task id {task_id}"),
-                        (k, DEMO_TRIES - 1, f"demo try {k} (--per_task=n makes 3n + 5 tries)")):
-        if not 0 <= v <= hi:
-            raise ValueError(f"{what} out of range 0..{hi}: demo seeds must stay below the evaluation start states'")
-    return DEMO_SEED_BASE + DEMO_TRIES * (DEMO_TASKS * seed + task_id) + k
-
-
-def _physical(state: dict) -> str:
-    """The part of a simulator state that actions change (not the step counter)."""
-    return json.dumps({k: v for k, v in state.items() if k != "t"}, sort_keys=True)
-
-
-def demo_task(job):
-    """Expert episodes for one task until `per_task` succeed; one .npz per kept episode.
-
-    A no-op step (one that leaves the simulator state unchanged, e.g. the expert idling) is dropped, so
-    the stored actions replayed from sim_states[0] reproduce the episode exactly."""
-    c, suite, task_id = job
-    import sim_env
-    env = sim_env.TabletopEnv(suite, task_id, image_size=c["image_size"], render_images=False)
-    kept, tries = 0, 0
-    while kept < c["per_task"] and tries < 3 * c["per_task"] + 5:
-        # episodes are re-simulated on a restart (cheap, no rendering) so the seed sequence is the same,
-        # but a finished episode file is never rewritten
-        path = os.path.join(c["out"], f"{suite}_{task_id:02d}_{kept:03d}.npz")
-        seed = demo_seed(c["seed"], task_id, tries)
-        tries += 1
-        obs, info = env.reset(seed=seed)
-        acts, states, sims = [], [], []
-        for _ in range(info["max_steps"]):
-            before, a = env.get_state(), np.asarray(env.expert_action(), np.float32)
-            obs2, _, term, trunc, info = env.step(a)
-            if _physical(env.get_state()) != _physical(before):  # the state *before* the action is the input
-                acts.append(a), states.append(np.asarray(obs["state"], np.float32)), sims.append(before)
-            obs = obs2
-            if term or trunc:
-                break
-        if not info["success"]:
-            continue
-        kept += 1
-        if os.path.isfile(path):
-            continue
-        sims.append(env.get_state())  # the final (success) state, for checks
-        tmp = path[:-4] + ".tmp.npz"
-        np.savez(tmp, actions=np.stack(acts), states=np.stack(states), sim_states=json.dumps(sims),
-                 instruction=obs["instruction"], suite=suite, task_id=task_id, seed=seed)
-        os.replace(tmp, path)
-    return suite, task_id, kept
-
-
-def generate_demos(cfg: DemoConfig) -> dict:
-    import sim_env
-    suites = list(sim_env.SUITES) if cfg.suite == "all" else [cfg.suite]
-    for s in suites:
-        if s not in sim_env.SUITES:
-            raise SystemExit(f"error: --suite={s!r} unknown; valid: all, {', '.join(sim_env.SUITES)}")
-    try:  # the largest seed this run can use, checked before any work
-        demo_seed(cfg.seed, max(len(sim_env.SUITES[s]) for s in suites) - 1, 3 * cfg.per_task + 4)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    os.makedirs(cfg.out, exist_ok=True)
-    c = dataclasses.asdict(cfg)
-    jobs = [(c, s, t) for s in suites for t in range(len(sim_env.SUITES[s]))
-            if cfg.tasks == "all" or str(t) in cfg.tasks.split(",")]
-    _run_jobs(demo_task, jobs, cfg.workers, total=len(jobs), desc="demo tasks", disable=len(jobs) < 4)
-    return compute_norm_stats(cfg.out)
-
+# VLA demonstrations (made by sim_data.py demos): reading, normalisation, and THE observation preprocessing
+# shared with the Policy
 
 class _LazyList(Sequence):
     """A JSON list parsed on first use (parsing demo sim_states is most of a demo folder's load time)."""
@@ -1476,14 +729,14 @@ def load_episode(path: str, parse_states: bool = True) -> dict:
 def episode_files(root: str) -> list[str]:
     files = sorted(f for f in os.listdir(root) if f.endswith(".npz") and ".tmp" not in f) if os.path.isdir(root) else []
     if not files:
-        raise FileNotFoundError(f"{root}: no demo episodes (*.npz); run `python data.py demos --out {root}`")
+        raise FileNotFoundError(f"{root}: no demo episodes (*.npz); run `python sim_data.py demos --out {root}`")
     return [os.path.join(root, f) for f in files]
 
 
 def compute_norm_stats(root: str) -> dict:
     """Mean/std of states and actions over all demo steps -> <root>/norm_stats.json."""
     stats = norm_stats([load_episode(p, parse_states=False) for p in episode_files(root)])
-    _write_atomic(os.path.join(root, "norm_stats.json"), json.dumps(stats, indent=1))
+    write_atomic(os.path.join(root, "norm_stats.json"), json.dumps(stats, indent=1))
     return stats
 
 
@@ -1539,15 +792,12 @@ def _vla_prompt_ids(tok, instruction: str, n_image_tokens: int, image_first: boo
     return tuple(encode_prompt(tok, f"{IMAGE}\n" + VLA_PROMPT.format(instr=instruction), n_image_tokens, image_first))
 
 
-DEMO_CACHE_VERSION = 1  # bump whenever what the demo frame cache holds, or how it is computed, changes
-
-
 def _render_frames(job) -> None:
     """One episode's frames, re-rendered exactly from its stored simulator states, into rows [row, row + T)
     of the demo cache being built in `tmp` (a worker process writes its own rows of the shared .npy maps)."""
     path, row, tmp, image_size, head_size = job
     ep, envs = load_episode(path), {}
-    env = _env(envs, ep["suite"], ep["task_id"], image_size)
+    env = sim_env.cached_env(envs, ep["suite"], ep["task_id"], image_size)
     maps = {k: np.load(os.path.join(tmp, k + ".npy"), mmap_mode="r+") for k in ("rgb", "depth_target", "depth_valid")}
     for t in range(len(ep["actions"])):  # a state per action (sim_states also holds the final one)
         env.set_state(ep["sim_states"][t])
@@ -1562,15 +812,13 @@ def _render_frames(job) -> None:
 def build_demo_cache(ds, cache_dir: str, workers: int = 1) -> dict:
     """Every demo step's frame rendered once into memory-mapped arrays under <cache_dir>/frames-<key> (rgb
     uint8 (N,S,S,3), depth target float16 (N,1,H,H), depth valid (N,)), keyed by the episode files (name,
-    size, mtime), the sizes, the code that fills it (DEMO_CACHE_CODE and the simulator, which renders) and
-    DEMO_CACHE_VERSION; built in a temporary directory by `workers` processes and renamed into place, so a
-    cache is whole or absent -> {name: array}."""
+    size, mtime), the sizes and the code that fills it (DEMO_CACHE_CODE and the simulator, which renders); built
+    in a temporary directory by `workers` processes and renamed into place, so a cache is whole or absent."""
     import hashlib
     import inspect
     import sim_env
     code = code_key(DEMO_CACHE_CODE) + hashlib.sha256(inspect.getsource(sim_env).encode()).hexdigest()[:16]
-    h = hashlib.sha256(json.dumps(dict(version=DEMO_CACHE_VERSION, image_size=ds.cfg.image_size, head_size=ds.head_size,
-                                       code=code)).encode())
+    h = hashlib.sha256(json.dumps(dict(image_size=ds.cfg.image_size, head_size=ds.head_size, code=code)).encode())
     for p in ds.files:
         st = os.stat(p)
         h.update(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -1584,7 +832,7 @@ def build_demo_cache(ds, cache_dir: str, workers: int = 1) -> dict:
             np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dt, shape).flush()
         jobs = [(p, int(ds.offsets[e]), tmp, S, H) for e, p in enumerate(ds.files)]
         try:
-            _run_jobs(_render_frames, jobs, workers, total=len(jobs), desc="demo frames", disable=len(jobs) < 4)
+            run_jobs(_render_frames, jobs, workers, total=len(jobs), desc="demo frames", disable=len(jobs) < 4)
         except BaseException:  # a failed build leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -1626,7 +874,7 @@ class DemoDataset(torch.utils.data.Dataset):
             return (np.array(self.frames["rgb"][k]), torch.from_numpy(np.array(self.frames["depth_target"][k])),
                     bool(self.frames["depth_valid"][k]))
         ep = self.eps[e]
-        env = _env(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
+        env = sim_env.cached_env(self._envs, ep["suite"], ep["task_id"], self.cfg.image_size)
         env.set_state(ep["sim_states"][t])
         obs = env.render()
         return obs["rgb"], depth_target(obs["depth"], self.head_size).half(), bool((obs["depth"] > 0).any())
@@ -1646,13 +894,5 @@ class DemoDataset(torch.utils.data.Dataset):
         return item
 
 
-if __name__ == "__main__":
-    from common import parse_config
-    if sys.argv[1:2] == ["demos"]:
-        st = generate_demos(parse_config(DemoConfig, sys.argv[2:]))
-        print(f"demos: {st['episodes']} episodes, {st['steps']} steps")
-    else:
-        gcfg = parse_config(GenConfig, sys.argv[1:], GEN_PRESETS)
-        st = generate(gcfg)
-        for s, v in st["splits"].items():
-            print(f"{s}: {v['samples']} samples, {v['images']} images, families {v['families']}")
+if __name__ == "__main__":  # the data maker is sim_data.py now (same flags, same bytes)
+    raise SystemExit(f"error: data.py makes no data; run: python sim_data.py {' '.join(sys.argv[1:])}".rstrip())

@@ -5,12 +5,14 @@
     python eval.py vla --ckpt expert --suite all --episodes 50               # reference rows only
     python eval.py rules --data data/tiny --out runs/tiny/rules              # the 2D-rule baseline
 
-Every run writes results.json, results.md and figures (PNG grid RGB | true depth | generated depth;
-GIFs of rollouts) into --out (default: <ckpt>/eval_<split|vla>).
+Every run writes results.json, results.md and figures (PNG grid RGB | true depth | generated depth: depth_grid;
+GIFs of rollouts) into --out (default: <ckpt>/eval_<split|vla>). Any stage checkpoint can be evaluated, so
+the depth a run's head generates can be watched stage by stage (training itself logs only its losses).
 
 Paper -> code map
   VSI-Bench numeric answers, "mean relative accuracy"       mean_relative_accuracy
   grounding: box Acc@IoU>=0.5 / mIoU, point-in-mask         box_iou, point_in_mask (score_answer)
+  greedy answers through the chat template                 answer_questions (GEM.answer)
   yes/no, multiple choice (CV-Bench, EmbSpatial style)      parse_yesno, parse_letter -> exact match
   planning (subtask QA): per-step and whole-plan accuracy   plan_scores
   Fig. 5 "depth generated from the features"                depth_probe: sample the head (or fit one on
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from common import parse_config, require, resolve_device
+from data import IMAGE, answer_of, encode_prompt, question_of, special_ids, to_pixel_values
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing free model text. Every parser returns None on text it cannot read: the caller counts that
@@ -212,7 +215,7 @@ def file_shape(path: str) -> tuple[int, int]:
 
 
 def _region_hit(pt, meta: dict, gt_text: str, shape) -> bool:
-    """Point types: inside the region data.py stores (meta["mask_rle"]: the object's pixels, or the free
+    """Point types: inside the region sim_data.py stores (meta["mask_rle"]: the object's pixels, or the free
     placement area), else within 50 units (5% of the image) of the reference point."""
     if meta.get("mask_rle") is not None and shape is not None:
         from data import rle_decode
@@ -308,7 +311,7 @@ def score_table(rows: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # The 2D-rule baseline: how much of a geometry question a rule answers that sees only the question text
-# and the objects' 2D image boxes (data.py stores them: meta obj_box / ref_box, marked points_px). Each
+# and the objects' 2D image boxes (sim_data.py stores them: meta obj_box / ref_box, marked points_px). Each
 # type has a few candidate rules, their one free number fitted on train; the best on train is scored on
 # the test split with the models' own scorer. A question the rule answers needs no depth.
 
@@ -317,18 +320,14 @@ def _height(b): return max(1.0, b[3] - b[1])
 def _gap(a, b): return max(1.0, math.dist(((a[0] + a[2]) / 2, (a[1] + a[3]) / 2), ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)))
 
 
-def _answer(r): return next((c["value"] for c in r["conversations"] if c["from"] == "gpt"), "")
-def _question(r): return next((c["value"] for c in r["conversations"] if c["from"] == "human"), "")
-
-
 def rule_candidates(typ: str, train: list[dict]) -> dict:
     """{rule name: record -> answer text} for one question type, free numbers fitted on `train`."""
     yn = lambda c: "yes" if c else "no"
-    ans = [parse_number(_answer(r)) or 0.0 for r in train]
+    ans = [parse_number(answer_of(r)) or 0.0 for r in train]
     med = float(np.median(ans)) if ans else 0.0
     by_text = {}
     for r, a in zip(train, ans):
-        by_text.setdefault(_question(r), []).append(a)
+        by_text.setdefault(question_of(r), []).append(a)
     text_med = {q: float(np.median(v)) for q, v in by_text.items()}
     if typ == "closer":  # "is A closer to the camera than B?"
         return {"the object lower in the image is nearer": lambda r: yn(_bottom(r["meta"]["obj_box"]) > _bottom(r["meta"]["ref_box"])),
@@ -343,7 +342,7 @@ def rule_candidates(typ: str, train: list[dict]) -> dict:
         px = (lambda r: _gap(r["meta"]["obj_box"], r["meta"]["ref_box"])) if typ == "distance" else (lambda r: _height(r["meta"]["obj_box"]))
         k = float(np.median([a / px(r) for r, a in zip(train, ans)])) if train else 0.0
         return {"the train median": lambda r: str(round(med)),
-                "the train median for this question text": lambda r: str(round(text_med.get(_question(r), med))),
+                "the train median for this question text": lambda r: str(round(text_med.get(question_of(r), med))),
                 f"{k:.3g} x the {'box centres distance' if typ == 'distance' else 'box height'} in 1/1000 image units":
                     lambda r: str(round(k * px(r)))}
     return {}
@@ -359,21 +358,21 @@ def eval_rules(cfg) -> dict:
     for t in ("closer", "marked", "distance", "height", "fit"):
         train = [r for r in recs["train"] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")]
         test = [r for r in recs[cfg.split] if typ(r) == t and ("obj_box" in r["meta"] or t == "marked")
-                and heldout_tags(dict(meta=r["meta"], question=_question(r), answer=_answer(r)), cfg.data, tags) == ["seen"]]
+                and heldout_tags(dict(meta=r["meta"], question=question_of(r), answer=answer_of(r)), cfg.data, tags) == ["seen"]]
         if not train or not test:
             continue
-        score = lambda fn, rs: float(np.mean([score_answer(KIND[t], fn(r), _answer(r), r["meta"])[0] for r in rs]))
+        score = lambda fn, rs: float(np.mean([score_answer(KIND[t], fn(r), answer_of(r), r["meta"])[0] for r in rs]))
         rules = rule_candidates(t, train)
         fitted = {name: score(fn, train) for name, fn in rules.items()}
         best = max(fitted, key=fitted.get)
         s = score(rules[best], test)
         lo, hi = wilson(s * len(test), len(test))
-        const = constant_answer(KIND[t], [_answer(r) for r in train])
+        const = constant_answer(KIND[t], [answer_of(r) for r in train])
         out["per_type"][t] = {"rule": best, "train": fitted, "score": s, "n": len(test), "lo": lo, "hi": hi,
                               "chance": score(lambda r: const, test)}
     if not out["per_type"] and not any("obj_box" in (r.get("meta") or {}) for r in recs["train"]):
         raise SystemExit(f"error: {cfg.data}/train.jsonl: no record has meta.obj_box (data made before the 2D-rule baseline? "
-                         f"regenerate it with data.py)")
+                         f"regenerate it with sim_data.py)")
     md = [f"# 2D-rule baseline: {cfg.data} ({cfg.split} split)\n", "| type | best rule on train | test score | chance |", "|---|---|---|---|"]
     md += [f"| {t} | {v['rule']} | {_pct(v['score'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] (n={v['n']}) | {_pct(v['chance'])} |"
            for t, v in out["per_type"].items()]
@@ -414,12 +413,44 @@ def fit_probe(head, feats, targets, masks, steps: int, lr: float = 2e-3, bs: int
     return head.eval()
 
 
+@torch.no_grad()
+def depth_grid(gem, head, ds, idx, pad_id, device, path, steps: int, cfg_scale: float):
+    """PNG grid, one row per item ds[i] of idx: RGB | true target | target sampled from the (eval-mode) model's
+    features, the same noise for every head."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from train_pretrain import make_batch
+    b = make_batch(ds, idx, pad_id, head.cfg.modality, device)
+    hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
+    gen = head.sample(hidden.float(), steps=steps, cfg_scale=cfg_scale, generator=torch.Generator(device=device).manual_seed(0))
+    size = max(gem.cfg.image_size, 64)
+    up = lambda x: F.interpolate(x.float().clamp(0, 1), (size, size), mode="nearest").expand(-1, 3, -1, -1)  # (B, 3, size, size)
+    grid = torch.cat([up((b["pixel_values"] + 1) / 2), up(b["target"]), up(gen)], -1)  # (B, 3, size, 3 size): a row per item
+    grid = grid.permute(0, 2, 3, 1).reshape(-1, 3 * size, 3)  # (B size, 3 size, 3): the rows one under the other
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def distinct_frames(records: list[dict], need_depth: bool = True) -> list[int]:
+    """One record index per distinct frame (with depth, if need_depth): a frame carries several questions,
+    and a frame with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
+    seen, idx = set(), []
+    for i, r in enumerate(records):
+        d = r["_depth"]
+        key = (d if os.path.basename(r["_image"]) == os.path.basename(d) else None) if d else \
+            (None if need_depth else r["_image"])
+        if key and key not in seen:
+            seen.add(key)
+            idx.append(i)
+    return idx
+
+
 def depth_probe(gem, head, tc, tok, cfg) -> dict:
     """Depth sampled from the checkpoint's own depth head (if it has one) and from a probe head fitted on
     frozen features with a fixed budget (every checkpoint, so recipes compare on equal terms)."""
     import torch.nn.functional as F
-    from data import GemDataset, special_ids
-    from train_pretrain import build_head, dataset_kw, depth_grid, distinct_frames
+    from data import GemDataset
+    from train_pretrain import build_head, dataset_kw
     pad = special_ids(tok)["pad_id"]
     kw = dataset_kw(tc, gem, tok, max_len=4096)
 
@@ -464,15 +495,25 @@ def depth_probe(gem, head, tc, tok, cfg) -> dict:
             v = np.array([m.get(k, np.nan) for m in ms], float)
             res[name] |= {k: float(np.nanmean(v)), k + "_se": float(np.nanstd(v) / math.sqrt(max(1, np.isfinite(v).sum())))}
         if hd is not None:
-            tc_viz = dataclasses.replace(tc, sample_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
-            depth_grid(gem, hd, test_ds, test_idx[:4], tc_viz, pad, dev, os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"))
+            depth_grid(gem, hd, test_ds, test_idx[:4], pad, dev, os.path.join(cfg.out, f"depth_{name.replace(' ', '_')}.png"),
+                       cfg.sample_steps, cfg.cfg_scale)
     res["note"] = f"probe: fresh {tc.head_size}x{tc.head_size} head fitted {cfg.probe_steps} steps on {len(train_idx)} frozen train frames"
     return res
 
 
+def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers (text) to dataset items' questions, through the chat template and GEM.answer."""
+    if not items:
+        return []
+    prompts = [encode_prompt(tok, IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in items]
+    pixels = to_pixel_values(torch.stack([it["image"] for it in items]))
+    ids = gem.answer(prompts, pixels, max_new_tokens, special_ids(tok)["im_end_id"], batch_size)
+    return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
+
+
 def eval_vlm(cfg) -> dict:
     from data import GemDataset, split_records
-    from train_pretrain import answer_questions, dataset_kw, load_pretrained
+    from train_pretrain import dataset_kw, load_pretrained
     from tqdm import tqdm
     torch.set_num_threads(max(1, cfg.threads))
     gem, head, tok, tc = load_pretrained(cfg.ckpt)
@@ -522,8 +563,8 @@ def eval_vlm(cfg) -> dict:
 
 def heldout_tags(item: dict, root: str, cache: dict) -> list[str]:
     """Test-split parts: a held-out question template (meta flag); a held-out colour x shape combination
-    (data.HELDOUT_COMBOS, never in train/val) in the scene (states/<frame>.json) or named in the text; else "seen"."""
-    from data import HELDOUT_COMBOS
+    (sim_data.HELDOUT_COMBOS, never in train/val) in the scene (states/<frame>.json) or named in the text; else "seen"."""
+    from sim_data import HELDOUT_COMBOS
     frame = item["meta"].get("frame")
     if frame not in cache:
         path = os.path.join(root, "states", f"{frame}.json")

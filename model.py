@@ -399,27 +399,14 @@ class LanguageModel(nn.Module):
                 nxt = logits.argmax(-1)
             nxt = nxt.masked_fill(done, pad_id)
             out.append(nxt)
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-                if done.all():
-                    break
-            if step == max_new_tokens - 1:
+            done = done | (nxt == eos_id) if eos_id is not None else done
+            if (eos_id is not None and done.all()) or step == max_new_tokens - 1:  # every row ended, or the last token
                 break
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             h, _ = self(nxt[:, None], attention_mask=mask, cache=cache)  # one token, attends to the cache
             logits = self.unembed(h[:, -1])
         return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=x.device)
-
-
-def _init_weights(module):
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,7 +429,11 @@ class GEM(nn.Module):
         self.vit = VisionEncoder(cfg)
         self.merger = Merger(cfg.vit_dim, cfg.dim, cfg.merge, cfg.vit_eps)
         self.llm = LanguageModel(cfg)
-        _init_weights(self)
+        for m in self.modules():  # N(0, 0.02) weights, zero biases (GPT-2 style)
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def embed(self, input_ids, pixel_values):
         """Token embeddings with the merged visual tokens spliced in at the <|image_pad|> positions."""

@@ -8,7 +8,7 @@
 Steps (each a subprocess of the owning script; a rerun skips a step whose `.done` marker holds the same argv
 and code hash and redoes the rest, moving their old folders aside; an interrupted training step with the same
 argv and code resumes with --resume):
-  data.py (VLM data, demos), eval.py rules (the 2D-rule baseline) -> per seed: train_pretrain.py base
+  sim_data.py (VLM data, demos), eval.py rules (the 2D-rule baseline) -> per seed: train_pretrain.py base
   (stage 0, on its own --base_share of the train scenes) -> recipes sft, gem, rgb, direct, regress, blind (sft
   on grey images) on the other scenes -> train_vla.py on sft (no depth loss) and on gem (depth loss x0.1) ->
   eval.py vlm on every recipe, eval.py vla on both VLAs, plus the scripted-expert and random-policy rows ->
@@ -67,7 +67,7 @@ class ReproConfig:
     vlm_eval: str = ""          # extra eval.py vlm flags, space separated
     pretrain_flags: str = ""    # extra train_pretrain.py flags for every recipe, e.g. "--steps3=100"
     vla_flags: str = ""         # extra train_vla.py flags
-    data_flags: str = ""        # extra data.py flags (VLM data)
+    data_flags: str = ""        # extra sim_data.py flags (VLM data)
     workers: int = 2            # processes simulating: VLM data, demos, VLA rollouts
     jobs: int = 2               # steps run at once
     threads: int = 1            # torch threads per training step
@@ -80,7 +80,7 @@ PRESETS = {
     # (where the recipes differ) all 300 steps, and the VLAs learn the goal suite only (trained on all 40 tasks, a 300-step tiny VLA succeeds on none of them)
     # (regress is left out of tiny's default to make room for the blind baseline: --recipes to add it)
     "tiny": dict(recipes="sft,gem,rgb,direct,blind", demos_per_task=20, episodes=5, ref_episodes=10, vlm_eval="--depth_frames=32 --probe_steps=100",
-                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0 --val_gen=32",
+                 pretrain_flags="--steps0=100 --steps1=30 --steps2=60 --steps3=300 --eval_every=0",
                  vla_suites="goal", vla_flags="--steps=300"),
     # small: one GPU and its CPU cores: three steps share the GPU (a width-512 model leaves it idle between kernels)
     # while 8 processes simulate (data, demos, rollouts; each rollout worker has its policy on the GPU); target <= 8 min
@@ -102,8 +102,8 @@ def plan(c: ReproConfig) -> list[dict]:
 
     def add(name, out, argv, deps=()):
         steps.append(dict(name=name, out=out, argv=[py] + argv, deps=list(deps)))
-    add("data", D, ["data.py", f"--out={D}", f"--preset={p}", f"--workers={c.workers}"] + c.data_flags.split())
-    add("demos", demos, ["data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}", f"--workers={c.workers}"] + etasks)
+    add("data", D, ["sim_data.py", f"--out={D}", f"--preset={p}", f"--workers={c.workers}"] + c.data_flags.split())
+    add("demos", demos, ["sim_data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}", f"--workers={c.workers}"] + etasks)
     add("rules", f"{R}/rules", ["eval.py", "rules", f"--data={D}", f"--out={R}/rules"], ["data"])
     split = 1.0 - c.base_share  # recipes: scenes [0, split * share); stage 0: [split, 1)
     base_scenes = [f"--scenes={split:.6g}:1"] if c.base_share else []
@@ -315,7 +315,7 @@ TYPES = GEOMETRY + ["rel_yn", "rel_mc", "count", "place", "box", "next_step"]  #
 MIN_SEEDS = 3
 
 
-def _load(path):
+def load_json(path):
     with open(path) as f:
         return json.load(f)
 
@@ -550,7 +550,7 @@ def speed(runs: dict[str, str], every: dict[str, str] | None = None) -> str:
 
 
 def _done(path):  # a finished step's results.json, or None while the step has not finished (a partial page)
-    return _load(path) if os.path.isfile(path) else None
+    return load_json(path) if os.path.isfile(path) else None
 
 
 def collect(c: ReproConfig) -> dict:
@@ -583,7 +583,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
     t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
     t3 = ["spatial", "object", "goal", "long", "avg", "subgoals on long"]
     try:  # the commit that trained the models (stage 0's run.json), not the one writing this page
-        commit = _load(f"{S[0]}/base/run.json")["git_commit"][:7]
+        commit = load_json(f"{S[0]}/base/run.json")["git_commit"][:7]
     except (OSError, KeyError, ValueError):
         commit = "unknown"
     import torch

@@ -26,7 +26,7 @@ Conventions
   reset options: {"start_id": k} fixed eval start state, {"state": d} restore, {"heldout": True} instruction
     from the held-out paraphrase. augment=True: per-episode colour / light / camera jitter (its own random
     stream: the scene is the same). A state's "aug" may set any of gain, cam, look, fov, light, ambient
-    (data.py draws a whole new camera per VLM image this way). render_images=False: state-only observations (fast expert rollouts).
+    (sim_data.py draws a whole new camera per VLM image this way). render_images=False: state-only observations (fast expert rollouts).
   seeds: a scene is drawn from default_rng([suite index, task id, seed]). Training uses seeds in
     [0, TRAIN_SEEDS); the 50 evaluation start states use seeds EVAL_SEED_BASE + k (kept only where the
     expert succeeds; the kept seeds are cached in sim_eval_starts.json, regenerated if missing).
@@ -908,7 +908,7 @@ EVAL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim_eval_s
 _EVAL_CACHE = {}
 
 
-def _generate_eval_seeds(suite, task_id):
+def generate_eval_seeds(suite, task_id):
     """The first N_EVAL seeds from EVAL_SEED_BASE on whose scene the expert solves (no rendering)."""
     env, seeds, k = TabletopEnv(suite, task_id, render_images=False), [], EVAL_SEED_BASE
     while len(seeds) < N_EVAL:
@@ -931,7 +931,7 @@ def eval_seeds(suite, task_id):
             _EVAL_CACHE.update(json.load(f))
     key = f"{suite}/{task_id}"
     if key not in _EVAL_CACHE:
-        _EVAL_CACHE[key] = _generate_eval_seeds(suite, task_id)
+        _EVAL_CACHE[key] = generate_eval_seeds(suite, task_id)
     return list(_EVAL_CACHE[key])
 
 
@@ -943,6 +943,16 @@ def eval_start_states(suite, task_id):
         env.reset(options={"start_id": k})
         out.append(env.get_state())
     return out
+
+
+# ----------------------------------------------------------------------------- env construction for rendering
+def cached_env(cache: dict, suite, task_id, image_size, render=True):
+    """The TabletopEnv of (suite, task, image size, render) from `cache`, built on first use: the data makers
+    and the VLA's frame rendering restore many states of the same few tasks, and one env serves them all."""
+    key = (suite, task_id, image_size, render)
+    if key not in cache:
+        cache[key] = TabletopEnv(suite, task_id, image_size=image_size, render_images=render)
+    return cache[key]
 
 
 # ----------------------------------------------------------------------------- gymnasium wrapper (lazy import)

@@ -85,7 +85,7 @@ EXERCISES = {
     "connector": _ex("small", ["depth_head.py"], depends=_t(
         "test_depth_head.py", *HEAD_TESTS, "test_drop_rate_and_null_condition_match_the_sampler",
         "test_invalid_samples_contribute_nothing", "test_regress_learns_with_the_right_sign")),
-    "depth_target": _ex("small", ["data.py"]),
+    "depth_target": _ex("small", ["data.py"], depends=_t("test_eval.py", "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on")),
     "flow_pair": _ex("small", ["depth_head.py"], depends=_t(
         "test_depth_head.py", *HEAD_TESTS, "test_drop_rate_and_null_condition_match_the_sampler",
         "test_invalid_samples_contribute_nothing", "test_flow_convention_analytic")),
@@ -95,10 +95,12 @@ EXERCISES = {
                depends=_t("test_depth_head.py", *HEAD_TESTS)),
     "wilson": _ex("small", ["eval.py"], depends=_t(
         "test_eval.py", "test_wilson_hand_cases", "test_eval_rules_on_generated_data_scores_the_best_train_rule",
-        "test_expert_reference_row_smoke", "test_score_table_macro_and_chance", "test_summarise_vla_rates")),
+        "test_expert_reference_row_smoke", "test_score_table_macro_and_chance", "test_summarise_vla_rates",
+        "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on")),
     "mra": _ex("small", ["eval.py"], depends=_t(
         "test_eval.py", "test_mean_relative_accuracy_hand_cases", "test_score_answer_per_kind",
-        "test_eval_rules_on_generated_data_scores_the_best_train_rule", "test_parsers_malformed_do_not_crash_and_count_wrong")),
+        "test_eval_rules_on_generated_data_scores_the_best_train_rule", "test_parsers_malformed_do_not_crash_and_count_wrong",
+        "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on")),
     "flow_loss": _ex("small", ["train_vla.py"], uses=["flow_pair"]),
     # medium: a module swapped into the reference model, checked against a stored snapshot + properties
     "vit_block": _ex("medium", ["model.py"], uses=["attention"], snapshot_files=["model.py"],
@@ -129,7 +131,8 @@ FULL_DEPENDS = {
                        "test_demo_dataset_and_obs_to_inputs_match_the_policy_path",
                        "test_demo_frame_cache_equals_rendering_and_follows_the_files",
                        "test_depth_mask_keeps_cells_at_least_half_valid", "test_depth_target_matches_independent_formula",
-                       "test_every_reference_answer_scores_one_in_eval", "test_gem_dataset_on_micro_data")
+                       "test_gem_dataset_on_micro_data")
+    + _t("test_sim_data.py", "test_every_reference_answer_scores_one_in_eval")
     + _t("test_gem250k.py", "test_split_of_one_file_and_items", "test_train_on_the_released_file")
     + _t("test_hf.py", "test_hf_preset_end_to_end")
     + _t("test_train_pretrain.py", "test_checkpoint_of_another_shape_and_nan_stop",

@@ -1,6 +1,6 @@
 """GEM-mini pretraining: stage 0 (the base VLM) and GEM's progressive stages 1-3, with the paper's ablations.
 
-Run (the run directory --out gets run.json, log.jsonl, stage<k>/ checkpoints and depth_*.png):
+Run (the run directory --out gets run.json, log.jsonl and stage<k>/ checkpoints; eval.py vlm answers and draws):
     python train_pretrain.py --preset=tiny --recipe=base --data=data/gem-mini --out=runs/tiny/base
     python train_pretrain.py --preset=tiny --recipe=gem --init=runs/tiny/base --out=runs/tiny/gem
     torchrun --nproc_per_node=2 train_pretrain.py ...        # DDP (gloo on CPU, nccl on GPU)
@@ -47,13 +47,11 @@ import gc
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -61,7 +59,7 @@ import torch.nn.functional as F
 
 import data as D
 from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
-                    lr_at, parse_config, peak_tflops, record_run, require, setup_dist, vlm_flops)
+                    lr_at, parse_config, peak_tflops, record_run, require, run_log, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, DepthHeadConfig, GenerativeHead, draw_noise
 from hf import gem_from_hf
 from model import GEM, MODEL_PRESETS, GEMConfig, load_tensors
@@ -119,11 +117,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100            # 0 = only at the end of each stage
     val_batches: int = 4             # validation losses on val_batches * batch_size records spread over the split
-    val_gen: int = 64                # validation questions answered greedily at each evaluation
-    viz_every: int = 100
     ckpt_every: int = 100
-    sample_steps: int = 30           # Euler steps of the depth sampler (paper: 30, CFG 5)
-    cfg_scale: float = 5.0
     device: str = "auto"             # auto | cpu | cuda
     compile: bool = False
     peak_tflops: float = 0.0         # MFU denominator per GPU; 0 = from the GPU's name (PEAK_BF16_TFLOPS)
@@ -135,26 +129,20 @@ class TrainConfig:
 PRESETS = {  # model sizes from model.MODEL_PRESETS (flat keys: parse_config routes them to TrainConfig.model)
     # micro: seconds, for the tests
     "micro": dict(MODEL_PRESETS["micro"], image_size=64, head_width=16, cond_dim=16, head_size=16, steps0=4, steps1=2,
-                  steps2=2, steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, val_gen=4, viz_every=0,
-                  ckpt_every=0, sample_steps=2),
+                  steps2=2, steps3=4, batch_size=4, log_every=1, eval_every=0, val_batches=1, ckpt_every=0),
     # tiny: 2-core CPU, a few minutes per recipe (see "Making tiny learn" above)
     "tiny": dict(MODEL_PRESETS["tiny"]),  # = the dataclass defaults
     # small: one GPU. A step costs ~46 GFLOP per sample (69 with the head; stages 1-2: 39), so the step counts
     # fit reproduce.py's 8 minutes: ~75 PFLOP for stage 0, six recipes and two VLAs, ~5 min at 250 TFLOP/s.
-    # Epochs over data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
-    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150,
-                  steps2=500, steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, viz_every=500,
-                  ckpt_every=500, val_gen=256, max_len=320),
+    # Epochs over sim_data.py's small split: stage 0 ~19 (3.3k captions), stage 3 ~3.4 (28k samples)
+    "small": dict(MODEL_PRESETS["small"], head_width=128, cond_dim=256, head_size=64, steps0=1000, steps1=150, steps2=500,
+                  steps3=1500, lr0=1e-3, lr3=3e-4, batch_size=64, workers=2, eval_every=500, ckpt_every=500, max_len=320),
     # hf: SigLIP + Qwen3 from local safetensors (--hf_vision, --hf_llm): every model size, the image size and
     # the pixel normalisation come from their configs (build_gem). head_size must be the token grid times a
     # power of two: 56 fits siglip-base-patch16-224 (grid 7) and siglip-so400m-patch14-384 (27 patches, grid 14)
-    "hf": dict(head_width=128, cond_dim=512, head_size=56, steps0=2000, steps1=500,
-               steps2=2000, steps3=6000, lr0=1e-4, lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4,
-               workers=6, eval_every=1000, viz_every=1000, ckpt_every=500, val_gen=128, max_len=512),
+    "hf": dict(head_width=128, cond_dim=512, head_size=56, steps0=2000, steps1=500, steps2=2000, steps3=6000, lr0=1e-4,
+               lr1=1e-4, lr2=1e-4, lr3=1e-5, batch_size=16, grad_accum=4, workers=6, eval_every=1000, ckpt_every=500, max_len=512),
 }
-# what --resume may change: how the run is watched and where it runs, never what it computes (common.record_run)
-RESUME_MAY_CHANGE = {"resume", "log_every", "eval_every", "val_batches", "val_gen", "viz_every", "ckpt_every", "sample_steps",
-                     "cfg_scale", "device", "compile", "peak_tflops", "threads", "workers", "stop_after", "cache", "cache_dir"}
 RECIPES = {"base": [0], "sft": [3], "gem": [1, 2, 3], "rgb": [1, 2, 3], "direct": [3], "regress": [1, 2, 3]}
 
 # GEM's progressive training (PAPER.md "Training"): the parts each stage trains and the losses it uses.
@@ -247,7 +235,8 @@ def load_pretrained(ckpt_dir: str, device="cpu"):
     if meta.get("head") is not None:
         check_flow_convention(path)
     gem, extra = GEM.from_pretrained(path, return_extra=True)
-    tc = config_from_dict(TrainConfig, meta["train"], meta_file)
+    old = ("val_gen", "viz_every", "sample_steps", "cfg_scale")  # earlier versions' flags for what training printed and drew
+    tc = config_from_dict(TrainConfig, {k: v for k, v in meta["train"].items() if k not in old}, meta_file)
     head = None
     if meta.get("head") is not None:
         head = GenerativeHead(config_from_dict(DepthHeadConfig, meta["head"], meta_file))
@@ -263,19 +252,6 @@ def save_stage(path, gem, head, tc, tok_path, stage, step, opt, done, data_pos):
     state = dict(stage=stage, step=step, done=done, data_position=data_pos, optimizer=opt.state_dict())
     gem.save_pretrained(path, extra_tensors=extra, flow_convention=FLOW_CONVENTION if head is not None else None,
                         json_files={"pretrain.json": meta}, copy_files={"tokenizer.json": tok_path}, train_state=state)
-
-
-def scene_range(text: str):
-    """--scenes "lo:hi" -> (lo, hi) fractions, or None for every scene."""
-    if not text:
-        return None
-    try:
-        lo, hi = (float(x) for x in text.split(":"))
-    except ValueError:
-        lo = hi = -1.0
-    if not 0 <= lo < hi <= 1:
-        die(f"--scenes={text}: expected lo:hi with 0 <= lo < hi <= 1, e.g. 0:0.5")
-    return lo, hi
 
 
 def trainable(gem: GEM, head, stage: int, head_trained: bool, log) -> list:
@@ -347,9 +323,7 @@ class Bundle(nn.Module):
 
 
 def head_flops(head: GenerativeHead, c, cond_grad: bool, device) -> float:
-    """The head's FLOPs per sample in a training step (forward + backward; MFU), counted on one blank sample
-    through the eager head (its maps have a fixed size): cond_grad when the VLM trains, so the condition
-    needs a gradient. Fixed draws (t, noise, no CFG drop): no RNG is touched."""
+    """The head's FLOPs per sample in a step (MFU): one blank sample through the eager head, fixed draws."""
     h = torch.zeros(1, c.n_image_tokens, c.dim, device=device, requires_grad=cond_grad)  # (1, N, D) image_hidden
     x0 = torch.zeros(1, head.cfg.channels, head.cfg.out_size, head.cfg.out_size, device=device)  # (1, C, S, S)
     draws = (torch.full((1,), 0.5), torch.zeros_like(x0), torch.ones(1))
@@ -357,7 +331,7 @@ def head_flops(head: GenerativeHead, c, cond_grad: bool, device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: the datasets' settings and the batches a stage trains on (the sampler and loader: data.StepItems)
+# Data: the datasets' settings, the batches a stage trains on (the sampler and loader: data.StepItems), validation
 
 def dataset_kw(tc: TrainConfig, gem: GEM, tok, **over) -> dict:
     """GemDataset's settings for a model and a run's TrainConfig (training, evaluation and the depth probe)."""
@@ -394,35 +368,17 @@ def host_chunks(items: list, pad_id: int, modality: str, noise: tuple | None = N
     return [host_batch(ch, pad_id, modality, noise) for ch in D.length_chunks(items)]
 
 
-def spread(n: int, k: int) -> list[int]:
-    """k indices evenly spread over range(n) (validation samples: every part of the split, not its start)."""
-    return sorted({int(j) for j in np.linspace(0, n - 1, min(k, n))}) if n else []
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation: losses, greedy answers (exact match per type), depth visualisation
-
-def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers (text) to dataset items' questions, through the chat template and GEM.answer."""
-    sid = D.special_ids(tok)
-    prompts = [D.encode_prompt(tok, D.IMAGE + "\n" + it["question"], gem.cfg.n_image_tokens, image_first) for it in items]
-    pixels = D.to_pixel_values(torch.stack([it["image"] for it in items])) if items else None
-    ids = gem.answer(prompts, pixels, max_new_tokens, sid["im_end_id"], batch_size) if items else []
-    return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
-
-
 @torch.no_grad()
 def validate(gem, head, ds, tc, stage, pad_id, device, amp):
     """Validation losses on a fixed spread sample of the split, with fixed flow noise and no CFG drop (the
-    models are in eval mode), so curves are comparable; plus greedy answers when the stage trains text."""
-    was_training = gem.training, head.training if head is not None else False
-    gem.eval()
-    if head is not None:
-        head.eval()
+    models are in eval mode), so curves are comparable (eval.py answers the questions and draws the depth)."""
+    modes = [(m, m.training) for m in (gem, head) if m is not None]
+    for m, _ in modes:
+        m.eval()
     losses = STAGES[stage]["losses"]
     modality = head.cfg.modality if head is not None else "depth"
     text_sum = n_tok = flow_sum = n_flow = 0.0
-    idx = spread(len(ds), tc.val_batches * tc.batch_size)
+    idx = D.spread(len(ds), tc.val_batches * tc.batch_size)
     for s in range(0, len(idx), tc.batch_size):
         b = make_batch(ds, idx[s:s + tc.batch_size], pad_id, modality, device)
         with amp:
@@ -437,66 +393,9 @@ def validate(gem, head, ds, tc, stage, pad_id, device, amp):
     res = {"val_text": text_sum / max(n_tok, 1)}  # per answer token whatever --loss_norm: comparable across runs
     if n_flow:
         res["val_flow"] = flow_sum / n_flow
-    if tc.val_gen and "text" in losses:
-        res.update(val_answers(gem, ds, tc))
-    gem.train(was_training[0])
-    if head is not None:
-        head.train(was_training[1])
+    for m, was in modes:
+        m.train(was)
     return res
-
-
-@torch.no_grad()
-def val_answers(gem, ds, tc, show=2):
-    """Greedy answers to val_gen questions spread over the split: exact match per type (eval.py does real metrics)."""
-    qs = [i for i, r in enumerate(ds.records) if r["task"] != "depth"]
-    items = [ds[qs[j]] for j in spread(len(qs), tc.val_gen)]
-    answers = answer_questions(gem, ds.tok, items, tc.image_first, tc.batch_size, max_new_tokens=48)
-    hits, counts = {}, {}
-    for it, ans in zip(items, answers):
-        key = f"{it['task']}/{it['type']}"
-        counts[key] = counts.get(key, 0) + 1
-        hits[key] = hits.get(key, 0) + int(ans == str(it["answer"]).strip())
-    res = {f"acc/{k}": hits[k] / counts[k] for k in sorted(counts)}
-    res["val_samples"] = [f"Q: {it['question'].replace(D.IMAGE, '').strip()} | A: {a} | true: {it['answer']}"
-                          for it, a in list(zip(items, answers))[:show]]
-    return res
-
-
-def distinct_frames(records: list[dict], need_depth: bool = True) -> list[int]:
-    """One record index per distinct frame (with depth, if need_depth): a frame carries several questions,
-    and a frame with drawn markers (its own image file beside the frame's depth map) is not a frame of its own."""
-    seen, idx = set(), []
-    for i, r in enumerate(records):
-        d = r["_depth"]
-        key = (d if os.path.basename(r["_image"]) == os.path.basename(d) else None) if d else \
-            (None if need_depth else r["_image"])
-        if key and key not in seen:
-            seen.add(key)
-            idx.append(i)
-    return idx
-
-
-@torch.no_grad()
-def depth_grid(gem, head, ds, idx, tc, pad_id, device, path):
-    """PNG grid, one row per item ds[i] of idx: RGB | true target | target sampled from the current features."""
-    from PIL import Image
-    was_training = gem.training
-    gem.eval()
-    b = make_batch(ds, idx, pad_id, head.cfg.modality, device)
-    hidden = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])["image_hidden"]
-    gen = head.sample(hidden.float(), steps=tc.sample_steps, cfg_scale=tc.cfg_scale,
-                      generator=torch.Generator(device=device).manual_seed(0))
-    size = max(gem.cfg.image_size, 64)
-
-    def img(x):  # (C,S,S) in [0,1] -> (size,size,3) uint8
-        x = F.interpolate(x[None].float().clamp(0, 1), (size, size), mode="nearest")[0]
-        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-        return (x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    rows = [np.concatenate([img((b["pixel_values"][i] + 1) / 2), img(b["target"][i]), img(gen[i])], 1)
-            for i in range(len(gen))]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
-    gem.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -538,22 +437,13 @@ def train_step(model, has_head, host, params, stage, step, tc, ddp, device, amp,
 
 
 def after_step(stage, step, total, gem, head, val, tc, tok_path, ctx, opt, params, gbatch, amp):
-    """Validation, the depth grid and checkpoints, each on its own schedule; -> True to stop (--stop_after)."""
+    """Validation and checkpoints, each on its own schedule; -> True to stop (--stop_after)."""
     rank, device, log, logf, ckpt = ctx["rank"], ctx["device"], ctx["log"], ctx["logf"], ctx["ckpt"]
     last = step == total
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     if rank == 0 and ((tc.eval_every and step % tc.eval_every == 0) or last):
         res = validate(gem, head, val, tc, stage, pad_id, device, amp)
         logf(dict(stage=stage, step=step, **res))
-        for s in res.pop("val_samples", []):
-            log("  " + s)
-    if (rank == 0 and head is not None and "flow" in STAGES[stage]["losses"]
-            and ((tc.viz_every and step % tc.viz_every == 0) or last)):
-        png = os.path.join(tc.out, f"depth_stage{stage}_step{step:06d}.png")
-        frames = distinct_frames(val.records, need_depth=head.cfg.modality == "depth")
-        if frames:  # data without depth has nothing to show a depth head against
-            depth_grid(gem, head, val, [frames[j] for j in spread(len(frames), 4)], tc, pad_id, device, png)
-            shutil.copyfile(png, os.path.join(tc.out, "depth_latest.png"))
     ctx["steps_run"] += 1
     stop = bool(tc.stop_after and ctx["steps_run"] >= tc.stop_after)
     if (tc.ckpt_every and step % tc.ckpt_every == 0) or last or stop:
@@ -576,29 +466,27 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     modality = head.cfg.modality if head is not None else "depth"
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
     fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
-    ds_kw = dataset_kw(tc, gem, ctx["tok"], families=fams)
+    make = lambda f: tuple(D.GemDataset(tc.data, split, scenes=D.parse_scenes(tc.scenes) if split == "train" else None,  # noqa: E731
+                                        **dataset_kw(tc, gem, ctx["tok"], families=f)) for split in ("train", "val"))
     if ddp and rank:
         dist.barrier()  # rank 0 builds the decode-once caches; the others then read them (one build, not one per rank)
-    ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+    ds, val = make(fams)
     if ddp and not rank:
         dist.barrier()
     if stage == 0 and not len(ds):  # data without a caption family (released GEM-250K): stage 0 trains on everything
-        ds_kw["families"] = None
-        ds, val = D.GemDataset(tc.data, "train", scenes=scene_range(tc.scenes), **ds_kw), D.GemDataset(tc.data, "val", **ds_kw)
+        ds, val = make(None)
         log("stage 0: no caption records in the data: training on every record")
     one_file = tc.data.endswith(".jsonl")  # then both splits read (and skip in) the same file
     log(f"data: {tc.data}: train {len(ds)} records, val {len(val)}"
         + (f" (val = the records of every {D.HOLDOUT_EVERY}th image of the file)" if one_file else "")
         + f"; without depth (depth loss masked): {ds.no_depth} train, {val.no_depth} val"
-        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped + (D.Counter() if one_file else val.skipped)).items())))
-    for split, d in (("train", ds), ("val", val)):
-        if d.too_long[0]:
-            log(f"warning: {d.too_long[0]} {split} records are longer than --max_len={tc.max_len} tokens (the longest "
-                f"{d.too_long[1]}): left out, not cut; raise --max_len to train on them")
-    if not ds.n_read:
-        die(f"--data={tc.data}: its train split holds no records")
-    if not len(ds):
-        die(f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
+        + "".join(f"; skipped ({why}): {n}" for why, n in sorted((ds.skipped if one_file else ds.skipped + val.skipped).items())))
+    if ds.too_long[0] or val.too_long[0]:  # (DESIGN: a record over the cap is a warning with counts)
+        log(f"warning: {ds.too_long[0]} train and {val.too_long[0]} val records are longer than --max_len={tc.max_len} "
+            f"(the longest {max(ds.too_long[1], val.too_long[1])} tokens): left out, not cut; raise --max_len to keep them")
+    if not len(ds):  # the data's fault, or the filters'
+        die(f"--data={tc.data}: its train split holds no records" if not ds.n_read else
+            f"--scenes={tc.scenes} --families={tc.families}: no train records left in {tc.data}")
     gc.freeze()  # the records live all run: the collector's rescans of them cost ~1/4 of the data path (bench_data.py)
     params = trainable(gem, head, stage, head_trained, log)
     # fused on a GPU: the update of every tensor in a few kernels instead of a dozen per tensor group
@@ -676,7 +564,7 @@ def main(argv=None):
     if tc.recipe not in RECIPES:
         die(f"unknown --recipe={tc.recipe!r}; valid: {', '.join(RECIPES)}")
     require(tc, batch_size=1, grad_accum=1, steps0=0, steps1=0, steps2=0, steps3=0, log_every=1, eval_every=0, val_batches=0,
-            val_gen=0, viz_every=0, ckpt_every=0, sample_steps=1, max_len=1, head_size=1, workers=0, threads=0, stop_after=0)
+            ckpt_every=0, max_len=1, head_size=1, workers=0, threads=0, stop_after=0)
     if tc.loss_norm not in ("token", "sample"):
         die(f"unknown --loss_norm={tc.loss_norm!r}; valid: token, sample")
     if tc.recipe != "base" and not tc.init:
@@ -699,18 +587,7 @@ def main(argv=None):
 def train(tc: TrainConfig, stages: list):
     device, rank, world, ddp = setup_dist(tc)
     os.makedirs(tc.out, exist_ok=True)
-    logpath = os.path.join(tc.out, "log.jsonl")
-
-    def logf(rec):
-        if rank == 0:
-            with open(logpath, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def log(msg):
-        if rank == 0:
-            print(msg, flush=True)
-            logf({"msg": msg})
-
+    logf, log = run_log(tc.out, rank)
     torch.manual_seed(tc.seed)
     if tc.recipe == "base":
         tok_path = os.path.join(tc.hf_llm or D.data_dir(tc.data), "tokenizer.json")  # hf: the Qwen3 tokenizer
@@ -741,10 +618,8 @@ def train(tc: TrainConfig, stages: list):
         check_flow_convention(hpath)
         load_head(head, load_checkpoint(hpath)[0], os.path.join(hpath, "model.safetensors"))
         head_trained = True
-    gem.to(device)
-    if head is not None:
-        head.to(device)
-    record_run(tc.out, tc, RESUME_MAY_CHANGE, write=rank == 0, recipe=tc.recipe, stages=stages, final=f"stage{stages[-1]}",
+    gem, head = gem.to(device), head.to(device) if head is not None else None
+    record_run(tc.out, tc, {"val_batches", "cache"}, write=rank == 0, recipe=tc.recipe, stages=stages, final=f"stage{stages[-1]}",
                git_commit=git_commit(), world_size=world, device=str(device))
     ctx = dict(device=device, rank=rank, world=world, ddp=ddp, log=log, logf=logf, tok=tok, steps_run=0)
     for stage in stages:

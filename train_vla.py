@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import data as D
 from common import (all_sum, config_from_dict, config_to_dict, die, git_commit, load_checkpoint, layer_flops,
-                    lr_at, parse_config, peak_tflops, record_run, require, setup_dist, vlm_flops)
+                    lr_at, parse_config, peak_tflops, record_run, require, run_log, setup_dist, vlm_flops)
 from depth_head import FLOW_CONVENTION, euler_sample, flow_pair, timestep_embedding
 from model import RMSNorm, load_tensors
 from train_pretrain import check_flow_convention, load_pretrained, resolve_ckpt
@@ -167,7 +167,7 @@ def flow_matching_loss(expert, ctx, actions, state, action_mask, repeats: int = 
 class VLAConfig:
     preset: str = "tiny"
     init: str = ""                  # pretraining run or stage directory (train_pretrain.py), required
-    demos: str = "data/demos"       # demo episodes (python data.py demos ...)
+    demos: str = "data/demos"       # demo episodes (python sim_data.py demos ...)
     out: str = "runs/tiny/vla"      # run directory: run.json, log.jsonl, ckpt/
     resume: bool = False            # continue <out>/ckpt exactly (model, optimizer, step; data order and noise are per-step seeded)
     tasks: str = ""                 # "goal" (a suite), "spatial:0,goal:3" (tasks): train on those only; "" = every demo
@@ -211,9 +211,6 @@ class VLAConfig:
     stop_after: int = 0             # stop (with a checkpoint) after this many steps of this invocation; 0 = never
 
 
-# what --resume may change: how the run is watched and where it runs, never what it computes (common.record_run)
-RESUME_MAY_CHANGE = {"resume", "log_every", "eval_every", "ckpt_every", "device", "compile", "peak_tflops", "threads", "workers",
-                     "render_workers", "cache_dir", "stop_after"}
 PRESETS = {
     "micro": dict(horizon=4, expert_dim=32, expert_heads=2, expert_blocks=0, steps=6, batch_size=4, depth_batch=0,
                   flow_repeats=2, log_every=1, eval_every=3, ckpt_every=3, val_max=8),
@@ -376,9 +373,8 @@ def build_optimizer(model: GEMVLA, cfg: VLAConfig, fused: bool = False):
 def split_demos(ds, tasks: str, val_episodes: int):
     """Dataset indices -> (train, val): keep --tasks ("goal" = a whole suite, "spatial:3" = one task, comma
     separated; "" = all), and hold out each task's last `val_episodes` episodes."""
-    want = [t for t in tasks.split(",") if t]
     try:
-        keep = [(t.split(":")[0], int(t.split(":")[1]) if ":" in t else None) for t in want]
+        keep = [(t.split(":")[0], int(t.split(":")[1]) if ":" in t else None) for t in tasks.split(",") if t]
     except ValueError:
         die(f"--tasks={tasks!r}: expected suite or suite:task_id items, e.g. goal or spatial:0,goal:3")
     by_task = {}
@@ -417,7 +413,7 @@ def main(argv=None):
     require(cfg, batch_size=1, steps=1, horizon=1, flow_steps=1, flow_repeats=1, replan_k=1, log_every=1, eval_every=0,
             ckpt_every=0, depth_batch=0, val_episodes=0, val_max=0, workers=0, threads=0, stop_after=0)
     if not os.path.isdir(cfg.demos):
-        die(f"--demos={cfg.demos}: no such directory (expert demos: python data.py demos --out=DIR)")
+        die(f"--demos={cfg.demos}: no such directory (expert demos: python sim_data.py demos --out=DIR)")
     device, rank, world, ddp = setup_dist(cfg)
     if cfg.batch_size % world:
         die(f"--batch_size={cfg.batch_size} is not divisible by the {world} DDP processes")
@@ -425,13 +421,9 @@ def main(argv=None):
     if os.path.isdir(ckpt) and not cfg.resume:
         die(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
-    record_run(cfg.out, cfg, RESUME_MAY_CHANGE, write=rank == 0, recipe="vla", final="ckpt", init=cfg.init,
+    record_run(cfg.out, cfg, {"render_workers"}, write=rank == 0, recipe="vla", final="ckpt", init=cfg.init,
                git_commit=git_commit(), world_size=world, device=str(device))  # a changed run is refused here
-
-    def logf(rec):
-        if rank == 0:
-            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    logf, log = run_log(cfg.out, rank)
 
     # the VLM (and its generative head) from pretraining; the tokenizer travels with the checkpoint
     torch.manual_seed(cfg.seed)  # the expert's initial weights
@@ -488,8 +480,7 @@ def main(argv=None):
                f"{len(model.expert.blocks) - 1}), VLM {n_vlm / 1e6:.2f}M {'frozen' if cfg.freeze_vlm else 'trained'}, "
                f"depth loss {'x%g' % cfg.depth_weight if model.head is not None else 'off'}; {len(train_idx)} train / "
                f"{len(val_idx)} val chunks" + (f"; resumed at step {step}" if step else ""))
-        print(msg, flush=True)
-        logf({"msg": msg})
+        log(msg)
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc="vla", dynamic_ncols=True, disable=rank != 0)
     model.train()

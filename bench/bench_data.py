@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import sim_data  # noqa: E402
 import train_pretrain as TP  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def main(argv):
     for S in sizes:
         root = kw.get("data") or os.path.join(tempfile.mkdtemp(prefix="bench_data_"), f"d{S}")
         if not os.path.isfile(os.path.join(root, "train.jsonl")):
-            D.generate(D.GenConfig(**dict(D.GEN_PRESETS["micro"], out=root, preset="micro", image_size=S, train_rollouts=24,
-                                          round_robin=False, workers=1)))
+            sim_data.generate(sim_data.GenConfig(**dict(sim_data.GEN_PRESETS["micro"], out=root, preset="micro", image_size=S,
+                                                        train_rollouts=24, round_robin=False, workers=1)))
         tok = D.load_tokenizer(os.path.join(root, "tokenizer.json"))
         pad = D.special_ids(tok)["pad_id"]
         common = dict(tok=tok, image_size=S, n_image_tokens=(S // 8 // 2) ** 2, head_size=S // 2, max_len=160)
@@ -80,7 +81,7 @@ def bench_vla(S: int, tok, steps: int, batch: int, pad: int, demos: str | None =
     converts them), from the demo frame cache and, as the baseline, re-rendering every frame."""
     root = demos or os.path.join(tempfile.mkdtemp(prefix="bench_demos_"), "demos")
     if not os.path.isdir(root):
-        D.generate_demos(D.DemoConfig(out=root, suite="goal", per_task=2, workers=1))
+        sim_data.generate_demos(sim_data.DemoConfig(out=root, suite="goal", per_task=2, workers=1))
     kw = dict(image_size=S, horizon=16, head_size=S // 2, n_image_tokens=(S // 8 // 2) ** 2)
     sets = {"cache": D.DemoDataset(root, tok, cache=True, **kw), "render": D.DemoDataset(root, tok, cache=False, **kw)}
     rates = {}

@@ -58,7 +58,7 @@ def main(argv):
     os.makedirs(c.out, exist_ok=True)
     data = c.data or os.path.join(c.out, "data")
     if not os.path.isfile(os.path.join(data, "train.jsonl")):
-        run(["data.py", f"--out={data}", f"--preset={'micro' if c.preset == 'micro' else c.preset}",
+        run(["sim_data.py", f"--out={data}", f"--preset={'micro' if c.preset == 'micro' else c.preset}",
              "--train_rollouts=100", "--val_rollouts=4", "--test_rollouts=4", f"--workers={min(8, os.cpu_count() or 1)}"],
             os.path.join(c.out, "data.log"))
     rows, best = [], None
@@ -66,7 +66,7 @@ def main(argv):
         for mode in c.modes.split(","):
             tag = f"b{bs}-{mode}"
             flags = [f"--preset={c.preset}", f"--data={data}", f"--batch_size={bs}", f"--compile={mode == 'compiled'}",
-                     f"--workers={c.workers}", "--eval_every=0", "--viz_every=0", "--ckpt_every=0", "--val_gen=0",
+                     f"--workers={c.workers}", "--eval_every=0", "--ckpt_every=0",
                      "--val_batches=1", f"--log_every={max(1, c.steps // 5)}"]
             base, gem = os.path.join(c.out, tag, "base"), os.path.join(c.out, tag, "gem")
             os.makedirs(os.path.join(c.out, tag), exist_ok=True)

@@ -162,9 +162,9 @@ def main(argv):
             for r, sh, s in todo:
                 run = f"{rc.runs}/seed{s}/{rp.arm_name(r, sh)}"
                 if os.path.isfile(f"{run}/eval_test/.done"):
-                    store["arms"][arm_key(r, sh, s)] = arm_scores(rp._load(f"{run}/eval_test/results.json")) | {
-                        "commit": rp._load(f"{run}/run.json").get("git_commit", "unknown")[:7],
-                        "train_seconds": rp._load(f"{run}/.done")["seconds"]}
+                    store["arms"][arm_key(r, sh, s)] = arm_scores(rp.load_json(f"{run}/eval_test/results.json")) | {
+                        "commit": rp.load_json(f"{run}/run.json").get("git_commit", "unknown")[:7],
+                        "train_seconds": rp.load_json(f"{run}/.done")["seconds"]}
             os.makedirs(c.results, exist_ok=True)
             with open(path + ".tmp", "w") as f:
                 json.dump(store, f, indent=1)

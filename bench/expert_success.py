@@ -28,10 +28,9 @@ def run(suite, tid, seed):
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        table = {f"{s}/{t}": S._generate_eval_seeds(s, t) for s in S.SUITES for t in range(len(S.SUITES[s]))}
+        table = {f"{s}/{t}": S.generate_eval_seeds(s, t) for s in S.SUITES for t in range(len(S.SUITES[s]))}
         with open(S.EVAL_FILE, "w") as f:
-            json.dump(table, f, separators=(",", ":"))
-        S._EVAL_CACHE.clear()
+            json.dump(table, f, separators=(",", ":"))  # nothing read the old file yet: eval_seeds below reads this one
         print(f"wrote {S.EVAL_FILE}")
     only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--suite=")]
     for suite, tasks in S.SUITES.items():

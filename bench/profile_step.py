@@ -40,7 +40,7 @@ class ProfileConfig:
     compile: bool = False
     device: str = "auto"
     top: int = 12            # ops listed
-    vocab_size: int = 1024   # the data's tokenizer size at small (data.py GEN_PRESETS)
+    vocab_size: int = 1024   # the data's tokenizer size at small (sim_data.py GEN_PRESETS)
 
 
 def synthetic_batch(cfg, c: ProfileConfig, head_size: int, device) -> dict:

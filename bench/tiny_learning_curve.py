@@ -72,14 +72,14 @@ def main(argv):
     if bad := [n for n in names if n not in RUNS]:
         raise SystemExit(f"error: --only: unknown runs {bad}; valid: {', '.join(RUNS)}")
     os.makedirs(c.out, exist_ok=True)
-    common = [f"--device={c.device}", "--threads=1", "--eval_every=0", "--val_gen=0", "--ckpt_every=0", f"--seed={c.seed}"]
+    common = [f"--device={c.device}", "--threads=1", "--eval_every=0", "--ckpt_every=0", f"--seed={c.seed}"]
     bases = sorted({RUNS[n][0] for n in names})
     datas = sorted({BASES[b][0] for b in bases} | {""})
     pool = cf.ThreadPoolExecutor(max(1, c.jobs))
 
     def data(d):
         if not os.path.isfile(f"{c.data}{d}/val.jsonl"):
-            sh(["data.py", f"--out={c.data}{d}", "--preset=tiny", f"--workers={max(1, c.jobs)}"] + DATA[d], f"{c.out}/data{d}.log")
+            sh(["sim_data.py", f"--out={c.data}{d}", "--preset=tiny", f"--workers={max(1, c.jobs)}"] + DATA[d], f"{c.out}/data{d}.log")
 
     def base(b):
         d, flags = BASES[b]

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import load_depth_png, read_jsonl  # noqa: E402
-from eval import _answer, _question, eval_rules, parse_number  # noqa: E402
+from data import answer_of, load_depth_png, question_of, read_jsonl  # noqa: E402
+from eval import eval_rules, parse_number  # noqa: E402
 
 
 def mean_depth_absrel(root: str, split: str) -> float:
@@ -48,12 +48,12 @@ def height_r2(root: str) -> float:
         by_text = {}
         for r in recs:
             if fold(r) != k:
-                by_text.setdefault(_question(r), []).append(parse_number(_answer(r)))
+                by_text.setdefault(question_of(r), []).append(parse_number(answer_of(r)))
         mean = float(np.mean([v for vs in by_text.values() for v in vs]))
         for r in recs:
             if fold(r) == k:
-                y.append(parse_number(_answer(r)))
-                pred.append(np.mean(by_text[_question(r)]) if _question(r) in by_text else mean)
+                y.append(parse_number(answer_of(r)))
+                pred.append(np.mean(by_text[question_of(r)]) if question_of(r) in by_text else mean)
     y, pred = np.array(y, float), np.array(pred, float)
     if len(y) < 4 or y.var() == 0:
         raise SystemExit(f"error: {root}/train.jsonl: {len(y)} height questions, too few (or all equal) for an R^2")

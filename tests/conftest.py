@@ -12,18 +12,18 @@ import torch
 
 @pytest.fixture(scope="session")
 def micro_data(tmp_path_factory):
-    import data
+    import sim_data
     root = tmp_path_factory.mktemp("micro_data")
-    cfg = data.GenConfig(**dict(data.GEN_PRESETS["micro"], out=str(root), preset="micro"))
-    data.generate(cfg)
+    cfg = sim_data.GenConfig(**dict(sim_data.GEN_PRESETS["micro"], out=str(root), preset="micro"))
+    sim_data.generate(cfg)
     return str(root)
 
 
 @pytest.fixture(scope="session")
 def micro_demos(tmp_path_factory):
-    import data
+    import sim_data
     root = tmp_path_factory.mktemp("micro_demos")
-    data.generate_demos(data.DemoConfig(out=str(root), suite="goal", tasks="0,6", per_task=2, workers=1))
+    sim_data.generate_demos(sim_data.DemoConfig(out=str(root), suite="goal", tasks="0,6", per_task=2, workers=1))
     return str(root)
 
 

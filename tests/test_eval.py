@@ -1,9 +1,11 @@
 """eval.py: metrics against hand-computed cases, parsers on malformed text, the scripted-expert reference row."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
+import torch
 
 import eval as ev
 
@@ -215,6 +217,7 @@ def test_rules_fit_their_number_on_train_and_read_only_boxes_and_text():
 
 def test_eval_rules_on_generated_data_scores_the_best_train_rule(micro_data, tmp_path):
     import data
+    import sim_data
     # scored on train itself: micro's few test questions may hold no in-distribution `marked` one
     res = ev.main(["rules", f"--data={micro_data}", "--split=train", f"--out={tmp_path}"])
     assert set(res["per_type"]) == {"closer", "marked", "distance", "height", "fit"}
@@ -233,7 +236,7 @@ def test_eval_rules_on_generated_data_scores_the_best_train_rule(micro_data, tmp
 
     def seen(r):
         st = json.load(open(f"{micro_data}/states/{r['meta']['frame']}.json"))["state"]
-        return not r["meta"]["heldout_template"] and not {(o["colour"], o["shape"]) for o in st["objects"]} & data.HELDOUT_COMBOS
+        return not r["meta"]["heldout_template"] and not {(o["colour"], o["shape"]) for o in st["objects"]} & sim_data.HELDOUT_COMBOS
     for t, v in test["per_type"].items():
         assert v["n"] == sum(seen(r) for r in data.read_jsonl(f"{micro_data}/test.jsonl") if r["meta"]["type"] == t)
 
@@ -243,11 +246,15 @@ def test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on(micro_da
     """A model whose input size differs from the data's (64 px) must score the reference answers of the point
     types (point, place, grasp: a mask per question) as right: the mask is decoded at the image file's size.
     Decoding it at the model's size scored the reference 1/6 at 32 px and 0/6 at 128."""
+    import data as D
     import train_pretrain as TP
-    out = tmp_path / "base"
-    TP.main(["--preset=micro", "--recipe=base", f"--data={micro_data}", f"--out={out}", "--steps0=1", f"--image_size={size}",
-             f"--head_size={size // 4}", "--threads=1"])
-    monkeypatch.setattr(TP, "answer_questions", lambda gem, tok, items, *a: [it["answer"] for it in items])  # an oracle
+    from common import parse_config
+    out, tok_path = str(tmp_path / "ckpt"), os.path.join(micro_data, "tokenizer.json")  # untrained: the answers are the oracle's
+    tc = parse_config(TP.TrainConfig, ["--preset=micro", f"--data={micro_data}", f"--image_size={size}", f"--head_size={size // 4}"],
+                      TP.PRESETS)
+    gem = TP.build_gem(tc, D.load_tokenizer(tok_path))
+    TP.save_stage(out, gem, None, tc, tok_path, 0, 0, torch.optim.AdamW(gem.parameters()), True, 0)
+    monkeypatch.setattr(ev, "answer_questions", lambda gem, tok, items, *a: [it["answer"] for it in items])  # an oracle
     res = ev.main(["vlm", f"--ckpt={out}", f"--out={tmp_path / 'ev'}", "--depth_frames=0"])
     per = res["all"]["per_type"]
     points = [t for t in ("point", "place", "grasp") if t in per]

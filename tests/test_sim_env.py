@@ -255,7 +255,7 @@ def test_eval_start_states_fixed_and_disjoint():
     assert sorted(saved) == sorted(f"{s}/{t}" for s in S.SUITES for t in range(len(S.SUITES[s])))
     seeds = saved["goal/0"]
     assert len(seeds) == S.N_EVAL and min(seeds) >= S.EVAL_SEED_BASE and len(set(seeds)) == S.N_EVAL
-    assert seeds == S._generate_eval_seeds("goal", 0)            # the file matches regeneration
+    assert seeds == S.generate_eval_seeds("goal", 0)            # the file matches regeneration
     states = S.eval_start_states("spatial", 2)
     assert len(states) == S.N_EVAL
     fresh = S.TabletopEnv("spatial", 2, render_images=False)
