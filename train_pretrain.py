@@ -47,6 +47,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -578,10 +579,15 @@ def main(argv=None):
     if found and not tc.resume:
         die(f"{tc.out} already holds checkpoints ({', '.join(f'stage{s}' for s in found)}): "
             f"pass --resume to continue it, or choose another --out")
+    made = not os.path.exists(tc.out)
     try:
         train(tc, stages)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # bad files / checkpoints: one line naming the file
-        die(str(e).strip("'\""))
+    except BaseException as e:  # a run that fails before its first checkpoint leaves no folder it made
+        if made and os.path.isdir(tc.out) and not any(n.startswith("stage") for n in os.listdir(tc.out)):
+            shutil.rmtree(tc.out, ignore_errors=True)
+        if isinstance(e, (ValueError, FileNotFoundError, KeyError)):  # bad files / checkpoints: one line naming the file
+            die(str(e).strip("'\""))
+        raise
 
 
 def train(tc: TrainConfig, stages: list):

@@ -420,9 +420,6 @@ def main(argv=None):
     ckpt = os.path.join(cfg.out, "ckpt")
     if os.path.isdir(ckpt) and not cfg.resume:
         die(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
-    os.makedirs(cfg.out, exist_ok=True)
-    record_run(cfg.out, cfg, {"render_workers"}, write=rank == 0, recipe="vla", final="ckpt", init=cfg.init,
-               git_commit=git_commit(), world_size=world, device=str(device))  # a changed run is refused here
     logf, log = run_log(cfg.out, rank)
 
     # the VLM (and its generative head) from pretraining; the tokenizer travels with the checkpoint
@@ -454,6 +451,9 @@ def main(argv=None):
         die(f"{cfg.demos}: no training chunks (--tasks={cfg.tasks!r}, --val_episodes={cfg.val_episodes})")
     stats = ds.stats = D.norm_stats([ds.eps[e] for e in sorted({ds.index[i][0] for i in train_idx})])
 
+    os.makedirs(cfg.out, exist_ok=True)  # only now: a bad input leaves no folder behind
+    record_run(cfg.out, cfg, {"render_workers"}, write=rank == 0, recipe="vla", final="ckpt", init=cfg.init,
+               git_commit=git_commit(), world_size=world, device=str(device))  # a changed run is refused here
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")  # fused on a GPU: the update in a few kernels
     step = 0
     if cfg.resume and os.path.isdir(ckpt):
