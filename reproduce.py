@@ -16,9 +16,10 @@ argv and code resumes with --resume):
   cut short keeps every finished comparison; the page names the steps still missing). --shares adds sft / gem on a share
   of the scenes, after everything else (bench/data_efficiency.py reads them).
 
-Claims: a gem-vs-other difference is starred only over >= 3 training seeds, with every per-seed paired
-difference of one sign and |mean| > 2 sd / sqrt(n) (compare); one seed claims nothing. Where sft is not
-above the blind baseline, the tables say the comparison shows nothing there (no_signal).
+Claims: a gem-vs-other difference is starred only over >= 3 training seeds, when a two-sided paired t-test
+gives p < 0.05 after a Holm correction over its table (compare, holm; beside it the smallest difference the
+seeds could show); fewer seeds claim nothing. Whether sft uses the image is a one-sided paired t-test per
+column (above); where it does not, the tables say the comparison shows nothing there (no_signal).
 
 Paper -> code map: table "embodied reasoning" (SFT vs GEM) -> table 1; ablation (RGB / direct / GEM) ->
 table 2; LIBERO success -> table 3 (PAPER.md "Results to mirror").
@@ -389,22 +390,77 @@ def combine(per_seed: list[dict | None]) -> dict:
     return out
 
 
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) (a continued fraction, Lentz's method)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0 else
+                                  -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)))
+        d = 1.0 / (1.0 + num * d if abs(1.0 + num * d) > 1e-300 else 1e-300)
+        c = 1.0 + num / c if abs(1.0 + num / c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with df degrees of freedom."""
+    p = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return p if t >= 0 else 1.0 - p
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The t with P(T > t) = 1 - q (bisection on t_sf)."""
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf(mid, df) > 1 - q else (lo, mid)
+    return (lo + hi) / 2
+
+
 def compare(a: dict, b: dict) -> dict:
-    """a - b over training seeds, paired seed by seed: mean and sd of the differences; `star` only with
-    >= MIN_SEEDS seeds, every difference of one sign and |mean| > 2 sd / sqrt(n) (issue 12's rule)."""
+    """a - b over training seeds, paired seed by seed: mean and sd of the differences, the two-sided paired
+    t-test's p (n - 1 degrees of freedom; None under 2 seeds), `mdd`: the smallest |mean| this n and spread
+    would have made significant at 0.05, and `star`: p < 0.05 with >= MIN_SEEDS seeds, for this comparison
+    alone (a table corrects its comparisons together: holm)."""
     d = np.array([x - y for x, y in zip(a["vals"], b["vals"]) if x is not None and y is not None], float)
     n = len(d)
     m, sd = (float(d.mean()) if n else 0.0), (float(d.std(ddof=1)) if n > 1 else 0.0)
-    star = n >= MIN_SEEDS and (bool((d > 0).all()) or bool((d < 0).all())) and abs(m) > 2 * sd / math.sqrt(n)
-    return dict(mean=m, sd=sd, n=n, star=star)
+    p = mdd = None
+    if n > 1:
+        se = sd / math.sqrt(n)
+        p = 2 * t_sf(abs(m) / se, n - 1) if se > 0 else float(m == 0)
+        mdd = t_quantile(0.975, n - 1) * se
+    return dict(mean=m, sd=sd, n=n, p=p, mdd=mdd, star=n >= MIN_SEEDS and p is not None and p < 0.05)
+
+
+def holm(comps: list[dict], alpha: float = 0.05) -> list[dict]:
+    """Holm's step-down correction over one table's comparisons: sort the p values, star the k-th smallest
+    while p_k * (m - k) < alpha (k from 0), stop at the first that fails. Sets each comparison's `star`."""
+    tested = sorted((c for c in comps if c["n"] >= MIN_SEEDS and c["p"] is not None), key=lambda c: c["p"])
+    for c in comps:
+        c["star"] = False
+    for k, c in enumerate(tested):
+        if c["p"] * (len(tested) - k) >= alpha:
+            break
+        c["star"] = True
+    return comps
 
 
 def above(a: dict, b: dict) -> bool:
-    """a clearly above b: a positive starred difference over seeds; with fewer seeds, a difference beyond
-    the question-sampling interval of the difference (the weaker check one seed allows)."""
+    """a clearly above b, a directional check of its own (not in any table's Holm family): with >= MIN_SEEDS
+    seeds a one-sided paired t-test, p < 0.05; with fewer, a difference beyond the question-sampling interval
+    of the difference (the weaker check one seed allows)."""
     c = compare(a, b)
     if c["n"] >= MIN_SEEDS:
-        return c["star"] and c["mean"] > 0
+        return c["mean"] > 0 and (c["sd"] == 0 or t_sf(c["mean"] / (c["sd"] / math.sqrt(c["n"])), c["n"] - 1) < 0.05)
     return c["mean"] > math.hypot(a["half"], b["half"])
 
 
@@ -427,6 +483,9 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
         sd = f" ±{g(k * c['sd'])}" if c["n"] > 1 else ""
         return f"{g(k * c['mean'])}{sd} (±{g(k * c['half'])})" if c["half"] else f"{g(k * c['mean'])}{sd}"
     lines = [f"| | {' | '.join(cols)} | {paper_head} |", "|---" * (len(cols) + 2) + "|"]
+    comps = {(a, b, col): compare(rows[a][col], rows[b][col]) for a, b in diffs for col in cols
+             if isinstance(rows[a].get(col), dict) and isinstance(rows[b].get(col), dict)}
+    holm(list(comps.values()))  # the table's family: every difference it shows
     if chance:  # from the last row with that column (a model row: chance over the same questions)
         ch = {c: next((r[c]["chance"] for r in reversed(list(rows.values())) if isinstance(r.get(c), dict)), None) for c in cols}
         lines.append("| chance | " + " | ".join("-" if ch[c] is None else _fmt(c)[1](_fmt(c)[0] * ch[c]) for c in cols) + " | |")
@@ -439,9 +498,10 @@ def table(rows: dict[str, dict], cols: list[str], paper: dict, paper_head: str, 
             if not isinstance(x, dict) or not isinstance(y, dict):
                 cs.append("—" if isinstance(x, str) or isinstance(y, str) else "n/a")
                 continue
-            d, (k, g) = compare(x, y), _fmt(col)
+            d, (k, g) = comps[(a, b, col)], _fmt(col)
             cs.append(f"{'+' if d['mean'] >= 0 else '−'}{g(k * abs(d['mean']))}" + (f" ±{g(k * d['sd'])}" if d["n"] > 1 else "")
-                      + ("*" if d["star"] else "") + (marks or {}).get(col, ""))
+                      + ("*" if d["star"] else "") + (marks or {}).get(col, "")
+                      + (f" [{g(k * d['mdd'])}]" if d["n"] >= MIN_SEEDS else ""))
         lines.append(f"| {a} − {b} | " + " | ".join(cs) + f" | {paper.get(f'{a} − {b}', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -458,7 +518,7 @@ def verdicts(vlm: dict, vla: dict, n_seeds: int) -> list[str]:
     """The paper's claims, one line each: our difference, and whether it is a claim at all."""
     out = [] if n_seeds >= MIN_SEEDS else [f"- **{n_seeds} seed{'s' if n_seeds > 1 else ''}: no claim.** A difference is "
                                            f"claimed only over >= {MIN_SEEDS} training seeds; the numbers below are descriptive."]
-    blind_cols = set(no_signal(vlm, ["macro", "reasoning (VSI-like)"]))
+    blind_cols, claims = set(no_signal(vlm, ["macro", "reasoning (VSI-like)"])), []
     for name, rows, a, b, col in [("depth supervision (gem vs sft), VLM macro (in-distribution)", vlm, "gem", "sft", "macro"),
                                   ("depth supervision (gem vs sft), reasoning", vlm, "gem", "sft", "reasoning (VSI-like)"),
                                   ("depth vs RGB reconstruction (gem vs rgb), reasoning", vlm, "gem", "rgb", "reasoning (VSI-like)"),
@@ -467,14 +527,15 @@ def verdicts(vlm: dict, vla: dict, n_seeds: int) -> list[str]:
                                   ("GEM-VLA vs VLA without depth, average success", vla, "vla_gem", "vla_sft", "avg")]:
         x, y = rows.get(a, {}).get(col), rows.get(b, {}).get(col)
         if isinstance(x, dict) and isinstance(y, dict):
-            d = compare(x, y)
-            k = 1 if col.endswith("AbsRel") else 100
-            what = ("**beyond the seed spread**" if d["star"] else "within the seed spread: no difference shown"
-                    if d["n"] >= MIN_SEEDS else "no claim (fewer than 3 seeds)")
-            note = ("; sft is not above the blind baseline in this column, so no model's score here shows what the image adds"
-                    if col in blind_cols and rows is vlm else "")
-            out.append(f"- {name}: {k * d['mean']:+.1f} points" + (f" (±{k * d['sd']:.1f} over {d['n']} seeds)" if d["n"] > 1 else "")
-                       + f", {what}{note}")
+            claims.append((name, compare(x, y), 1 if col.endswith("AbsRel") else 100, col in blind_cols and rows is vlm))
+    holm([d for _, d, _, _ in claims])  # the paper's claims are one family
+    for name, d, k, blind in claims:
+        what = (f"**p = {d['p']:.3f} after Holm over these claims: a difference**" if d["star"] else
+                f"no difference shown (p = {d['p']:.2f} before correction; the smallest difference these seeds could "
+                f"show: {k * d['mdd']:.1f})" if d["n"] >= MIN_SEEDS else "no claim (fewer than 3 seeds)")
+        note = "; sft is not above the blind baseline in this column, so no model's score here shows what the image adds" if blind else ""
+        out.append(f"- {name}: {k * d['mean']:+.1f} points" + (f" (±{k * d['sd']:.1f} over {d['n']} seeds)" if d["n"] > 1 else "")
+                   + f", {what}{note}")
     for r in ("blind", "sft", "gem"):
         m = vlm.get(r, {}).get("macro")
         if isinstance(m, dict):
@@ -619,7 +680,9 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
            "their cells read n/a.\n" if missing else ""),
           "Cells: mean ±sd over training seeds (±the 95% sampling half-width over questions, depth frames or episodes, "
           "averaged over seeds: a second error bar, which leaves out training noise). Δ rows: the mean ±sd of the per-seed paired differences; `*` "
-          f"only with >= {MIN_SEEDS} seeds, every per-seed difference of one sign and |mean| > 2 sd / sqrt(n). Chance: the best "
+          f"only with >= {MIN_SEEDS} seeds, where a two-sided paired t-test (n - 1 degrees of freedom) gives p < 0.05 after a Holm "
+          "correction over that table's differences; [x]: the smallest difference these seeds could have shown at their spread. "
+          "Whether sft uses the image (†) is a one-sided paired t-test per column, apart from the claims. Chance: the best "
           "constant answer from the train split (VLM), the average train depth map (depth), the random policy (VLA). "
           "Every number per seed is in results.json. Paper columns: the paper's numbers for the matching row.\n",
           "## 1. Embodied reasoning: the same VLM and data, with and without depth supervision\n",

@@ -10,8 +10,8 @@ questions: the geometry types (closer, marked, distance, height) and the rest.
 
 Finished arms are kept in results/<preset>/data_efficiency.json (commit it), so the curve can be filled over
 several sittings: an arm in it is never rerun, and reproduce.py's steps skip what runs/ already holds.
-Writes data_efficiency.md (mean ±sd over seeds; `*` by reproduce.compare: >= 3 seeds, every paired
-difference of one sign, |mean| > 2 sd / sqrt(n)) and data_efficiency.png (score vs share, one line per
+Writes data_efficiency.md (mean ±sd over seeds; `*`: >= 3 seeds and a paired t-test's p < 0.05 after Holm
+over the page's differences, reproduce.compare / holm) and data_efficiency.png (score vs share, one line per
 recipe, band = sd over seeds). `--collect_only=true` trains nothing: it adds the arms that runs/ holds
 finished (e.g. from `reproduce.py --shares=0.1,0.3`) and redraws the page. The JSON's "timing" and "notes"
 (written by hand: how long it took, how to read it) are printed under the table.
@@ -78,15 +78,18 @@ def report(c: EffConfig, store: dict) -> str:
              f"(seeds x shares x recipes); the commit and training time of each arm in data_efficiency.json.\n",
              "Scores (%) on the in-distribution test questions: geometry = mean of closer, marked, distance, height; "
              "rest = every other question type. Cells: mean ±sd over the seeds done (n). gem − sft: mean ±sd of the "
-             f"per-seed paired differences; `*` only with >= {rp.MIN_SEEDS} seeds, all of one sign and |mean| > 2 sd / sqrt(n).\n",
+             f"per-seed paired differences; `*` only with >= {rp.MIN_SEEDS} seeds and p < 0.05 (paired t-test) after Holm over the page.\n",
              "| share of scenes | scenes | sft geometry | gem geometry | gem − sft geometry | sft rest | gem rest | gem − sft rest |",
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "—" if x is None else f"{100 * x['mean']:.1f}" + (f" ±{100 * x['sd']:.1f}" if x["n"] > 1 else "") + f" ({x['n']})"
+    cells = {(sh, col, r): cell(arms, r, sh, seeds, col) for sh in shares for col in ("geometry", "rest") for r in RECIPES}
+    comps = {(sh, col): rp.compare(cells[sh, col, "gem"], cells[sh, col, "sft"]) for sh in shares for col in ("geometry", "rest")
+             if cells[sh, col, "gem"] and cells[sh, col, "sft"]}
+    rp.holm(list(comps.values()))  # the page's differences are one family
     for sh in shares:
         row = [f"{100 * sh:g}%", str(store.get("scenes", {}).get(f"{sh:g}", "?"))]
         for col in ("geometry", "rest"):
-            a, b = cell(arms, "sft", sh, seeds, col), cell(arms, "gem", sh, seeds, col)
-            d = rp.compare(b, a) if a and b else None
+            a, b, d = cells[sh, col, "sft"], cells[sh, col, "gem"], comps.get((sh, col))
             row += [fmt(a), fmt(b), "—" if not d or not d["n"] else f"{100 * d['mean']:+.1f}" + (f" ±{100 * d['sd']:.1f}" if d["n"] > 1 else "")
                     + ("*" if d["star"] else "") + f" ({d['n']})"]
         lines.append("| " + " | ".join(row) + " |")

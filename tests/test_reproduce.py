@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 import reproduce as rp
@@ -282,3 +283,27 @@ def test_killed_reproduction_reruns_to_the_same_results(micro_repro, tmp_path):
     rp.main(args)
     again = json.load(open(tmp_path / "results" / "results.json"))
     assert again == micro_repro[5]
+
+
+def test_star_rule_is_a_paired_t_test_with_holm():
+    """Issue 22's rule: d = [1, 2, 3] (two-sided p = 0.074) starred under the old rule (one sign, mean 2 >
+    2 sd / sqrt(3) = 1.15) and not under the t-test; d = [10, 11, 12] is starred. The t distribution against
+    tabled values; Holm against a hand-worked example."""
+    def pair(*d):
+        return _seeds(*[0.5 + x for x in d]), _seeds(*[0.5] * len(d))
+    null, clear = rp.compare(*pair(1, 2, 3)), rp.compare(*pair(10, 11, 12))
+    assert null["p"] == pytest.approx(0.0742, abs=5e-4) and not null["star"]
+    assert clear["p"] == pytest.approx(0.00275, abs=5e-5) and clear["star"]
+    # the smallest detectable difference at sd 1 over 3 seeds: t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732
+    assert null["mdd"] == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-3)
+    assert rp.t_quantile(0.975, 2) == pytest.approx(4.3027, rel=1e-4) and rp.t_quantile(0.975, 9) == pytest.approx(2.2622, rel=1e-4)
+    assert 2 * rp.t_sf(2.776, 4) == pytest.approx(0.05, abs=2e-4) and rp.t_sf(0.0, 5) == pytest.approx(0.5)
+    # Holm over p = 0.01, 0.04, 0.03, 0.005 at 0.05: 0.005 * 4 = 0.02 and 0.01 * 3 = 0.03 pass, 0.03 * 2 = 0.06 stops
+    comps = [dict(n=3, p=p) for p in (0.01, 0.04, 0.03, 0.005)]
+    assert [c["star"] for c in rp.holm(comps)] == [True, False, False, True]
+    # the image-use check is one-sided and outside the claims' correction: d = [1, 2, 3] has one-sided p = 0.037
+    assert rp.above(*pair(1, 2, 3)) and not rp.above(*pair(-1, -2, -3))
+    # under the null, the old rule starred ~18% of comparisons; the t-test stars ~5%
+    rng = np.random.default_rng(0)
+    stars = np.mean([rp.compare(*pair(*rng.normal(0, 1, 3)))["star"] for _ in range(4000)])
+    assert 0.035 < stars < 0.065
