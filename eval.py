@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common import parse_config, require, resolve_device
 from data import IMAGE, answer_of, encode_prompt, question_of, special_ids, to_pixel_values
@@ -375,6 +376,95 @@ def eval_rules(cfg) -> dict:
                          f"regenerate it with sim_data.py)")
     md = [f"# 2D-rule baseline: {cfg.data} ({cfg.split} split)\n", "| type | best rule on train | test score | chance |", "|---|---|---|---|"]
     md += [f"| {t} | {v['rule']} | {_pct(v['score'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] (n={v['n']}) | {_pct(v['chance'])} |"
+           for t, v in out["per_type"].items()]
+    return write_results(cfg.out, out, "\n".join(md) + "\n")
+
+
+REASONING = ("closer", "marked", "distance", "height", "count", "fit", "rel_yn", "rel_mc")
+
+
+def _words(q: str) -> set:
+    """A question's features: its lower-case words and word pairs (the text-only baseline reads nothing else)."""
+    w = re.findall(r"[a-z0-9]+", q.lower())
+    return set(w) | {a + " " + b for a, b in zip(w, w[1:])}
+
+
+def text_only(train: list[dict], test: list[dict], kind: str) -> tuple[str, dict]:
+    """The best text-only answerer of one question type -> (its name, {record id: answer}). Candidates, each
+    fitted on 4/5 of `train` and chosen by its score on the other 1/5, then refitted on all of it:
+    exact-question lookup (the train answer most often given to the same question text), a word / word-pair
+    logistic regression over the answers seen on train (categorical), and ridge regression on the same
+    features (numbers). A question type whose answer follows from its words is found by one of them."""
+    def fit(rows):
+        vocab = sorted({f for r in rows for f in _words(question_of(r))})
+        col = {f: j for j, f in enumerate(vocab)}
+
+        def x(rs):  # (N, V) binary features
+            m = np.zeros((len(rs), len(vocab)), np.float32)
+            for i, r in enumerate(rs):
+                m[i, [col[f] for f in _words(question_of(r)) if f in col]] = 1.0
+            return m
+        answers = [answer_of(r) for r in rows]
+        const = constant_answer(kind, answers)
+        by_q = {}
+        for r, a in zip(rows, answers):
+            by_q.setdefault(question_of(r), []).append(a)
+        lookup = {q: max(set(a), key=a.count) for q, a in by_q.items()}
+        classes = sorted(set(answers))
+        cls = {a: k for k, a in enumerate(classes)}
+        X, y = torch.from_numpy(x(rows)), torch.tensor([cls[a] for a in answers])
+        w = torch.zeros(X.shape[1], len(classes), requires_grad=True)
+        b = torch.zeros(len(classes), requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(X @ w + b, y) + 1e-3 * w.pow(2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        nums = [parse_number(a) for a in answers]
+        ridge = None
+        if kind == "number" and all(v is not None for v in nums):
+            Xn = np.c_[x(rows), np.ones(len(rows), np.float32)].astype(np.float64)
+            ridge = np.linalg.solve(Xn.T @ Xn + 1.0 * np.eye(Xn.shape[1]), Xn.T @ np.array(nums, np.float64))
+        models = {"lookup": lambda rs: [lookup.get(question_of(r), const) for r in rs],
+                  "logistic": lambda rs: [classes[k] for k in (torch.from_numpy(x(rs)) @ w.detach() + b.detach()).argmax(1).tolist()]}
+        if ridge is not None:
+            models["ridge"] = lambda rs: [f"{v:.2f}".rstrip("0").rstrip(".") for v in np.c_[x(rs), np.ones(len(rs))] @ ridge]
+        return models
+
+    def score(pred, rs):
+        return float(np.mean([score_answer(kind, p, answer_of(r), r["meta"])[0] for p, r in zip(pred, rs)])) if rs else 0.0
+    held = [r for k, r in enumerate(train) if k % 5 == 0]
+    models = fit([r for k, r in enumerate(train) if k % 5]) if len(held) < len(train) else fit(train)
+    best = max(models, key=lambda m: score(models[m](held), held))
+    final = fit(train)[best]
+    return best, dict(zip([r["id"] for r in test], final(test)))
+
+
+def eval_text(cfg) -> dict:
+    """The text-only baseline per reasoning type: the best answerer that reads only the question's words,
+    fitted on train, scored on the in-distribution test questions (as the models are): what the text gives away."""
+    from data import read_jsonl
+    recs = {s: read_jsonl(os.path.join(cfg.data, f"{s}.jsonl")) for s in ("train", cfg.split)}
+    typ = lambda r: (r.get("meta") or {}).get("type")  # noqa: E731
+    out, tags = {"kind": "text", "data": cfg.data, "split": cfg.split, "per_type": {}}, {}
+    torch.manual_seed(0)
+    for t in REASONING:
+        train = [r for r in recs["train"] if typ(r) == t]
+        test = [r for r in recs[cfg.split] if typ(r) == t and heldout_tags(
+            dict(meta=r["meta"], question=question_of(r), answer=answer_of(r)), cfg.data, tags) == ["seen"]]
+        if not train or not test:
+            continue
+        name, pred = text_only(train, test, KIND[t])
+        s = float(np.mean([score_answer(KIND[t], pred[r["id"]], answer_of(r), r["meta"])[0] for r in test]))
+        const = constant_answer(KIND[t], [answer_of(r) for r in train])
+        lo, hi = wilson(s * len(test), len(test))
+        out["per_type"][t] = {"model": name, "score": s, "n": len(test), "lo": lo, "hi": hi,
+                              "chance": float(np.mean([score_answer(KIND[t], const, answer_of(r), r["meta"])[0] for r in test]))}
+    md = [f"# Text-only baseline: {cfg.data} ({cfg.split} split)\n", "| type | best text model | test score | chance |", "|---|---|---|---|"]
+    md += [f"| {t} | {v['model']} | {_pct(v['score'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] (n={v['n']}) | {_pct(v['chance'])} |"
            for t, v in out["per_type"].items()]
     return write_results(cfg.out, out, "\n".join(md) + "\n")
 
@@ -797,16 +887,16 @@ class EvalConfig:
 
 
 def main(argv: list[str]) -> dict:
-    if not argv or argv[0] not in ("vlm", "vla", "rules"):
-        raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...] | python eval.py rules --data=DIR --out=DIR"
+    if not argv or argv[0] not in ("vlm", "vla", "rules", "text"):
+        raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...] | python eval.py rules|text --data=DIR --out=DIR"
                          "  (--help lists the flags)")
     cfg = parse_config(EvalConfig, argv[1:])
     require(cfg, max_questions=0, batch_size=1, max_new_tokens=1, depth_frames=0, probe_steps=0, sample_steps=1, episodes=1,
             workers=1, threads=1)
-    if argv[0] == "rules":
+    if argv[0] in ("rules", "text"):
         if not cfg.data or not cfg.out:
-            raise SystemExit("error: eval.py rules needs --data (a dataset root) and --out")
-        return eval_rules(cfg)
+            raise SystemExit(f"error: eval.py {argv[0]} needs --data (a dataset root) and --out")
+        return eval_rules(cfg) if argv[0] == "rules" else eval_text(cfg)
     if not cfg.ckpt:
         raise SystemExit("error: flag --ckpt is required (a checkpoint directory, or expert/random for vla)")
     if cfg.ckpt not in ("expert", "random") and not os.path.isdir(cfg.ckpt):

@@ -106,6 +106,7 @@ def plan(c: ReproConfig) -> list[dict]:
     add("data", D, ["sim_data.py", f"--out={D}", f"--preset={p}", f"--workers={c.workers}"] + c.data_flags.split())
     add("demos", demos, ["sim_data.py", "demos", f"--per-task={c.demos_per_task}", f"--out={demos}", f"--workers={c.workers}"] + etasks)
     add("rules", f"{R}/rules", ["eval.py", "rules", f"--data={D}", f"--out={R}/rules"], ["data"])
+    add("text-only", f"{R}/text", ["eval.py", "text", f"--data={D}", f"--out={R}/text"], ["data"])
     split = 1.0 - c.base_share  # recipes: scenes [0, split * share); stage 0: [split, 1)
     base_scenes = [f"--scenes={split:.6g}:1"] if c.base_share else []
     for ref in ("expert", "random"):
@@ -312,6 +313,7 @@ PAPER_T3 = {"vla_sft": "97.2 / 98.4 / 95.6 / 88.4 / 94.9", "vla_gem": "99.0 / 98
 GROUPS = {"CV-like (relations, count)": ["rel_yn", "rel_mc", "count"], "abs. dist (distance, height)": ["distance", "height"],
           "rel. dist (closer, marked)": ["closer", "marked"], "Robo-like (place, fit)": ["place", "fit"]}
 GEOMETRY = ["closer", "marked", "distance", "height", "fit"]  # the types eval.py rules has a 2D rule for
+REASONING = ["closer", "marked", "distance", "height", "count", "fit", "rel_yn", "rel_mc"]  # eval.py text answers these
 TYPES = GEOMETRY + ["rel_yn", "rel_mc", "count", "place", "box", "next_step"]  # the per-type table
 MIN_SEEDS = 3
 
@@ -357,11 +359,12 @@ def vlm_cells(res: dict) -> dict:
     return cells
 
 
-def rule_cells(res: dict) -> dict:
-    """eval.py rules results.json -> {type: (score, half-width, chance)} (deterministic: no seeds)."""
-    per = res["per_type"]
+def rule_cells(res: dict, none: str = "no rule") -> dict:
+    """eval.py rules (or text) results.json -> {type: (score, half-width, chance)} (deterministic: no seeds);
+    `none` for a type the baseline does not answer."""
+    per, mine = res["per_type"], GEOMETRY if res.get("kind", "rules") == "rules" else REASONING
     return {t: (per[t]["score"], (per[t]["hi"] - per[t]["lo"]) / 2, per[t]["chance"]) if t in per
-            else "no rule" if t not in GEOMETRY else None for t in TYPES}  # None: no such test questions
+            else none if t not in mine else None for t in TYPES}  # None: no such test questions
 
 
 def vla_cells(sm: dict) -> dict:
@@ -621,24 +624,24 @@ def collect(c: ReproConfig) -> dict:
     vlm = {r: {s: _done(f"{d}/{r}/eval_test/results.json") for s, d in S.items()} for r in recipes(c)}
     vla = {v: {s: _done(f"{d}/{v}/eval_vla/results.json") for s, d in S.items()} for v in VLAS}
     refs = {ref: _done(f"{R}/ref_{ref}/results.json") for ref in ("random", "expert")}
-    rules = _done(f"{R}/rules/results.json")
+    rules, text = _done(f"{R}/rules/results.json"), _done(f"{R}/text/results.json")
     return dict(
         seeds=list(c.seeds),
         vlm={r: {s: res and vlm_cells(res) for s, res in per.items()} for r, per in vlm.items()},
         vla={v: {s: res and vla_cells(next(iter(res["results"].values()))) for s, res in per.items()} for v, per in vla.items()},
         refs={ref: res and vla_cells(res["results"][ref]) for ref, res in refs.items()},
-        rules=rules and rule_cells(rules))
+        rules=rules and rule_cells(rules), text=text and rule_cells(text, "not reasoning"))
 
 
 def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str] = ()) -> str:
     """results.json and README.md from every finished step; `missing`: the steps not finished yet (the page
     is rewritten as steps finish, so a run cut short still leaves every finished comparison)."""
-    R, S = c.runs, [f"{c.runs}/seed{s}" for s in c.seeds]
+    S = [f"{c.runs}/seed{s}" for s in c.seeds]
     raw = collect(c)
     vlm = {r: combine(list(per.values())) for r, per in raw["vlm"].items()}
     vla = {v: combine(list(per.values())) for v, per in raw["vla"].items()}
     refs = {ref: combine([cells]) for ref, cells in raw["refs"].items()}
-    rules = combine([raw["rules"]])
+    rules, text = combine([raw["rules"]]), combine([raw["text"]])
     n = len(c.seeds)
     t1 = ["grounding", "reasoning", "planning", "trajectory", "macro", "held-out templates", "held-out combos", "probe ordinal"]
     t2 = list(GROUPS) + ["reasoning (VSI-like)", "probe AbsRel", "probe δ1", "probe ordinal", "own head ordinal"]
@@ -666,7 +669,7 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
                     f"(GIFs: {os.path.relpath(S[0], HERE)}/vla_gem/eval_vla/gifs/)")
     quiet = no_signal(vlm, TYPES)
     t2_rows = {r: vlm[r] for r in ("sft", "direct", "rgb", "regress", "gem") if r in vlm}
-    types_rows = {"2D rule": rules} | {r: vlm[r] for r in ("blind", "sft", "gem") if r in vlm}
+    types_rows = {"text-only": text, "2D rule": rules} | {r: vlm[r] for r in ("blind", "sft", "gem") if r in vlm}
     seeds_txt = ",".join(map(str, c.seeds))
     md = [f"# GEM-mini reproduction: preset `{c.preset}`, seeds {seeds_txt}\n",
           f"Command: `python reproduce.py --preset={c.preset} --seeds={seeds_txt}` · commit `{commit}` · "
@@ -694,6 +697,8 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
           ("† sft is not clearly above the blind baseline in this column: the gem − sft difference there shows nothing.\n"
            if no_signal(vlm, t1[:-1]) else "" if "blind" in vlm else "No blind baseline was run (--recipes).\n"),
           "## 1b. Per question type: what the text, 2D boxes and the image give\n",
+          "text-only: the best answerer that reads only the question's words (word and word-pair logistic regression, "
+          "ridge regression, exact-question lookup; eval.py text): where it beats chance, the text gives the answer away. "
           "2D rule: the best rule on train that sees only the question text and the objects' 2D boxes (eval.py rules; "
           "on closer / marked / fit it shows how much of the question needs no depth). In-distribution test questions.\n",
           table(types_rows, TYPES, {}, "", [("gem", "sft")], marks={t: "†" for t in quiet}),

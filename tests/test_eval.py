@@ -259,3 +259,28 @@ def test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on(micro_da
     per = res["all"]["per_type"]
     points = [t for t in ("point", "place", "grasp") if t in per]
     assert points and all(per[t]["score"] == 1.0 for t in points), {t: per[t]["score"] for t in points}
+
+
+def test_text_only_baseline_finds_a_planted_leak_and_nothing_else():
+    """eval.text_only: where the answer follows from a word of the question (a colour here) it scores far above
+    the best constant answer; where the answer is independent of the words, it stays near that constant."""
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue", "yellow"]
+
+    def rec(k, leak):
+        a, b = rng.choice(colours, 2, replace=False)
+        ans = ("yes" if a in ("red", "green") else "no") if leak else str(rng.choice(["yes", "no"]))
+        return {"id": f"q{k}", "meta": {"type": "closer"}, "conversations": [
+            {"from": "human", "value": f"<image>\nIs the {a} cube closer to the camera than the {b} ball?"},
+            {"from": "gpt", "value": ans}]}
+    for leak, lo, hi in ((True, 0.95, 1.0), (False, 0.35, 0.65)):
+        train, test = [rec(k, leak) for k in range(400)], [rec(1000 + k, leak) for k in range(300)]
+        name, pred = ev.text_only(train, test, "yesno")
+        score = np.mean([pred[r["id"]] == r["conversations"][1]["value"] for r in test])
+        assert lo <= score <= hi, (leak, name, score)
+    # numbers: the answer is 2 x a number named in the question; ridge regression finds it
+    nums = [{"id": f"n{k}", "meta": {"type": "distance"}, "conversations": [
+        {"from": "human", "value": f"<image>\nHow far is the block of size {v}?"}, {"from": "gpt", "value": str(2 * v)}]}
+        for k, v in enumerate(rng.integers(1, 9, 300))]
+    name, pred = ev.text_only(nums[:200], nums[200:], "number")
+    assert name in ("ridge", "logistic", "lookup") and all(pred[r["id"]] == r["conversations"][1]["value"] for r in nums[200:])

@@ -79,7 +79,7 @@ def test_a_ready_vla_training_starts_before_the_other_recipes():
     todo = [st for st in steps if st["name"] not in done]
     names = [st["name"] for st in rp.ready(todo, done)]
     assert names[0] == "s0 vla_sft" and "s0 gem" in names and "s0 vla_gem" not in names
-    evals = [n for n in names if n == "rules" or n.startswith(("reference", "s0 eval"))]
+    evals = [n for n in names if n in ("rules", "text-only") or n.startswith(("reference", "s0 eval"))]
     assert "s0 eval sft" in evals and names[1:1 + len(evals)] == evals  # evaluations before the recipes still to train
     for part in (evals, names[1 + len(evals):]):  # each group in plan order
         assert part == [st["name"] for st in todo if st["name"] in part]
@@ -127,7 +127,7 @@ def test_micro_reproduction_fills_every_cell(micro_repro, capsys):
     n_steps = len(rp.plan(rp.ReproConfig(preset="micro")))
     assert "partial page was not written" not in printed
     assert [len(m) for m, _ in pages] == list(range(n_steps - 1, -1, -1)) + [0]  # one page per step, then the last
-    assert "Partial page: 21 steps not finished" in pages[0][1] and "Partial page" not in text
+    assert f"Partial page: {n_steps - 1} steps not finished" in pages[0][1] and "Partial page" not in text
     assert _tables(pages[0][1])[0]["sft"]["macro"] == "n/a"  # only the data made
     half = next(t for m, t in pages if "s0 eval sft" not in m and m)  # sft evaluated, other steps still to run
     assert _tables(half)[0]["sft"]["macro"] != "n/a" and "Partial page" in half
@@ -307,3 +307,13 @@ def test_star_rule_is_a_paired_t_test_with_holm():
     rng = np.random.default_rng(0)
     stars = np.mean([rp.compare(*pair(*rng.normal(0, 1, 3)))["star"] for _ in range(4000)])
     assert 0.035 < stars < 0.065
+
+
+def test_micro_page_has_the_text_only_row(micro_repro):
+    """Table 1b holds the text-only baseline beside the 2D rule: a number on each reasoning type the test split
+    has, and no model on the others."""
+    t1b = _tables(micro_repro[3])[1]
+    for t in rp.TYPES:
+        cell = t1b["text-only"][t]
+        assert (re.fullmatch(r"\d+\.\d \(±\d+\.\d\)", cell) or cell == "n/a") if t in rp.REASONING else cell == "not reasoning", (t, cell)
+    assert any(re.fullmatch(r"\d+\.\d \(±\d+\.\d\)", t1b["text-only"][t]) for t in rp.REASONING)
