@@ -100,7 +100,7 @@ EXERCISES = {
     "mra": _ex("small", ["eval.py"], depends=_t(
         "test_eval.py", "test_mean_relative_accuracy_hand_cases", "test_score_answer_per_kind",
         "test_eval_rules_on_generated_data_scores_the_best_train_rule", "test_parsers_malformed_do_not_crash_and_count_wrong",
-        "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on")),
+        "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on", "test_text_only_baseline_finds_a_planted_leak_and_nothing_else")),
     "flow_loss": _ex("small", ["train_vla.py"], uses=["flow_pair"]),
     # medium: a module swapped into the reference model, checked against a stored snapshot + properties
     "vit_block": _ex("medium", ["model.py"], uses=["attention"], snapshot_files=["model.py"],
