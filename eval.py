@@ -601,6 +601,29 @@ def answer_questions(gem, tok, items: list[dict], image_first: bool, batch_size:
     return [tok.decode(g, skip_special_tokens=True).strip() for g in ids]
 
 
+@torch.no_grad()
+def image_use(gem, tok, items: list[dict], preds: list[str], image_first: bool, batch_size: int, cap: dict) -> dict:
+    """Does the model use its image? (A falling loss can mean a dropped image.) `changed`: the share of
+    answers (`preds`, given each item's own image) that change when every image is one grey image; `vit` and
+    `tokens`: the spread across images of the ViT features and of the LLM's last-layer image-token states
+    (their std over images, averaged over positions and channels), each over its overall spread. A model that
+    dropped its image changes no answer, and its states are the same for every image (spread ~0)."""
+    grey = [dict(it, image=torch.full_like(it["image"], 128)) for it in items]
+    blind = []
+    for t in sorted({it["type"] for it in items}):  # in the order eval_vlm answered them: sorted by type
+        blind += answer_questions(gem, tok, [g for g in grey if g["type"] == t], image_first, batch_size, cap.get(t, 32))
+    frames = list({it["meta"].get("frame", it["id"]): it for it in items}.values())[:64]  # distinct images
+    dev = next(gem.parameters()).device
+    pix = to_pixel_values(torch.stack([it["image"] for it in frames])).to(dev)
+    vit = gem.vit.features(pix).float()  # (N, P, Dv)
+    ids = torch.tensor([encode_prompt(tok, IMAGE + "\n" + frames[0]["question"], gem.cfg.n_image_tokens, image_first)],
+                       device=dev).repeat(len(frames), 1)  # one question for every image: only the image differs
+    tokens = gem(ids, pix)["image_hidden"].float()  # (N, n_image_tokens, D)
+    spread = lambda x: float(x.std(0).mean() / x.std().clamp(min=1e-12))  # noqa: E731
+    return dict(n=len(items), changed=float(np.mean([a != b for a, b in zip(preds, blind)])) if items else 0.0,
+                frames=len(frames), vit=spread(vit), tokens=spread(tokens))
+
+
 def eval_vlm(cfg) -> dict:
     from data import GemDataset, split_records
     from train_pretrain import dataset_kw, load_pretrained
@@ -646,6 +669,9 @@ def eval_vlm(cfg) -> dict:
     for tag in ("seen", "heldout_template", "heldout_combo"):
         sub = [r for r in rows if tag in r["tags"]]
         res[tag] = score_table(sub) if sub else None
+    seen = [k for k, r in enumerate(rows) if "seen" in r["tags"]][::max(1, len(rows) // cfg.image_use)][:cfg.image_use]
+    res["image_use"] = image_use(gem, tok, [items[k] for k in seen], [preds[k] for k in seen], tc.image_first,
+                                 cfg.batch_size, cap) if cfg.image_use and seen else {}
     res["depth"] = depth_probe(gem, head, tc, tok, cfg) if cfg.depth_frames else {}
     res["answers"] = rows
     return write_results(cfg.out, res, vlm_markdown(res))
@@ -678,6 +704,11 @@ def vlm_markdown(res: dict) -> str:
         cells = [res[c][part] if key is None else res[c][part].get(key) for c in cols]
         md.append(f"| {name} | {fam} | {metric} | " + " | ".join("-" if c is None else
                   f"{_pct(c['score'])} [{_pct(c['lo'])}, {_pct(c['hi'])}] (n={c['n']})" for c in cells) + f" | {_pct(cells[0]['chance'])} |")
+    if res.get("image_use"):
+        u = res["image_use"]
+        md.append(f"\nImage use ({u['n']} in-distribution questions, {u['frames']} images): {_pct(u['changed'])}% of the "
+                  f"answers change when the image is grey; spread across images / overall: ViT features {u['vit']:.3f}, "
+                  f"image-token states {u['tokens']:.3f} (~0: the model dropped its image)")
     for name, m in res["depth"].items():
         if isinstance(m, dict):
             md.append(f"\nDepth ({name}, {m['frames']} frames): AbsRel {m['absrel']:.3f}, delta<1.25 {_pct(m['delta1'])}%, "
@@ -870,6 +901,7 @@ class EvalConfig:
     max_questions: int = 0      # 0 = every question of the split
     batch_size: int = 32
     max_new_tokens: int = 200     # hard cap; each type gets its longest train answer + 8
+    image_use: int = 256        # in-distribution questions answered again with grey images (image_use; 0 = skip)
     depth_frames: int = 32      # held-out frames for the depth probe (0 = skip the probe)
     probe_steps: int = 200      # budget to fit a head on frozen features (checkpoints without one)
     sample_steps: int = 30      # Euler steps of the depth head (paper: 30, CFG 5.0)
@@ -891,7 +923,7 @@ def main(argv: list[str]) -> dict:
         raise SystemExit("usage: python eval.py vlm|vla --ckpt=DIR [--key=value ...] | python eval.py rules|text --data=DIR --out=DIR"
                          "  (--help lists the flags)")
     cfg = parse_config(EvalConfig, argv[1:])
-    require(cfg, max_questions=0, batch_size=1, max_new_tokens=1, depth_frames=0, probe_steps=0, sample_steps=1, episodes=1,
+    require(cfg, max_questions=0, image_use=0, batch_size=1, max_new_tokens=1, depth_frames=0, probe_steps=0, sample_steps=1, episodes=1,
             workers=1, threads=1)
     if argv[0] in ("rules", "text"):
         if not cfg.data or not cfg.out:

@@ -348,6 +348,9 @@ def vlm_cells(res: dict) -> dict:
     for g, types in GROUPS.items():
         cells[g] = _part(s, types)
     cells["reasoning (VSI-like)"] = cells["reasoning"]
+    u = res.get("image_use") or {}  # eval.image_use: does the model use its image at all?
+    cells["answers changed by a grey image"] = (u["changed"], 0.0, None) if u else None
+    cells["image-token spread"] = (u["tokens"], 0.0, None) if u else None
     for t in TYPES:
         cells[t] = _part(s, [t])
     ch = res.get("depth", {}).get("chance", {})  # the average train depth map predicted for every frame
@@ -468,7 +471,7 @@ def above(a: dict, b: dict) -> bool:
 
 
 def _fmt(col: str):
-    if col.endswith("AbsRel"):
+    if col.endswith("AbsRel") or col == "image-token spread":
         return 1, (lambda x: f"{x:.3f}")
     if col == "subgoals on long":
         return 1, (lambda x: f"{x:.2f}")
@@ -696,6 +699,11 @@ def write_readme(c: ReproConfig, log: list[dict], wall: float, missing: list[str
                 [("gem", "sft")], marks={col: "†" for col in no_signal(vlm, t1[:-1])}),  # not the probe: blind features see grey
           ("† sft is not clearly above the blind baseline in this column: the gem − sft difference there shows nothing.\n"
            if no_signal(vlm, t1[:-1]) else "" if "blind" in vlm else "No blind baseline was run (--recipes).\n"),
+          "Does each model use its image (eval.image_use, in-distribution questions)? The share of its answers that change "
+          "when the image is one grey image, and the spread across images of its last-layer image-token states over their "
+          "overall spread: ~0 means the image was dropped, whatever the loss did.\n",
+          table({r: vlm[r] for r in ("blind", "sft", "gem") if r in vlm}, ["answers changed by a grey image", "image-token spread"],
+                {}, "", [], chance=False),
           "## 1b. Per question type: what the text, 2D boxes and the image give\n",
           "text-only: the best answerer that reads only the question's words (word and word-pair logistic regression, "
           "ridge regression, exact-question lookup; eval.py text): where it beats chance, the text gives the answer away. "

@@ -67,7 +67,8 @@ GEM_FORWARD = _t("test_model.py", "test_gem_from_hf", "test_generate_eos_and_tem
                  "test_image_hidden_is_the_last_layer_at_the_image_tokens_in_patch_order",
                  "test_kv_cache_generation_equals_full_forward", "test_padding_does_not_change_real_tokens",
                  "test_save_load_roundtrip_and_errors", "test_sdpa_equals_plain_softmax",
-                 "test_text_loss_ignores_masked_labels", "test_tiny_gem_overfits_through_the_image")
+                 "test_text_loss_ignores_masked_labels", "test_tiny_gem_overfits_through_the_image") + _t(
+    "test_eval.py", "test_image_use_tells_a_model_that_sees_from_one_that_dropped_its_image")
 HEAD_TESTS = ("test_cfg_guidance_and_the_training_drop", "test_flow_overfits_and_sampler_reproduces_target",
               "test_rgb_target_has_three_channels")
 
@@ -85,7 +86,8 @@ EXERCISES = {
     "connector": _ex("small", ["depth_head.py"], depends=_t(
         "test_depth_head.py", *HEAD_TESTS, "test_drop_rate_and_null_condition_match_the_sampler",
         "test_invalid_samples_contribute_nothing", "test_regress_learns_with_the_right_sign")),
-    "depth_target": _ex("small", ["data.py"], depends=_t("test_eval.py", "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on")),
+    "depth_target": _ex("small", ["data.py"], depends=_t("test_eval.py", "test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on",
+                                                         "test_image_use_tells_a_model_that_sees_from_one_that_dropped_its_image")),
     "flow_pair": _ex("small", ["depth_head.py"], depends=_t(
         "test_depth_head.py", *HEAD_TESTS, "test_drop_rate_and_null_condition_match_the_sampler",
         "test_invalid_samples_contribute_nothing", "test_flow_convention_analytic")),

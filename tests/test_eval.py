@@ -284,3 +284,28 @@ def test_text_only_baseline_finds_a_planted_leak_and_nothing_else():
         for k, v in enumerate(rng.integers(1, 9, 300))]
     name, pred = ev.text_only(nums[:200], nums[200:], "number")
     assert name in ("ridge", "logistic", "lookup") and all(pred[r["id"]] == r["conversations"][1]["value"] for r in nums[200:])
+
+
+def test_image_use_tells_a_model_that_sees_from_one_that_dropped_its_image(micro_data, tmp_path, monkeypatch):
+    """eval.image_use on an untrained micro GEM: its image-token states differ across images (spread > 0.05).
+    The same model with its ViT's output replaced by a constant (an image path that carries nothing) changes
+    no answer when the image turns grey, and its spreads read 0."""
+    import data as D
+    import train_pretrain as TP
+    from common import parse_config
+    tok = D.load_tokenizer(os.path.join(micro_data, "tokenizer.json"))
+    tc = parse_config(TP.TrainConfig, ["--preset=micro", f"--data={micro_data}"], TP.PRESETS)
+    torch.manual_seed(0)
+    gem = TP.build_gem(tc, tok).eval()
+    ds = D.GemDataset(micro_data, "test", tok, 64, 16, 16)
+    items = [ds[i] for i in range(len(ds)) if ds.records[i]["task"] == "reasoning"][:12]
+    items.sort(key=lambda it: it["type"])
+    cap = {it["type"]: 8 for it in items}
+    answer = lambda its: sum((ev.answer_questions(gem, tok, [i for i in its if i["type"] == t], True, 8, 8)  # noqa: E731
+                              for t in sorted({i["type"] for i in its})), [])
+    seeing = ev.image_use(gem, tok, items, answer(items), True, 8, cap)
+    assert seeing["vit"] > 0.05 and seeing["tokens"] > 0.05 and seeing["frames"] >= 2
+    real = gem.vit.features
+    monkeypatch.setattr(gem.vit, "features", lambda px: torch.zeros_like(real(px)))
+    blind = ev.image_use(gem, tok, items, answer(items), True, 8, cap)
+    assert blind["changed"] == 0.0 and blind["vit"] == 0.0 and blind["tokens"] < 1e-4, blind

@@ -142,7 +142,7 @@ def test_micro_reproduction_fills_every_cell(micro_repro, capsys):
             assert not [c for col, c in row.items() if c == "n/a" and not (col == "held-out combos" and combos is None)], (name, row)
             assert "nan" not in "".join(row.values()), (name, row)
     # the cells are the evaluations' numbers: recomputed here from each run's results.json
-    t1, _, t2 = _tables(text)[:3]  # table 1, 1b (per type), 2
+    t1, _, _, t2 = _tables(text)[:4]  # table 1, image use, 1b (per type), 2
 
     def mean(per, types, key="score"):
         types = [t for t in types if t in per]
@@ -166,7 +166,7 @@ def test_micro_reproduction_fills_every_cell(micro_repro, capsys):
     assert saved["vlm"]["gem"]["0"]["macro"][0] == pytest.approx(gem["seen"]["macro"]["score"])
     for t in ("closer", "fit", "height"):  # the 2D-rule row holds numbers where micro has such test questions
         if t in gem["seen"]["per_type"]:
-            assert re.fullmatch(r"\d+\.\d \(±\d+\.\d\)", _tables(text)[1]["2D rule"][t]), t
+            assert re.fullmatch(r"\d+\.\d \(±\d+\.\d\)", _tables(text)[2]["2D rule"][t]), t
     for needle in ("| gem − sft |", "| vla_gem − vla_sft |", "| expert |", "| random |", "60.0 / 28.9 / 72.7"):
         assert needle in text
     assert re.search(r"\| expert \| 100\.0", text)  # the scripted expert solves its episodes
@@ -312,8 +312,19 @@ def test_star_rule_is_a_paired_t_test_with_holm():
 def test_micro_page_has_the_text_only_row(micro_repro):
     """Table 1b holds the text-only baseline beside the 2D rule: a number on each reasoning type the test split
     has, and no model on the others."""
-    t1b = _tables(micro_repro[3])[1]
+    t1b = _tables(micro_repro[3])[2]
     for t in rp.TYPES:
         cell = t1b["text-only"][t]
         assert (re.fullmatch(r"\d+\.\d \(±\d+\.\d\)", cell) or cell == "n/a") if t in rp.REASONING else cell == "not reasoning", (t, cell)
     assert any(re.fullmatch(r"\d+\.\d \(±\d+\.\d\)", t1b["text-only"][t]) for t in rp.REASONING)
+
+
+def test_micro_page_says_whether_each_model_uses_its_image(micro_repro):
+    """The image-use table: each model's share of answers changed by a grey image (blind's: none: it never saw
+    an image) and its image-token spread, from each evaluation's results.json."""
+    text, root = micro_repro[3], micro_repro[1]
+    t = next(t for t in _tables(text) if "answers changed by a grey image" in next(iter(t.values())))
+    for r in ("blind", "sft", "gem"):
+        u = json.load(open(root / "runs" / "seed0" / r / "eval_test" / "results.json"))["image_use"]
+        assert t[r]["answers changed by a grey image"] == f"{100 * u['changed']:.1f}" and t[r]["image-token spread"] == f"{u['tokens']:.3f}"
+    assert t["blind"]["answers changed by a grey image"] == "0.0"
