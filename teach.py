@@ -50,6 +50,13 @@ NEVER_COPIED = (".git", "__pycache__", ".pytest_cache", ".venv", ".venv-ci", "ve
                 "test_teach.py")  # the teacher's own tests (verify, the round trip) are not the student's
 TEACHING = ("docs/exercises/", "tests/exercises/", "teach/", "teach.py")  # written for the course
 SHAPE_TEST = "test_shapes_and_finite"
+ORACLES = os.path.join("teach", "oracles.py")  # the oracles the grading tests compare with: instructor side only
+# The rubric: an exercise passes at PASS_MARK; the shape/finiteness test is worth SHAPE_WEIGHT, the other tests
+# share the rest; a failing (or skipped) test caps the exercise at FAIL_CAP, so wrong code never passes.
+PASS_MARK, SHAPE_WEIGHT, FAIL_CAP = 0.6, 0.1, 0.5
+# What a region has no business naming: the grader's own machinery (its modules, frames, the oracles).
+GRADER_INTERNALS = re.compile(r"\boracles\b|sys\.modules|\bgc\b|\binspect\b|_getframe|\bf_back\b|f_globals|"
+                              r"f_locals|test_ex_|__import__|importlib|\bconftest\b|builtins|__main__|/proc\b|\bargv\b")
 SLOW = {"GEM_SLOW": "1"}  # the large tier's training tests run only with it (grade, verify --full, calibrate)  # every grading file has one: the wrong implementations must pass it
 
 
@@ -119,7 +126,7 @@ EXERCISES = {
                      large=dict(procedure="tests/exercises/large.py:head_loss", seeds=[0, 1, 2, 3, 4], k=3.0,
                                 grade_seed=11, steps=400, metric="residual correlation: corr(sample - mean map, target - mean map), the mean of 4 samples per test scene (higher is better; the mean map scores 0)",
                                 made_from=["depth_head.py", "sim_env.py", "model.py", "tests/exercises/large.py",
-                                           "tests/exercises/oracles.py"])),
+                                           "teach/oracles.py"])),
 }
 THRESHOLDS = os.path.join("teach", "thresholds.json")
 
@@ -239,7 +246,8 @@ def tree_files(src: str) -> list[str]:
     keep = []
     for f in files:
         parts = f.replace(os.sep, "/").split("/")
-        if any(p in NEVER_COPIED for p in parts) or f.replace(os.sep, "/").startswith(WRONG.replace(os.sep, "/")):
+        if (any(p in NEVER_COPIED for p in parts) or f.replace(os.sep, "/").startswith(WRONG.replace(os.sep, "/"))
+                or f.replace(os.sep, "/") == ORACLES.replace(os.sep, "/")):
             continue
         if f.endswith((".pyc", ".pyo")) or not os.path.isfile(os.path.join(src, f)):
             continue
@@ -262,6 +270,43 @@ def make_tree(dst: str, cut=(), wrong: dict | None = None, src: str = ROOT) -> s
             with open(p, "w") as fh:
                 fh.write(splice(text, name, bodies, f))
     return dst
+
+
+def given(names) -> list[str]:
+    """The exercises that `names` call (their `uses`, transitively): reference code in a copy cutting `names`."""
+    out, todo = [], list(names)
+    while todo:
+        for u in EXERCISES[todo.pop()]["uses"]:
+            if u not in out and u not in names:
+                out.append(u)
+                todo.append(u)
+    return out
+
+
+def student_regions(tree: str, name: str) -> list[str]:
+    """The student's code between `name`'s markers in their copy, one body per region (file order); ValueError
+    naming the file when a region is missing or added (the markers must stay as they were handed out)."""
+    want = len(region_text(ROOT, name))
+    out = []
+    for f in EXERCISES[name]["files"]:
+        p = os.path.join(tree, f)
+        if not os.path.isfile(p):
+            raise ValueError(f"{f}: not in the submission")
+        text = open(p).read()
+        lines = text.splitlines(True)
+        out += ["".join(lines[b + 1:e]) or "pass\n" for n, b, e, _ in regions(text, f) if n == name]
+    if len(out) != want:
+        raise ValueError(f"{', '.join(EXERCISES[name]['files'])}: {len(out)} region(s) of {name}, the handout has {want} "
+                         "(keep the '# >>> exercise' / '# <<< exercise' lines as they were)")
+    return out
+
+
+def grading_tree(dst: str, bodies: dict) -> str:
+    """The tree a submission is graded in: the instructor's reference with the submitted bodies ({name: [body per
+    region]}) spliced in, the exercises they call kept, every other exercise cut; the instructor's grading tests;
+    no oracles (teach/oracles.py is served to tests/exercises/ only, see _OracleFinder)."""
+    keep = set(bodies) | set(given(bodies))
+    return make_tree(dst, cut=[n for n in EXERCISES if n not in keep], wrong=bodies)
 
 
 def load_wrong(path: str) -> tuple[str, str, list]:
@@ -297,6 +342,8 @@ class _Collect:
         if report.failed or report.when == "call" or (report.skipped and prev is None):
             crash = getattr(report.longrepr, "reprcrash", None)
             msg = crash.message if crash is not None else (str(report.longrepr)[-1500:] if report.failed else "")
+            if report.skipped and isinstance(report.longrepr, tuple):  # (file, line, "Skipped: reason")
+                msg = str(report.longrepr[2])
             self.res[report.nodeid] = dict(outcome=report.outcome, message=msg, when=report.when)
 
     def pytest_collectreport(self, report):
@@ -305,8 +352,35 @@ class _Collect:
                                                              when="collect")
 
 
+class _OracleFinder:
+    """Serves `import oracles` (the instructor's teach/oracles.py) to the files of TREE/tests/exercises/ alone,
+    and only until the tests are collected (pytest_collection_finish withdraws it and drops the module), so the
+    code under test, which runs later, cannot import it; the file itself is not in the tree."""
+
+    def __init__(self, path: str, tree: str):
+        self.path, self.allowed = path, os.path.join(tree, "tests", "exercises") + os.sep
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "oracles":
+            return None
+        f = sys._getframe(1)
+        while f is not None and (f.f_code.co_filename.startswith("<frozen") or "importlib" in f.f_code.co_filename):
+            f = f.f_back  # the import machinery's own frames: the importer is the first frame outside them
+        importer = os.path.abspath(f.f_code.co_filename) if f is not None else ""
+        if not importer.startswith(self.allowed):
+            return None
+        import importlib.util
+        return importlib.util.spec_from_file_location("oracles", self.path)
+
+    def pytest_collection_finish(self, session):
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        sys.modules.pop("oracles", None)
+
+
 def _pytest_child(tree: str, args: list[str], out: str, log: str, env: dict | None = None) -> int:
-    """Run pytest in THIS process on `tree`: cwd and sys.path point at the tree, never at the reference."""
+    """Run pytest in THIS process on `tree`: cwd and sys.path point at the tree, never at the reference. The
+    oracles come from this teach.py's own repository (when it has them: the instructor's side)."""
     tree = os.path.abspath(tree)
     os.environ.update(env or {})
     os.chdir(tree)
@@ -319,12 +393,16 @@ def _pytest_child(tree: str, args: list[str], out: str, log: str, env: dict | No
             del sys.modules[m]
     sys.dont_write_bytecode = True
     import pytest
-    col = _Collect()
+    col, plugins = _Collect(), []
+    sys.modules.pop("oracles", None)
+    if os.path.isfile(os.path.join(ROOT, ORACLES)):
+        plugins.append(_OracleFinder(os.path.join(ROOT, ORACLES), tree))
+        sys.meta_path.insert(0, plugins[0])
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
     code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", tree, "-c", os.path.join(tree, "pytest.ini"),
-                        *args], plugins=[col])
+                        *args], plugins=[col] + plugins)
     with open(out, "w") as fh:
         json.dump(col.res, fh)
     return int(code)
@@ -405,15 +483,51 @@ def cmd_list(args):
                 print(f"{'':40s} breaks {d}")
 
 
+STUDENT_MD = """# Your exercises: {names}
+
+This is a copy of GEM-mini with {names} cut: between the lines `# >>> exercise: NAME` and `# <<< exercise`
+the code is `raise NotImplementedError(...)`. {given}Everything else is the reference code.
+
+- **What to edit:** only the lines between the markers, in {files}. Imports written inside a region are fine.
+- **What is graded:** only those regions. The grader takes them out of your files, puts them into its own clean
+  copy of the code and runs its own grading tests there (some with inputs you do not see). Anything you change
+  outside the markers (other code, the tests, teach.py) is not graded, and the marker lines must stay as they are.
+- **How to check your work:** `python teach.py grade {first}` (or `python teach.py grade` for all of them) runs
+  the grading tests that ship with this copy. Tests that compare with the instructor's reference
+  implementation are skipped here ("graded on submission"); the property tests run.
+- **Task sheets:** {sheets}.
+- **Scoring:** each exercise is worth 1; it passes at {pass_mark}. The shape/finiteness test is worth
+  {shape_weight} of it, the other tests share the rest, and any failing test caps the exercise at {cap}.
+
+The repository README's commands for instructors (`teach.py verify`, `snapshot`, `calibrate`) need files that
+are not in this copy; you do not need them.
+"""
+
+
 def cmd_start(args):
+    """A student's copy: the exercises of the assignment (a comma-separated list, or `all`) cut, every other
+    exercise cut too except those they call (given as reference code), no oracles, a STUDENT.md."""
     if not args or args[0].startswith("-"):
-        die("start: give an exercise name (or `all`), e.g. `python teach.py start rope`")
-    names = check_name(args[0])
-    dst = os.path.abspath(args[1] if len(args) > 1 else f"gem-mini-{args[0]}")
+        die("start: give exercise names (a comma-separated list, or `all`), e.g. `python teach.py start rope,attention DIR`")
+    if len(args) > 2:
+        die(f"start: takes NAMES [DIR], got {len(args)} arguments (several exercises: `start {','.join(args[:-1])} DIR`)")
+    names = [n for part in args[0].split(",") if part for n in check_name(part)]
+    names = list(dict.fromkeys(names))
+    dst = os.path.abspath(args[1] if len(args) > 1 else f"gem-mini-{args[0].replace(',', '-')}")
     if os.path.exists(dst) and os.listdir(dst):
         die(f"start: {dst} exists and is not empty; give another DIR")
-    make_tree(dst, cut=names)
-    print(f"{dst}: the repo with {', '.join(names)} cut (raise NotImplementedError between the markers)")
+    keep = given(names)
+    make_tree(dst, cut=[n for n in EXERCISES if n not in keep])
+    files = sorted({f for n in names for f in EXERCISES[n]["files"]})
+    with open(os.path.join(dst, "STUDENT.md"), "w") as fh:
+        fh.write(STUDENT_MD.format(
+            names=", ".join(names), first=names[0], files=", ".join(files),
+            sheets=", ".join(f"docs/exercises/{n}.md" for n in names),
+            given=(f"The exercises yours call ({', '.join(keep)}) are given as reference code; every other exercise "
+                   "is cut too. " if keep else "Every other exercise is cut too. "),
+            pass_mark=PASS_MARK, shape_weight=SHAPE_WEIGHT, cap=FAIL_CAP))
+    print(f"{dst}: the repo with {', '.join(names)} cut (raise NotImplementedError between the markers); "
+          f"read STUDENT.md")
     for n in names:
         print(f"  {n}: read docs/exercises/{n}.md, fill in {', '.join(EXERCISES[n]['files'])}, "
               f"then `python teach.py grade {n}`")
@@ -426,37 +540,81 @@ def _flag(args, key, default=None):
     return default
 
 
+def score(mine: dict, skipped_ok: bool = False) -> float:
+    """One exercise's score from its tests' outcomes: the shape/finiteness test(s) SHAPE_WEIGHT, the others share
+    1 - SHAPE_WEIGHT; a test that did not pass (failed or skipped) caps the score at FAIL_CAP (< PASS_MARK).
+    skipped_ok (a student's copy, without the oracles): skipped tests count neither way (advisory score only)."""
+    if skipped_ok:
+        mine = {k: v for k, v in mine.items() if v["outcome"] != "skipped"}
+    if not mine:
+        return 0.0
+    shape = [k for k in mine if k.split("::")[-1].split("[")[0] == SHAPE_TEST]
+    other = [k for k in mine if k not in shape]
+    weight = {k: (SHAPE_WEIGHT if other else 1.0) / len(shape) for k in shape}
+    weight.update({k: (1.0 - SHAPE_WEIGHT if shape else 1.0) / len(other) for k in other})
+    got = sum(weight[k] for k, v in mine.items() if v["outcome"] == "passed")
+    if any(v["outcome"] != "passed" for v in mine.values()):
+        got = min(got, FAIL_CAP)
+    return round(got, 4)
+
+
 def cmd_grade(args):
+    """Grade the submission in --tree (default: the current directory): its exercise regions alone are spliced
+    into a clean copy of THIS teach.py's repository (grading_tree) and this repository's grading tests run there."""
     for a in args:
         if a.startswith("--") and not a.startswith(("--tree=", "--json=")):
             die(f"grade: unknown flag {a.split('=')[0]} (known: --tree=DIR, --json=FILE)")
     pos = [a for a in args if not a.startswith("--")]
-    names = check_name(pos[0]) if pos else list(EXERCISES)
+    if len(pos) > 1:
+        die(f"grade: takes one NAME (a comma-separated list, or none for all), got {' '.join(pos)}")
+    names = list(dict.fromkeys(n for part in pos[0].split(",") if part for n in check_name(part))) if pos else list(EXERCISES)
     tree = os.path.abspath(_flag(args, "tree", os.getcwd()))
-    missing = [grading_file(n) for n in names if not os.path.isfile(os.path.join(tree, grading_file(n)))]
-    if missing:
-        die(f"grade: --tree={tree} has no {missing[0]} (is it a copy made by `teach.py start`?)")
-    t0 = time.time()
-    res = run_tests([(tree, [grading_file(n) for n in names], SLOW)])[0]
-    report, total = [], 0.0
+    if not os.path.isdir(tree):
+        die(f"grade: --tree={tree} is not a directory")
+    t0, bodies, refused = time.time(), {}, {}
     for n in names:
-        mine = tests_of(res, grading_file(n))
+        try:
+            bodies[n] = student_regions(tree, n)
+        except (ValueError, OSError, UnicodeDecodeError) as err:
+            refused[n] = f"not graded: {err}"
+            continue
+        hit = GRADER_INTERNALS.search("".join(bodies[n]))
+        if hit:
+            refused[n] = (f"not graded: the region names {hit.group(0)!r}, which reaches into the grader "
+                          "(its modules, frames or oracles); score 0, ask the instructor")
+            del bodies[n]
+    work = tempfile.mkdtemp(prefix="teach-grade-")
+    try:
+        res = {"<log>": ""}
+        if bodies:
+            gtree = grading_tree(os.path.join(work, "tree"), bodies)
+            res = run_tests([(gtree, [grading_file(n) for n in bodies], SLOW)])[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report, total = [], 0.0
+    student_side = not os.path.isfile(os.path.join(ROOT, ORACLES))
+    if student_side:
+        print("(a student's copy: tests that compare with the instructor's oracles are skipped and left out of this "
+              "score; the instructor's grade runs them)")
+    for n in names:
+        mine = tests_of(res, grading_file(n)) if n in bodies else {}
+        s = score(mine, skipped_ok=student_side) if n in bodies else 0.0
         passed = sum(v["outcome"] == "passed" for v in mine.values())
-        score = passed / max(len(mine), 1)
-        total += score
-        fails = [f"{k.split('::')[-1]}: {v['message'].splitlines()[0] if v['message'] else v['outcome']}"
-                 for k, v in mine.items() if v["outcome"] != "passed"]
-        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {score:.2f}" + ("" if fails else "  ok"))
-        for f in fails:
-            print(f"    {f[:200]}")
-        report.append(dict(name=n, score=round(score, 4), max_score=1.0, tier=EXERCISES[n]["tier"],
+        total += s
+        fails = [refused[n]] if n in refused else [
+            f"{k.split('::')[-1]}: {v['message'] or v['outcome']}" for k, v in mine.items() if v["outcome"] != "passed"]
+        verdict = "pass" if s >= PASS_MARK else "FAIL"
+        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {s:.2f}  {verdict}")
+        for f in fails:  # whole: the first failing property and its hint lead
+            print(textwrap.indent(f, "    "))
+        report.append(dict(name=n, score=s, max_score=1.0, tier=EXERCISES[n]["tier"],
                            output="\n".join(fails) or "all grading tests pass", visibility="visible"))
     if "<crash>" in res or "<collection>" in res:
         print(res["<log>"][-3000:])
     out = _flag(args, "json", os.path.join(tree, "grade.json"))
     with open(out, "w") as fh:  # the Gradescope autograder layout: score, max_score, one entry per exercise
         json.dump(dict(score=round(total, 4), max_score=float(len(names)), execution_time=round(time.time() - t0, 1),
-                       tests=report), fh, indent=1)
+                       pass_mark=PASS_MARK, tests=report), fh, indent=1)
     print(f"total {total:.2f} / {len(names)}   ({out})")
     return 0 if total == len(names) else 1
 
@@ -502,7 +660,7 @@ def cmd_calibrate(args):
         die(f"calibrate: takes no arguments, got {args[0]}")
     import torch
     torch.set_num_threads(1)
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "exercises")]
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "exercises"), os.path.join(ROOT, "teach")]
     import large as L
     path = os.path.join(ROOT, THRESHOLDS)
     meta = json.load(open(path)) if os.path.isfile(path) else {}
@@ -646,13 +804,22 @@ def cmd_verify(args):
             if EXERCISES[name]["large"] and not full:
                 skipped.append(f)  # caught by training only: verify --full
                 continue
-            jobs.append((make_tree(os.path.join(work, f[:-3]), wrong={name: bodies}), [grading_file(name)], env))
+            jobs.append((grading_tree(os.path.join(work, f[:-3]), {name: bodies}), [grading_file(name)], env))
+        # the reference's own regions graded as a submission is (grading_tree: every other exercise cut)
+        for n in EXERCISES:
+            jobs.append((grading_tree(os.path.join(work, f"ref_{n}"), {n: region_text(ROOT, n)}), [grading_file(n)], env))
         import torch  # noqa: F401  (preloaded once, so each forked run only imports the project)
         results = run_tests(jobs, parallel=2)
         check_reference(results[0], problems, full)
         check_cut_all(results[1], problems, full)
-        for f, res in zip([f for f in wrongs if f not in skipped], results[2:]):
+        graded = [f for f in wrongs if f not in skipped]
+        for f, res in zip(graded, results[2:2 + len(graded)]):
             check_wrong(f, res, problems)
+        for n, res in zip(EXERCISES, results[2 + len(graded):]):
+            s = score(tests_of(res, grading_file(n)))
+            if s != 1.0 and not (EXERCISES[n]["large"] and not full):
+                problems.append(f"reference {n} graded in its grading tree scores {s}, not 1.0: "
+                                f"{[(k.split('::')[-1], v['message'][:300]) for k, v in res.items() if not k.startswith('<') and v['outcome'] != 'passed']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _verdict(problems, t0, f"{len(EXERCISES)} exercises, {len(wrongs) - len(skipped)} wrong implementations"
@@ -715,6 +882,8 @@ def check_wrong(f: str, res: dict, problems: list):
     if not shape or any(v["outcome"] != "passed" for v in shape):
         problems.append(f"{WRONG}/{f}: should pass {SHAPE_TEST} (a plausible mistake, not a zero), got "
                         f"{[v['message'][:150] for v in shape] or 'no such test'}")
+    if score(mine) >= PASS_MARK:
+        problems.append(f"{WRONG}/{f}: scores {score(mine)}, at or above the pass mark {PASS_MARK}")
     if not caught:
         problems.append(f"{WRONG}/{f}: no grading test of {name} catches it (a tolerance too loose?): "
                         f"{ {k.split('::')[-1]: v['outcome'] for k, v in mine.items()} }\n{res.get('<log>', '')[-800:]}")

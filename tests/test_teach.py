@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import teach  # noqa: E402
 
+INSTRUCTOR = os.path.join(ROOT, "teach.py")  # this repository's teach.py: the instructor's grade
+
 
 def _teach(*args, cwd=ROOT, script=None, timeout=600):
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -31,6 +33,7 @@ def test_start_grade_paste_back_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (tree / ".git").exists() and not list(tree.rglob("__pycache__"))
     assert not (tree / "teach" / "wrong").exists(), "the stored wrong implementations must not reach a student"
+    assert not list(tree.rglob("oracles.py")), "the oracles (a working rope, attention, flow_pair) must not reach a student"
     text = (tree / "model.py").read_text()
     assert 'raise NotImplementedError("exercise rope: see docs/exercises/rope.md")' in text
     assert "x.chunk(2, dim=-1)" not in text.split("def rope")[1].split("class KVCache")[0]
@@ -40,13 +43,98 @@ def test_start_grade_paste_back_round_trip(tmp_path):
     res = json.loads((tree / "grade.json").read_text())
     assert res["score"] == 0 and res["tests"][0]["name"] == "rope"
     assert "NotImplementedError: exercise rope" in res["tests"][0]["output"]
-    # paste the reference back between the markers: full marks
+    # paste the reference back between the markers: the copy's own grade passes what it can run (the oracle
+    # comparison is skipped there), the instructor's grade of that tree gives full marks
     body = teach.region_text(ROOT, "rope")[0]
     (tree / "model.py").write_text(teach.splice(text, "rope", [body]))
+    r = _teach("grade", "rope", cwd=tree)
+    assert r.returncode == 0 and "score 1.00" in r.stdout and "skipped" in r.stdout, r.stdout + r.stderr
     r = _teach("grade", "rope", f"--tree={tree}", f"--json={tmp_path / 'g.json'}", cwd=tmp_path,
-               script=str(tree / "teach.py"))
-    assert r.returncode == 0 and "score 1.00" in r.stdout, r.stdout + r.stderr
+               script=INSTRUCTOR)
+    assert r.returncode == 0 and "score 1.00" in r.stdout and "skipped" not in r.stdout, r.stdout + r.stderr
     assert json.loads((tmp_path / "g.json").read_text())["score"] == 1.0
+
+
+FLOW_PAIR = {  # bodies a student might submit for flow_pair
+    "import_oracles": "import oracles\nreturn oracles.flow_pair(x0, noise, t)\n",
+    "hidden_import": "ns = {}\nexec('import ora' + 'cles as o', ns)\nreturn ns['o'].flow_pair(x0, noise, t)\n",
+    "flipped_target": "t = t.view(-1, *[1] * (x0.dim() - 1))\nreturn (1 - t) * x0 + t * noise, x0 - noise\n",
+    "from_scratch": "tt = t.reshape([x0.shape[0]] + [1] * (x0.dim() - 1))\nreturn x0 + tt * (noise - x0), noise - x0\n",
+}
+
+
+@pytest.fixture(scope="module")
+def flow_pair_copy(tmp_path_factory):
+    tree = tmp_path_factory.mktemp("fp") / "student"
+    r = _teach("start", "flow_pair", str(tree))
+    assert r.returncode == 0, r.stderr
+    return tree
+
+
+def _grade_flow_pair(tree, body, tmp_path, replace_test=False):
+    """The instructor's grade (this repository's teach.py) of the copy with `body` in flow_pair's region."""
+    p = tree / "depth_head.py"
+    text = p.read_text()
+    if body is not None:
+        p.write_text(teach.splice(text, "flow_pair", [body]))
+    test = tree / "tests" / "exercises" / "test_ex_flow_pair.py"
+    original = test.read_text()
+    if replace_test:
+        test.write_text("def test_shapes_and_finite():\n    pass\n")
+    try:
+        r = _teach("grade", "flow_pair", f"--tree={tree}", f"--json={tmp_path / 'g.json'}", cwd=tmp_path,
+               script=INSTRUCTOR)
+    finally:
+        p.write_text(text)
+        test.write_text(original)
+    return json.loads((tmp_path / "g.json").read_text())["score"], r.stdout
+
+
+@pytest.mark.parametrize("name,want", [("import_oracles", 0.0), ("hidden_import", 0.0), ("flipped_target", None),
+                                       ("from_scratch", 1.0)])
+def test_grade_trusts_only_the_region(flow_pair_copy, tmp_path, name, want):
+    """Cheat (a) of issue 24 (the oracle imported from the region, by name or hidden) scores 0; a plausible
+    mistake scores below the pass mark; a correct body written differently from the reference scores 1."""
+    got, out = _grade_flow_pair(flow_pair_copy, FLOW_PAIR[name], tmp_path)
+    if want is None:
+        assert 0 < got < teach.PASS_MARK and "the target is flipped" in out, out
+    else:
+        assert got == want, out
+
+
+def test_a_replaced_grading_test_does_not_score(flow_pair_copy, tmp_path):
+    """Cheat (b): the student's copy of test_ex_flow_pair.py emptied, the hole left in: the instructor's tests run."""
+    got, out = _grade_flow_pair(flow_pair_copy, None, tmp_path, replace_test=True)
+    assert got == 0.0 and "NotImplementedError: exercise flow_pair" in out, out
+
+
+def test_a_copy_holds_no_solution_of_any_exercise(tmp_path):
+    """Cheat (c): cutting rope,attention leaves no line of any exercise's solution (nor the oracles) in the copy;
+    an exercise that calls others (cfg: euler_sample, connector) gets them as reference code, nothing else."""
+    r = _teach("start", "rope,attention", str(tmp_path / "ra"))
+    assert r.returncode == 0, r.stderr
+    problems = []
+    teach.check_no_solution(str(tmp_path / "ra"), problems)
+    assert not problems, problems[:5]
+    assert "rope, attention" in (tmp_path / "ra" / "STUDENT.md").read_text()
+    r = _teach("start", "cfg", str(tmp_path / "cfg"))
+    assert r.returncode == 0, r.stderr
+    problems = []
+    teach.check_no_solution(str(tmp_path / "cfg"), problems)
+    leaked = {p.split("exercise ")[1].split("'")[0] for p in problems}
+    assert leaked == {"euler_sample", "connector"}, problems[:5]
+    student = (tmp_path / "cfg" / "STUDENT.md").read_text()
+    assert "euler_sample, connector" in student and "verify" not in student.split("README")[0]
+
+
+def test_rubric_keeps_wrong_code_below_the_pass_mark():
+    """Shape test 10 %, one failing test caps the exercise below the pass mark; all passing is 1."""
+    ok, bad = dict(outcome="passed", message=""), dict(outcome="failed", message="AssertionError")
+    mine = {f"f.py::{teach.SHAPE_TEST}": ok, **{f"f.py::t{i}": ok for i in range(9)}}
+    assert teach.score(mine) == 1.0
+    assert teach.score({**mine, "f.py::t0": bad}) == teach.FAIL_CAP < teach.PASS_MARK
+    assert teach.score({f"f.py::{teach.SHAPE_TEST}": ok, "f.py::t0": bad}) == pytest.approx(teach.SHAPE_WEIGHT)
+    assert teach.score({**mine, "f.py::t0": dict(outcome="skipped", message="")}) == teach.FAIL_CAP
 
 
 def test_cut_text_keeps_everything_else():
@@ -62,6 +150,8 @@ def test_cut_text_keeps_everything_else():
 
 
 @pytest.mark.parametrize("args,needle", [(["start", "ropee"], "unknown exercise 'ropee'"),
+                                         (["start", "rope", "attention", "x"], "takes NAMES [DIR]"),
+                                         (["start", "rope,atention", "x"], "unknown exercise 'atention'"),
                                          (["grade", "--tre=x"], "unknown flag --tre"),
                                          (["frobnicate"], "unknown command 'frobnicate'"),
                                          (["verify", "--fast"], "unknown flag --fast")])
