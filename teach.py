@@ -504,6 +504,9 @@ are not in this copy; you do not need them.
 """
 
 
+INSTRUCTOR_ONLY = re.compile(r"teach\.py (verify|snapshot|calibrate|deps|package)\b")
+
+
 def cmd_start(args):
     """A student's copy: the exercises of the assignment (a comma-separated list, or `all`) cut, every other
     exercise cut too except those they call (given as reference code), no oracles, a STUDENT.md."""
@@ -518,6 +521,11 @@ def cmd_start(args):
         die(f"start: {dst} exists and is not empty; give another DIR")
     keep = given(names)
     make_tree(dst, cut=[n for n in EXERCISES if n not in keep])
+    readme = os.path.join(dst, "README.md")
+    if os.path.isfile(readme):  # the instructor's commands fail in a copy: not shown there
+        lines = [line for line in open(readme).read().splitlines(True) if not INSTRUCTOR_ONLY.search(line)]
+        with open(readme, "w") as fh:
+            fh.write("> A student's copy: read STUDENT.md first (what to edit, how it is graded).\n\n" + "".join(lines))
     files = sorted({f for n in names for f in EXERCISES[n]["files"]})
     with open(os.path.join(dst, "STUDENT.md"), "w") as fh:
         fh.write(STUDENT_MD.format(
@@ -617,6 +625,45 @@ def cmd_grade(args):
                        pass_mark=PASS_MARK, tests=report), fh, indent=1)
     print(f"total {total:.2f} / {len(names)}   ({out})")
     return 0 if total == len(names) else 1
+
+
+SETUP_SH = """#!/usr/bin/env bash
+# Gradescope runs this once when it builds the grader image: the CPU requirements of the course.
+set -euo pipefail
+apt-get update -qq && apt-get install -y -qq python3 python3-pip > /dev/null
+pip3 install --quiet --index-url https://download.pytorch.org/whl/cpu "torch>=2.5"
+pip3 install --quiet -r /autograder/source/requirements.txt -r /autograder/source/requirements-dev.txt
+"""
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Gradescope runs this for each submission: the submitted files (depth_head.py, model.py, ...) lie in
+# $AG/submission; their exercise regions are graded in a clean copy of the course (teach.py grade).
+# AUTOGRADER_ROOT (default /autograder) lets a test run it elsewhere.
+AG="${{AUTOGRADER_ROOT:-/autograder}}"
+mkdir -p "$AG/results"
+cd "$AG/source" && "${{PYTHON:-python3}}" teach.py grade {names} --tree="$AG/submission" --json="$AG/results/results.json"
+exit 0  # the score is in results.json; a non-zero exit would read as a grader failure
+"""
+
+
+def cmd_package(args):
+    """teach.py package NAME,... [OUT]: an autograder.zip in Gradescope's layout (setup.sh, run_autograder,
+    beside this repository with its oracles, no history, no stored wrong implementations; Gradescope unpacks it
+    into /autograder/source and runs run_autograder from /autograder) grading NAME,..."""
+    if not args or args[0].startswith("-") or len(args) > 2:
+        die("package: give NAME,... [OUT], e.g. `python teach.py package rope,attention autograder.zip`")
+    names = list(dict.fromkeys(n for part in args[0].split(",") if part for n in check_name(part)))
+    out = os.path.abspath(args[1] if len(args) > 1 else "autograder.zip")
+    import zipfile
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER.format(names=",".join(names)))):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o755 << 16  # executable, as Gradescope runs them
+            z.writestr(info, text)
+        for f in tree_files(ROOT) + [ORACLES]:
+            z.write(os.path.join(ROOT, f), f)  # Gradescope unpacks the zip into /autograder/source
+    print(f"{out}: Gradescope autograder for {', '.join(names)}; students submit "
+          f"{', '.join(sorted({f for n in names for f in EXERCISES[n]['files']}))}")
+    return 0
 
 
 def sha256(path: str) -> str:
@@ -920,12 +967,14 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["_pytest"]:  # internal: python teach.py _pytest TREE OUT LOG -- pytest args
         return _pytest_child(argv[1], argv[5:], argv[2], argv[3])
     cmds = dict(list=cmd_list, start=cmd_start, grade=cmd_grade, verify=cmd_verify, snapshot=cmd_snapshot,
-                calibrate=cmd_calibrate, deps=cmd_deps)
+                calibrate=cmd_calibrate, deps=cmd_deps, package=cmd_package)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     if argv[0] not in cmds:
         die(f"unknown command {argv[0]!r} (known: {', '.join(cmds)})")
+    if argv[0] in ("verify", "snapshot", "calibrate", "deps", "package") and not os.path.isfile(os.path.join(ROOT, ORACLES)):
+        die(f"{argv[0]}: the instructor's repository only ({ORACLES} is not in this copy); students use `list` and `grade`")
     return cmds[argv[0]](argv[1:]) or 0
 
 

@@ -125,6 +125,10 @@ def test_a_copy_holds_no_solution_of_any_exercise(tmp_path):
     assert leaked == {"euler_sample", "connector"}, problems[:5]
     student = (tmp_path / "cfg" / "STUDENT.md").read_text()
     assert "euler_sample, connector" in student and "verify" not in student.split("README")[0]
+    readme = (tmp_path / "cfg" / "README.md").read_text()
+    assert "STUDENT.md" in readme and "teach.py verify" not in readme and "teach.py grade" in readme
+    r = _teach("verify", cwd=tmp_path / "cfg")
+    assert r.returncode == 2 and "instructor's repository only" in r.stderr, r.stderr
 
 
 def test_rubric_keeps_wrong_code_below_the_pass_mark():
@@ -135,6 +139,45 @@ def test_rubric_keeps_wrong_code_below_the_pass_mark():
     assert teach.score({**mine, "f.py::t0": bad}) == teach.FAIL_CAP < teach.PASS_MARK
     assert teach.score({f"f.py::{teach.SHAPE_TEST}": ok, "f.py::t0": bad}) == pytest.approx(teach.SHAPE_WEIGHT)
     assert teach.score({**mine, "f.py::t0": dict(outcome="skipped", message="")}) == teach.FAIL_CAP
+
+
+def test_gradescope_package_grades_submissions(flow_pair_copy, tmp_path):
+    """`package flow_pair` -> autograder.zip; its run_autograder (not setup.sh) grades submissions of the edited
+    file into results.json: a correct body written from scratch 1, a wrong one below the pass mark, cheats 0."""
+    import stat
+    import zipfile
+    r = _teach("package", "flow_pair", str(tmp_path / "autograder.zip"))
+    assert r.returncode == 0, r.stderr
+    ag = tmp_path / "ag"
+    with zipfile.ZipFile(tmp_path / "autograder.zip") as z:
+        names = z.namelist()
+        z.extractall(ag / "source")
+    assert {"setup.sh", "run_autograder", "teach/oracles.py", "teach.py", "depth_head.py"} <= set(names), names[:20]
+    assert not [n for n in names if "teach/wrong" in n or "/.git/" in n]
+    run = ag / "run_autograder"
+    run.write_text((ag / "source" / "run_autograder").read_text())  # where Gradescope puts it
+    run.chmod(run.stat().st_mode | stat.S_IEXEC)
+    handout = (flow_pair_copy / "depth_head.py").read_text()
+    submissions = {"from_scratch": (FLOW_PAIR["from_scratch"], False), "flipped_target": (FLOW_PAIR["flipped_target"], False),
+                   "import_oracles": (FLOW_PAIR["import_oracles"], False), "replaced_test": (None, True)}
+    scores = {}
+    for name, (body, replace_test) in submissions.items():
+        sub = ag / "submission"
+        if sub.exists():
+            import shutil
+            shutil.rmtree(sub)
+        sub.mkdir()
+        (sub / "depth_head.py").write_text(handout if body is None else teach.splice(handout, "flow_pair", [body]))
+        if replace_test:
+            (sub / "tests" / "exercises").mkdir(parents=True)
+            (sub / "tests" / "exercises" / "test_ex_flow_pair.py").write_text("def test_shapes_and_finite():\n    pass\n")
+        p = subprocess.run(["bash", str(run)], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, AUTOGRADER_ROOT=str(ag), PYTHON=sys.executable, PYTHONDONTWRITEBYTECODE="1"))
+        res = json.loads((ag / "results" / "results.json").read_text())
+        scores[name] = res["score"]
+        assert res["tests"][0]["name"] == "flow_pair" and res["tests"][0]["max_score"] == 1.0, p.stdout + p.stderr
+    assert scores["from_scratch"] == 1.0 and 0 < scores["flipped_target"] < teach.PASS_MARK, scores
+    assert scores["import_oracles"] == 0 and scores["replaced_test"] == 0, scores
 
 
 def test_cut_text_keeps_everything_else():
