@@ -130,6 +130,70 @@ EXERCISES = {
 }
 THRESHOLDS = os.path.join("teach", "thresholds.json")
 
+# What each exercise teaches: (difficulty 1-3, estimated minutes, learning objective, prerequisites: ideas and
+# exercises it builds on). The minutes are estimated, not measured on students: the tier's base + 3 min per line
+# of reference code (estimate(); verify checks them, and a student's copy, whose regions are cut, shows them).
+TEACHES = {
+    "rope": (1, 26, "apply rotary position embedding in the rotate-half layout and see why scores depend only on "
+             "relative position", "complex rotation; attention scores q.k"),
+    "attention": (2, 56, "write scaled dot-product attention with grouped-query heads, a causal and a boolean mask, by "
+                  "hand and through SDPA", "softmax; matrix shapes (B, H, T, hd); rope"),
+    "merger": (2, 53, "turn a grid of ViT patches into LLM tokens: LayerNorm, 2x2 grouping in row-major order, "
+               "padding an odd grid, an MLP projection", "tensor reshapes and permutes; LayerNorm"),
+    "connector": (1, 23, "build GEM's connector (Linear, tanh GELU, Linear, RMSNorm) from the equation",
+                  "MLPs; RMSNorm"),
+    "depth_target": (2, 56, "make a robust depth target: inverse depth, percentile normalisation, area resize over "
+                     "valid pixels only", "numpy percentiles; masked means"),
+    "flow_pair": (1, 26, "state the rectified-flow path and its velocity target in the project's convention",
+                  "linear interpolation; derivatives in t"),
+    "euler_sample": (1, 35, "integrate a learnt velocity field from noise to data with Euler steps",
+                     "ODEs; flow_pair"),
+    "cfg": (2, 32, "implement classifier-free guidance with one batched generator call",
+            "conditional generation; euler_sample, connector"),
+    "wilson": (1, 41, "compute a Wilson score interval and see why it beats the Wald interval at small n",
+               "binomial proportions; confidence intervals"),
+    "mra": (1, 35, "score numeric answers with VSI-Bench's mean relative accuracy", "relative error; thresholds"),
+    "flow_loss": (2, 50, "write the action expert's flow-matching loss: logit-normal time, masked mean over valid "
+                  "steps, repeated samples", "flow_pair; masked means"),
+    "vit_block": (2, 60, "write a pre-norm transformer encoder layer (multi-head self-attention + MLP)",
+                  "attention; residual streams; LayerNorm"),
+    "llm_block": (3, 81, "write a Qwen3 decoder layer: per-head q/k norms, RoPE, a KV cache, SwiGLU",
+                  "rope, attention, vit_block; autoregressive decoding"),
+    "cross_attention": (2, 57, "let each action-expert block read its own VLM layer through masked cross-attention",
+                        "attention; padding masks; llm_block"),
+    "stage_freezing": (2, 81, "freeze and unfreeze model parts by training stage and hand the optimizer exactly the "
+                       "trained parameters", "requires_grad; optimizers; GEM's three stages"),
+    "head_loss": (3, 114, "write GEM's generative loss (masked per-sample means, the condition drop) and train a depth "
+                  "head with it to a calibrated number", "flow_pair, euler_sample, cfg, connector; masked means"),
+}
+TIME_BASE = {"small": 20, "medium": 45, "large": 60}
+ORDER = [  # a 6-week module, two or three exercises a week, each week's exercises building on the earlier ones
+    ("1: scoring and the flow convention", ["wilson", "mra", "flow_pair"]),
+    ("2: sampling from a flow", ["euler_sample", "connector", "cfg"]),
+    ("3: the transformer core", ["rope", "attention", "vit_block"]),
+    ("4: from image to tokens, decoding", ["merger", "llm_block"]),
+    ("5: GEM's depth objective", ["depth_target", "head_loss"]),
+    ("6: the action expert and training stages", ["flow_loss", "cross_attention", "stage_freezing"]),
+]
+
+
+def minutes(name: str) -> int:
+    return TEACHES[name][1]
+
+
+def estimate(name: str) -> int:
+    """Estimated working time: the tier's base plus 3 minutes per non-blank line of reference code."""
+    lines = sum(len([x for x in b.splitlines() if x.strip()]) for b in region_text(ROOT, name))
+    return TIME_BASE[EXERCISES[name]["tier"]] + 3 * lines
+
+
+def sheet_meta(name: str) -> str:
+    """The block each task sheet carries under its title (verify checks it matches this manifest)."""
+    difficulty, _, objective, prereq = TEACHES[name]
+    return (f"**Objective.** {objective[0].upper() + objective[1:]}. **Prerequisites:** {prereq}. "
+            f"**Time:** ~{minutes(name)} min (estimated from the tier and the reference's length, not measured on "
+            f"students). **Difficulty:** {difficulty}/3.")
+
 # `verify --full` runs the whole suite on the cut-all tree: what else fails there, by the first hole it hits
 # (measured by that run; the plain verify checks only the dependents in `depends` above).
 FULL_DEPENDS = {
@@ -473,6 +537,9 @@ def cmd_list(args):
             per_file[f] = per_file.get(f, 0) + 1
         breaks = ", ".join(f"{f} ({k})" for f, k in per_file.items()) or "-"
         print(f"{name:16s} {e['tier']:7s} {', '.join(e['files']):15s} {grading_file(name):40s} {breaks}")
+        difficulty, _, objective, prereq = TEACHES[name]
+        print(f"{'':40s} difficulty {difficulty}/3, ~{minutes(name)} min: {objective}")
+        print(f"{'':40s} prerequisites: {prereq}")
         if e["uses"]:
             print(f"{'':40s} uses (reference code when cut alone): {', '.join(e['uses'])}")
         if e["large"]:
@@ -757,8 +824,18 @@ def check_static(problems: list):
             problems.append(f"exercise {n}: grading file {grading_file(n)} missing")
         elif f"def {SHAPE_TEST}(" not in open(g).read():
             problems.append(f"{grading_file(n)}: no {SHAPE_TEST} (the shape/finiteness test wrong implementations pass)")
-        if not os.path.isfile(os.path.join(ROOT, "docs", "exercises", f"{n}.md")):
+        sheet = os.path.join(ROOT, "docs", "exercises", f"{n}.md")
+        if not os.path.isfile(sheet):
             problems.append(f"exercise {n}: docs/exercises/{n}.md missing")
+        elif n not in TEACHES:
+            problems.append(f"exercise {n}: no entry in teach.py TEACHES (objective, prerequisites, difficulty)")
+        elif minutes(n) != estimate(n):
+            problems.append(f"exercise {n}: teach.py TEACHES says {minutes(n)} min, the rule (estimate) {estimate(n)}")
+        elif sheet_meta(n) not in open(sheet).read():
+            problems.append(f"docs/exercises/{n}.md: its objective/prerequisites/time line differs from teach.py "
+                            f"TEACHES; put this under the title: {sheet_meta(n)}")
+    if sorted(n for _, week in ORDER for n in week) != sorted(EXERCISES):
+        problems.append("teach.py ORDER (the suggested module order) must list every exercise once")
     meta_path = os.path.join(ROOT, SNAPSHOTS, "hashes.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"snapshots": {}}
     for n, e in EXERCISES.items():

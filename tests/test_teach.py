@@ -213,4 +213,5 @@ def test_list_names_every_exercise():
     assert r.returncode == 0
     for name, e in teach.EXERCISES.items():
         assert name in r.stdout and teach.grading_file(name) in r.stdout
+        assert f"~{teach.minutes(name)} min" in r.stdout and teach.TEACHES[name][2] in r.stdout
     assert len(teach.EXERCISES) >= 10 and {e["tier"] for e in teach.EXERCISES.values()} == {"small", "medium", "large"}
