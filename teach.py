@@ -10,16 +10,19 @@ and keeps everything else as reference code: exercises never cascade.
 
 Commands (function that runs each):
   python teach.py list [NAME]                           cmd_list      exercises, tier, files, grading tests, dependents
-  python teach.py start NAME|all [DIR]                  cmd_start     a plain copy of the repo (no history), NAME cut
-  python teach.py grade [NAME] [--tree=DIR] [--json=F]  cmd_grade     NAME's grading tests on the student's tree
-                                                                      (default: the current directory), score + JSON
+  python teach.py start NAME,...|all [DIR]              cmd_start     the copy to hand out: NAMEs cut (and every other
+                                                                      exercise except those they call), STUDENT.md
+  python teach.py grade [NAME,...] [--tree=DIR] [--json=F] cmd_grade  the regions of DIR (default: the current
+                                                                      directory) graded in a clean copy, score + JSON
+  python teach.py package NAME,... [OUT]                cmd_package   a Gradescope autograder.zip
   python teach.py verify [--full]                       cmd_verify    the teacher's check (CI: tests/test_teach.py)
   python teach.py snapshot                              cmd_snapshot  regenerate the medium tier's snapshots + hashes
   python teach.py calibrate                             cmd_calibrate the large tier's thresholds (several reference seeds)
   python teach.py deps FILE...                          cmd_deps      which tests of FILE fail when each hole is cut
 
-Files: the manifest is EXERCISES below; grading tests tests/exercises/test_ex_NAME.py (each has
-test_shapes_and_finite); stored wrong implementations teach/wrong/NAME__MISTAKE.py (a replacement body,
+Files: the manifest is EXERCISES below (TEACHES: objective, prerequisites, time, difficulty; ORDER: a module
+plan); oracles teach/oracles.py (instructor side only: never copied into a student's copy or a grading tree);
+grading tests tests/exercises/test_ex_NAME.py (each has test_shapes_and_finite); stored wrong implementations teach/wrong/NAME__MISTAKE.py (a replacement body,
 never copied into a student's tree); medium-tier snapshots teach/snapshots/NAME.safetensors + hashes.json (the
 commit and the sha256 of the files they were made from); large-tier thresholds teach/thresholds.json (the same);
 the task sheets docs/exercises/NAME.md.
@@ -633,6 +636,15 @@ def score(mine: dict, skipped_ok: bool = False) -> float:
     return round(got, 4)
 
 
+def _hint(message: str) -> str:
+    """A failure's message whole (the property and its hint), without pytest's `assert ... where ...` dump."""
+    lines = (message or "").splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        if line.startswith("assert ") or line.lstrip().startswith("+  where"):
+            return "\n".join(lines[:i])
+    return "\n".join(lines)
+
+
 def cmd_grade(args):
     """Grade the submission in --tree (default: the current directory): its exercise regions alone are spliced
     into a clean copy of THIS teach.py's repository (grading_tree) and this repository's grading tests run there."""
@@ -677,7 +689,7 @@ def cmd_grade(args):
         passed = sum(v["outcome"] == "passed" for v in mine.values())
         total += s
         fails = [refused[n]] if n in refused else [
-            f"{k.split('::')[-1]}: {v['message'] or v['outcome']}" for k, v in mine.items() if v["outcome"] != "passed"]
+            f"{k.split('::')[-1]}: {_hint(v['message']) or v['outcome']}" for k, v in mine.items() if v["outcome"] != "passed"]
         verdict = "pass" if s >= PASS_MARK else "FAIL"
         print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {s:.2f}  {verdict}")
         for f in fails:  # whole: the first failing property and its hint lead
