@@ -54,6 +54,7 @@ NEVER_COPIED = (".git", "__pycache__", ".pytest_cache", ".venv", ".venv-ci", "ve
 TEACHING = ("docs/exercises/", "tests/exercises/", "teach/", "teach.py")  # written for the course
 SHAPE_TEST = "test_shapes_and_finite"
 ORACLES = os.path.join("teach", "oracles.py")  # the oracles the grading tests compare with: instructor side only
+HIDDEN = os.path.join("teach", "hidden")  # hidden grading cases (test_hidden_*.py; seed: package): instructor side only
 # The rubric: an exercise passes at PASS_MARK; the shape/finiteness test is worth SHAPE_WEIGHT, the other tests
 # share the rest; a failing (or skipped) test caps the exercise at FAIL_CAP, so wrong code never passes.
 PASS_MARK, SHAPE_WEIGHT, FAIL_CAP = 0.6, 0.1, 0.5
@@ -314,7 +315,8 @@ def tree_files(src: str) -> list[str]:
     for f in files:
         parts = f.replace(os.sep, "/").split("/")
         if (any(p in NEVER_COPIED for p in parts) or f.replace(os.sep, "/").startswith(WRONG.replace(os.sep, "/"))
-                or f.replace(os.sep, "/") == ORACLES.replace(os.sep, "/")):
+                or f.replace(os.sep, "/") == ORACLES.replace(os.sep, "/")
+                or f.replace(os.sep, "/").startswith(HIDDEN.replace(os.sep, "/") + "/")):
             continue
         if f.endswith((".pyc", ".pyo")) or not os.path.isfile(os.path.join(src, f)):
             continue
@@ -373,7 +375,26 @@ def grading_tree(dst: str, bodies: dict) -> str:
     region]}) spliced in, the exercises they call kept, every other exercise cut; the instructor's grading tests;
     no oracles (teach/oracles.py is served to tests/exercises/ only, see _OracleFinder)."""
     keep = set(bodies) | set(given(bodies))
-    return make_tree(dst, cut=[n for n in EXERCISES if n not in keep], wrong=bodies)
+    make_tree(dst, cut=[n for n in EXERCISES if n not in keep], wrong=bodies)
+    for f in hidden_files(ROOT):  # beside the visible tests, so that they reach the oracles the same way
+        shutil.copy2(os.path.join(ROOT, HIDDEN, f), os.path.join(dst, "tests", "exercises", f))
+    return dst
+
+
+def hidden_files(root: str) -> list[str]:
+    d = os.path.join(root, HIDDEN)
+    return sorted(f for f in os.listdir(d) if f.startswith("test_hidden") and f.endswith(".py")) if os.path.isdir(d) else []
+
+
+def hidden_seed() -> str:
+    """The hidden cases' seed: GEM_HIDDEN_SEED, else the one `package` wrote (teach/hidden/seed), else the default."""
+    path = os.path.join(ROOT, HIDDEN, "seed")
+    return os.environ.get("GEM_HIDDEN_SEED") or (open(path).read().strip() if os.path.isfile(path) else "20240917")
+
+
+def hidden_of(res: dict, name: str) -> dict:
+    """The hidden cases of exercise `name`: tests named test_NAME_hidden in the hidden files."""
+    return {k: v for k, v in res.items() if "/test_hidden" in k and k.split("::")[-1].split("[")[0] == f"test_{name}_hidden"}
 
 
 def load_wrong(path: str) -> tuple[str, str, list]:
@@ -675,7 +696,9 @@ def cmd_grade(args):
         res = {"<log>": ""}
         if bodies:
             gtree = grading_tree(os.path.join(work, "tree"), bodies)
-            res = run_tests([(gtree, [grading_file(n) for n in bodies], SLOW)])[0]
+            hidden = [f"tests/exercises/{f}" for f in hidden_files(ROOT)]
+            res = run_tests([(gtree, [grading_file(n) for n in bodies] + hidden,
+                              dict(SLOW, GEM_HIDDEN_SEED=hidden_seed()))])[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report, total = [], 0.0
@@ -685,17 +708,26 @@ def cmd_grade(args):
               "score; the instructor's grade runs them)")
     for n in names:
         mine = tests_of(res, grading_file(n)) if n in bodies else {}
-        s = score(mine, skipped_ok=student_side) if n in bodies else 0.0
+        secret = hidden_of(res, n) if n in bodies else {}
+        s = score({**mine, **secret}, skipped_ok=student_side) if n in bodies else 0.0
         passed = sum(v["outcome"] == "passed" for v in mine.values())
         total += s
         fails = [refused[n]] if n in refused else [
             f"{k.split('::')[-1]}: {_hint(v['message']) or v['outcome']}" for k, v in mine.items() if v["outcome"] != "passed"]
         verdict = "pass" if s >= PASS_MARK else "FAIL"
-        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {s:.2f}  {verdict}")
+        lost = [f"{k.split('::')[-1]}: {_hint(v['message']) or v['outcome']}" for k, v in secret.items()
+                if v["outcome"] != "passed"]
+        if lost:
+            fails.append(f"{len(lost)} of {len(secret)} hidden case(s) failed (details after grades are published)")
+        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {s:.2f}  {verdict}"
+              + (f"  (+{len(secret)} hidden cases)" if secret else ""))
         for f in fails:  # whole: the first failing property and its hint lead
             print(textwrap.indent(f, "    "))
         report.append(dict(name=n, score=s, max_score=1.0, tier=EXERCISES[n]["tier"],
                            output="\n".join(fails) or "all grading tests pass", visibility="visible"))
+        if secret:  # Gradescope shows this entry to the student only once the grades are published
+            report.append(dict(name=f"{n} (hidden cases)", score=0.0, max_score=0.0, visibility="after_published",
+                               output="\n".join(lost) or f"all {len(secret)} hidden cases pass"))
     if "<crash>" in res or "<collection>" in res:
         print(res["<log>"][-3000:])
     out = _flag(args, "json", os.path.join(tree, "grade.json"))
@@ -738,8 +770,10 @@ def cmd_package(args):
             info = zipfile.ZipInfo(name)
             info.external_attr = 0o755 << 16  # executable, as Gradescope runs them
             z.writestr(info, text)
-        for f in tree_files(ROOT) + [ORACLES]:
+        for f in tree_files(ROOT) + [ORACLES] + [os.path.join(HIDDEN, f) for f in hidden_files(ROOT)]:
             z.write(os.path.join(ROOT, f), f)  # Gradescope unpacks the zip into /autograder/source
+        import secrets
+        z.writestr(os.path.join(HIDDEN, "seed"), f"{secrets.randbelow(10 ** 9)}\n")  # the hidden cases' inputs
     print(f"{out}: Gradescope autograder for {', '.join(names)}; students submit "
           f"{', '.join(sorted({f for n in names for f in EXERCISES[n]['files']}))}")
     return 0
@@ -932,6 +966,7 @@ def cmd_verify(args):
         env = SLOW if full else {}
         jobs = [(ROOT, grading, env), (cut_all, grading + (["tests"] if full else dep_files), env)]
         wrongs, skipped = sorted(f for f in os.listdir(os.path.join(ROOT, WRONG)) if f.endswith(".py")), []
+        hidden = [f"tests/exercises/{f}" for f in hidden_files(ROOT)]
         for f in wrongs:
             name, mistake, bodies = load_wrong(os.path.join(ROOT, WRONG, f))
             if name not in EXERCISES:
@@ -940,10 +975,10 @@ def cmd_verify(args):
             if EXERCISES[name]["large"] and not full and "caught by training" in mistake:
                 skipped.append(f)  # its '# mistake:' line says only the slow training test catches it: verify --full
                 continue
-            jobs.append((grading_tree(os.path.join(work, f[:-3]), {name: bodies}), [grading_file(name)], env))
+            jobs.append((grading_tree(os.path.join(work, f[:-3]), {name: bodies}), [grading_file(name)] + hidden, env))
         # the reference's own regions graded as a submission is (grading_tree: every other exercise cut)
         for n in EXERCISES:
-            jobs.append((grading_tree(os.path.join(work, f"ref_{n}"), {n: region_text(ROOT, n)}), [grading_file(n)], env))
+            jobs.append((grading_tree(os.path.join(work, f"ref_{n}"), {n: region_text(ROOT, n)}), [grading_file(n)] + hidden, env))
         import torch  # noqa: F401  (preloaded once, so each forked run only imports the project)
         results = run_tests(jobs, parallel=2)
         check_reference(results[0], problems, full)
@@ -952,7 +987,7 @@ def cmd_verify(args):
         for f, res in zip(graded, results[2:2 + len(graded)]):
             check_wrong(f, res, problems)
         for n, res in zip(EXERCISES, results[2 + len(graded):]):
-            s = score(tests_of(res, grading_file(n)))
+            s = score({**tests_of(res, grading_file(n)), **hidden_of(res, n)})
             if s != 1.0 and not (EXERCISES[n]["large"] and not full):
                 problems.append(f"reference {n} graded in its grading tree scores {s}, not 1.0: "
                                 f"{[(k.split('::')[-1], v['message'][:300]) for k, v in res.items() if not k.startswith('<') and v['outcome'] != 'passed']}")

@@ -34,6 +34,7 @@ def test_start_grade_paste_back_round_trip(tmp_path):
     assert not (tree / ".git").exists() and not list(tree.rglob("__pycache__"))
     assert not (tree / "teach" / "wrong").exists(), "the stored wrong implementations must not reach a student"
     assert not list(tree.rglob("oracles.py")), "the oracles (a working rope, attention, flow_pair) must not reach a student"
+    assert not (tree / "teach" / "hidden").exists() and not list(tree.rglob("test_hidden*")), "hidden cases stay hidden"
     text = (tree / "model.py").read_text()
     assert 'raise NotImplementedError("exercise rope: see docs/exercises/rope.md")' in text
     assert "x.chunk(2, dim=-1)" not in text.split("def rope")[1].split("class KVCache")[0]
@@ -152,7 +153,8 @@ def test_gradescope_package_grades_submissions(flow_pair_copy, tmp_path):
     with zipfile.ZipFile(tmp_path / "autograder.zip") as z:
         names = z.namelist()
         z.extractall(ag / "source")
-    assert {"setup.sh", "run_autograder", "teach/oracles.py", "teach.py", "depth_head.py"} <= set(names), names[:20]
+    assert {"setup.sh", "run_autograder", "teach/oracles.py", "teach.py", "depth_head.py", "teach/hidden/seed",
+            "teach/hidden/test_hidden_small.py"} <= set(names), names[:20]
     assert not [n for n in names if "teach/wrong" in n or "/.git/" in n]
     run = ag / "run_autograder"
     run.write_text((ag / "source" / "run_autograder").read_text())  # where Gradescope puts it
@@ -160,7 +162,7 @@ def test_gradescope_package_grades_submissions(flow_pair_copy, tmp_path):
     handout = (flow_pair_copy / "depth_head.py").read_text()
     submissions = {"from_scratch": (FLOW_PAIR["from_scratch"], False), "flipped_target": (FLOW_PAIR["flipped_target"], False),
                    "import_oracles": (FLOW_PAIR["import_oracles"], False), "replaced_test": (None, True)}
-    scores = {}
+    scores, hidden = {}, {}
     for name, (body, replace_test) in submissions.items():
         sub = ag / "submission"
         if sub.exists():
@@ -175,9 +177,15 @@ def test_gradescope_package_grades_submissions(flow_pair_copy, tmp_path):
                            env=dict(os.environ, AUTOGRADER_ROOT=str(ag), PYTHON=sys.executable, PYTHONDONTWRITEBYTECODE="1"))
         res = json.loads((ag / "results" / "results.json").read_text())
         scores[name] = res["score"]
+        hidden[name] = [t for t in res["tests"] if t["name"] == "flow_pair (hidden cases)"]
         assert res["tests"][0]["name"] == "flow_pair" and res["tests"][0]["max_score"] == 1.0, p.stdout + p.stderr
     assert scores["from_scratch"] == 1.0 and 0 < scores["flipped_target"] < teach.PASS_MARK, scores
     assert scores["import_oracles"] == 0 and scores["replaced_test"] == 0, scores
+    # the hidden cases (inputs from the seed package drew) are reported apart, shown once grades are published
+    for name in ("from_scratch", "flipped_target"):
+        assert len(hidden[name]) == 1 and hidden[name][0]["visibility"] == "after_published", hidden
+    assert "all 3 hidden cases pass" in hidden["from_scratch"][0]["output"]
+    assert "flow_pair: a hidden case differs" in hidden["flipped_target"][0]["output"], hidden
 
 
 def test_cut_text_keeps_everything_else():
