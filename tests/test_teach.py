@@ -223,3 +223,42 @@ def test_list_names_every_exercise():
         assert name in r.stdout and teach.grading_file(name) in r.stdout
         assert f"~{teach.minutes(name)} min" in r.stdout and teach.TEACHES[name][2] in r.stdout
     assert len(teach.EXERCISES) >= 10 and {e["tier"] for e in teach.EXERCISES.values()} == {"small", "medium", "large"}
+
+
+DEPTH_ITEM = """import sys, torch, data
+root, out, cache = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+tok = data.load_tokenizer(root + "/tokenizer.json")
+ds = data.GemDataset(root, "train", tok=tok, image_size=64, n_image_tokens=16, head_size=16, max_len=96, cache=cache)
+torch.save(torch.stack([ds[i]["depth_target"] for i in range(len(ds))]), out)
+"""
+
+
+def test_a_fixed_depth_target_is_what_training_reads(micro_data, tmp_path):
+    """A student trains with a wrong depth_target (the decode-once cache is built from it), then fixes the region:
+    the cached items training reads follow the fix (the cache key hashes the code that fills it), equal to
+    decoding the files with the fixed code, and differ from the wrong targets."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(micro_data, root)
+    shutil.rmtree(root / "cache", ignore_errors=True)
+    _, _, wrong = teach.load_wrong(os.path.join(ROOT, teach.WRONG, "depth_target__no_inversion.py"))
+    tree = teach.make_tree(str(tmp_path / "student"), wrong={"depth_target": wrong})
+    (tmp_path / "item.py").write_text(DEPTH_ITEM)
+
+    def targets(name, cache):
+        out = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, str(tmp_path / "item.py"), str(root), str(out), "1" if cache else "0"],
+                           cwd=tree, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        import torch
+        return torch.load(out)
+
+    before = targets("wrong_cached", cache=True)
+    p = os.path.join(tree, "data.py")
+    text = open(p).read()
+    open(p, "w").write(teach.splice(text, "depth_target", teach.region_text(ROOT, "depth_target"), "data.py"))
+    fixed, decoded = targets("fixed_cached", cache=True), targets("fixed_files", cache=False)
+    import torch
+    assert torch.equal(fixed, decoded), "after the fix, the cache still serves targets other than the fixed code's"
+    assert not torch.equal(fixed, before), "the wrong depth_target gave the same targets: the test shows nothing"
