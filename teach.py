@@ -10,16 +10,19 @@ and keeps everything else as reference code: exercises never cascade.
 
 Commands (function that runs each):
   python teach.py list [NAME]                           cmd_list      exercises, tier, files, grading tests, dependents
-  python teach.py start NAME|all [DIR]                  cmd_start     a plain copy of the repo (no history), NAME cut
-  python teach.py grade [NAME] [--tree=DIR] [--json=F]  cmd_grade     NAME's grading tests on the student's tree
-                                                                      (default: the current directory), score + JSON
+  python teach.py start NAME,...|all [DIR]              cmd_start     the copy to hand out: NAMEs cut (and every other
+                                                                      exercise except those they call), STUDENT.md
+  python teach.py grade [NAME,...] [--tree=DIR] [--json=F] cmd_grade  the regions of DIR (default: the current
+                                                                      directory) graded in a clean copy, score + JSON
+  python teach.py package NAME,... [OUT]                cmd_package   a Gradescope autograder.zip
   python teach.py verify [--full]                       cmd_verify    the teacher's check (CI: tests/test_teach.py)
   python teach.py snapshot                              cmd_snapshot  regenerate the medium tier's snapshots + hashes
   python teach.py calibrate                             cmd_calibrate the large tier's thresholds (several reference seeds)
   python teach.py deps FILE...                          cmd_deps      which tests of FILE fail when each hole is cut
 
-Files: the manifest is EXERCISES below; grading tests tests/exercises/test_ex_NAME.py (each has
-test_shapes_and_finite); stored wrong implementations teach/wrong/NAME__MISTAKE.py (a replacement body,
+Files: the manifest is EXERCISES below (TEACHES: objective, prerequisites, time, difficulty; ORDER: a module
+plan); oracles teach/oracles.py (instructor side only: never copied into a student's copy or a grading tree);
+grading tests tests/exercises/test_ex_NAME.py (each has test_shapes_and_finite); stored wrong implementations teach/wrong/NAME__MISTAKE.py (a replacement body,
 never copied into a student's tree); medium-tier snapshots teach/snapshots/NAME.safetensors + hashes.json (the
 commit and the sha256 of the files they were made from); large-tier thresholds teach/thresholds.json (the same);
 the task sheets docs/exercises/NAME.md.
@@ -50,6 +53,14 @@ NEVER_COPIED = (".git", "__pycache__", ".pytest_cache", ".venv", ".venv-ci", "ve
                 "test_teach.py")  # the teacher's own tests (verify, the round trip) are not the student's
 TEACHING = ("docs/exercises/", "tests/exercises/", "teach/", "teach.py")  # written for the course
 SHAPE_TEST = "test_shapes_and_finite"
+ORACLES = os.path.join("teach", "oracles.py")  # the oracles the grading tests compare with: instructor side only
+HIDDEN = os.path.join("teach", "hidden")  # hidden grading cases (test_hidden_*.py; seed: package): instructor side only
+# The rubric: an exercise passes at PASS_MARK; the shape/finiteness test is worth SHAPE_WEIGHT, the other tests
+# share the rest; a failing (or skipped) test caps the exercise at FAIL_CAP, so wrong code never passes.
+PASS_MARK, SHAPE_WEIGHT, FAIL_CAP = 0.6, 0.1, 0.5
+# What a region has no business naming: the grader's own machinery (its modules, frames, the oracles).
+GRADER_INTERNALS = re.compile(r"\boracles\b|sys\.modules|\bgc\b|\binspect\b|_getframe|\bf_back\b|f_globals|"
+                              r"f_locals|test_ex_|__import__|importlib|\bconftest\b|builtins|__main__|/proc\b|\bargv\b")
 SLOW = {"GEM_SLOW": "1"}  # the large tier's training tests run only with it (grade, verify --full, calibrate)  # every grading file has one: the wrong implementations must pass it
 
 
@@ -121,9 +132,73 @@ EXERCISES = {
                      large=dict(procedure="tests/exercises/large.py:head_loss", seeds=[0, 1, 2, 3, 4], k=3.0,
                                 grade_seed=11, steps=400, metric="residual correlation: corr(sample - mean map, target - mean map), the mean of 4 samples per test scene (higher is better; the mean map scores 0)",
                                 made_from=["depth_head.py", "sim_env.py", "model.py", "tests/exercises/large.py",
-                                           "tests/exercises/oracles.py"])),
+                                           "teach/oracles.py"])),
 }
 THRESHOLDS = os.path.join("teach", "thresholds.json")
+
+# What each exercise teaches: (difficulty 1-3, estimated minutes, learning objective, prerequisites: ideas and
+# exercises it builds on). The minutes are estimated, not measured on students: the tier's base + 3 min per line
+# of reference code (estimate(); verify checks them, and a student's copy, whose regions are cut, shows them).
+TEACHES = {
+    "rope": (1, 26, "apply rotary position embedding in the rotate-half layout and see why scores depend only on "
+             "relative position", "complex rotation; attention scores q.k"),
+    "attention": (2, 56, "write scaled dot-product attention with grouped-query heads, a causal and a boolean mask, by "
+                  "hand and through SDPA", "softmax; matrix shapes (B, H, T, hd); rope"),
+    "merger": (2, 53, "turn a grid of ViT patches into LLM tokens: LayerNorm, 2x2 grouping in row-major order, "
+               "padding an odd grid, an MLP projection", "tensor reshapes and permutes; LayerNorm"),
+    "connector": (1, 23, "build GEM's connector (Linear, tanh GELU, Linear, RMSNorm) from the equation",
+                  "MLPs; RMSNorm"),
+    "depth_target": (2, 56, "make a robust depth target: inverse depth, percentile normalisation, area resize over "
+                     "valid pixels only", "numpy percentiles; masked means"),
+    "flow_pair": (1, 26, "state the rectified-flow path and its velocity target in the project's convention",
+                  "linear interpolation; derivatives in t"),
+    "euler_sample": (1, 35, "integrate a learnt velocity field from noise to data with Euler steps",
+                     "ODEs; flow_pair"),
+    "cfg": (2, 32, "implement classifier-free guidance with one batched generator call",
+            "conditional generation; euler_sample, connector"),
+    "wilson": (1, 41, "compute a Wilson score interval and see why it beats the Wald interval at small n",
+               "binomial proportions; confidence intervals"),
+    "mra": (1, 35, "score numeric answers with VSI-Bench's mean relative accuracy", "relative error; thresholds"),
+    "flow_loss": (2, 50, "write the action expert's flow-matching loss: logit-normal time, masked mean over valid "
+                  "steps, repeated samples", "flow_pair; masked means"),
+    "vit_block": (2, 60, "write a pre-norm transformer encoder layer (multi-head self-attention + MLP)",
+                  "attention; residual streams; LayerNorm"),
+    "llm_block": (3, 81, "write a Qwen3 decoder layer: per-head q/k norms, RoPE, a KV cache, SwiGLU",
+                  "rope, attention, vit_block; autoregressive decoding"),
+    "cross_attention": (2, 57, "let each action-expert block read its own VLM layer through masked cross-attention",
+                        "attention; padding masks; llm_block"),
+    "stage_freezing": (2, 81, "freeze and unfreeze model parts by training stage and hand the optimizer exactly the "
+                       "trained parameters", "requires_grad; optimizers; GEM's three stages"),
+    "head_loss": (3, 114, "write GEM's generative loss (masked per-sample means, the condition drop) and train a depth "
+                  "head with it to a calibrated number", "flow_pair, euler_sample, cfg, connector; masked means"),
+}
+TIME_BASE = {"small": 20, "medium": 45, "large": 60}
+ORDER = [  # a 6-week module, two or three exercises a week, each week's exercises building on the earlier ones
+    ("1: scoring and the flow convention", ["wilson", "mra", "flow_pair"]),
+    ("2: sampling from a flow", ["euler_sample", "connector", "cfg"]),
+    ("3: the transformer core", ["rope", "attention", "vit_block"]),
+    ("4: from image to tokens, decoding", ["merger", "llm_block"]),
+    ("5: GEM's depth objective", ["depth_target", "head_loss"]),
+    ("6: the action expert and training stages", ["flow_loss", "cross_attention", "stage_freezing"]),
+]
+
+
+def minutes(name: str) -> int:
+    return TEACHES[name][1]
+
+
+def estimate(name: str) -> int:
+    """Estimated working time: the tier's base plus 3 minutes per non-blank line of reference code."""
+    lines = sum(len([x for x in b.splitlines() if x.strip()]) for b in region_text(ROOT, name))
+    return TIME_BASE[EXERCISES[name]["tier"]] + 3 * lines
+
+
+def sheet_meta(name: str) -> str:
+    """The block each task sheet carries under its title (verify checks it matches this manifest)."""
+    difficulty, _, objective, prereq = TEACHES[name]
+    return (f"**Objective.** {objective[0].upper() + objective[1:]}. **Prerequisites:** {prereq}. "
+            f"**Time:** ~{minutes(name)} min (estimated from the tier and the reference's length, not measured on "
+            f"students). **Difficulty:** {difficulty}/3.")
 
 # `verify --full` runs the whole suite on the cut-all tree: what else fails there, by the first hole it hits
 # (measured by that run; the plain verify checks only the dependents in `depends` above).
@@ -241,7 +316,9 @@ def tree_files(src: str) -> list[str]:
     keep = []
     for f in files:
         parts = f.replace(os.sep, "/").split("/")
-        if any(p in NEVER_COPIED for p in parts) or f.replace(os.sep, "/").startswith(WRONG.replace(os.sep, "/")):
+        if (any(p in NEVER_COPIED for p in parts) or f.replace(os.sep, "/").startswith(WRONG.replace(os.sep, "/"))
+                or f.replace(os.sep, "/") == ORACLES.replace(os.sep, "/")
+                or f.replace(os.sep, "/").startswith(HIDDEN.replace(os.sep, "/") + "/")):
             continue
         if f.endswith((".pyc", ".pyo")) or not os.path.isfile(os.path.join(src, f)):
             continue
@@ -264,6 +341,62 @@ def make_tree(dst: str, cut=(), wrong: dict | None = None, src: str = ROOT) -> s
             with open(p, "w") as fh:
                 fh.write(splice(text, name, bodies, f))
     return dst
+
+
+def given(names) -> list[str]:
+    """The exercises that `names` call (their `uses`, transitively): reference code in a copy cutting `names`."""
+    out, todo = [], list(names)
+    while todo:
+        for u in EXERCISES[todo.pop()]["uses"]:
+            if u not in out and u not in names:
+                out.append(u)
+                todo.append(u)
+    return out
+
+
+def student_regions(tree: str, name: str) -> list[str]:
+    """The student's code between `name`'s markers in their copy, one body per region (file order); ValueError
+    naming the file when a region is missing or added (the markers must stay as they were handed out)."""
+    want = len(region_text(ROOT, name))
+    out = []
+    for f in EXERCISES[name]["files"]:
+        p = os.path.join(tree, f)
+        if not os.path.isfile(p):
+            raise ValueError(f"{f}: not in the submission")
+        text = open(p).read()
+        lines = text.splitlines(True)
+        out += ["".join(lines[b + 1:e]) or "pass\n" for n, b, e, _ in regions(text, f) if n == name]
+    if len(out) != want:
+        raise ValueError(f"{', '.join(EXERCISES[name]['files'])}: {len(out)} region(s) of {name}, the handout has {want} "
+                         "(keep the '# >>> exercise' / '# <<< exercise' lines as they were)")
+    return out
+
+
+def grading_tree(dst: str, bodies: dict) -> str:
+    """The tree a submission is graded in: the instructor's reference with the submitted bodies ({name: [body per
+    region]}) spliced in, the exercises they call kept, every other exercise cut; the instructor's grading tests;
+    no oracles (teach/oracles.py is served to tests/exercises/ only, see _OracleFinder)."""
+    keep = set(bodies) | set(given(bodies))
+    make_tree(dst, cut=[n for n in EXERCISES if n not in keep], wrong=bodies)
+    for f in hidden_files(ROOT):  # beside the visible tests, so that they reach the oracles the same way
+        shutil.copy2(os.path.join(ROOT, HIDDEN, f), os.path.join(dst, "tests", "exercises", f))
+    return dst
+
+
+def hidden_files(root: str) -> list[str]:
+    d = os.path.join(root, HIDDEN)
+    return sorted(f for f in os.listdir(d) if f.startswith("test_hidden") and f.endswith(".py")) if os.path.isdir(d) else []
+
+
+def hidden_seed() -> str:
+    """The hidden cases' seed: GEM_HIDDEN_SEED, else the one `package` wrote (teach/hidden/seed), else the default."""
+    path = os.path.join(ROOT, HIDDEN, "seed")
+    return os.environ.get("GEM_HIDDEN_SEED") or (open(path).read().strip() if os.path.isfile(path) else "20240917")
+
+
+def hidden_of(res: dict, name: str) -> dict:
+    """The hidden cases of exercise `name`: tests named test_NAME_hidden in the hidden files."""
+    return {k: v for k, v in res.items() if "/test_hidden" in k and k.split("::")[-1].split("[")[0] == f"test_{name}_hidden"}
 
 
 def load_wrong(path: str) -> tuple[str, str, list]:
@@ -299,6 +432,8 @@ class _Collect:
         if report.failed or report.when == "call" or (report.skipped and prev is None):
             crash = getattr(report.longrepr, "reprcrash", None)
             msg = crash.message if crash is not None else (str(report.longrepr)[-1500:] if report.failed else "")
+            if report.skipped and isinstance(report.longrepr, tuple):  # (file, line, "Skipped: reason")
+                msg = str(report.longrepr[2])
             self.res[report.nodeid] = dict(outcome=report.outcome, message=msg, when=report.when)
 
     def pytest_collectreport(self, report):
@@ -307,8 +442,35 @@ class _Collect:
                                                              when="collect")
 
 
+class _OracleFinder:
+    """Serves `import oracles` (the instructor's teach/oracles.py) to the files of TREE/tests/exercises/ alone,
+    and only until the tests are collected (pytest_collection_finish withdraws it and drops the module), so the
+    code under test, which runs later, cannot import it; the file itself is not in the tree."""
+
+    def __init__(self, path: str, tree: str):
+        self.path, self.allowed = path, os.path.join(tree, "tests", "exercises") + os.sep
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "oracles":
+            return None
+        f = sys._getframe(1)
+        while f is not None and (f.f_code.co_filename.startswith("<frozen") or "importlib" in f.f_code.co_filename):
+            f = f.f_back  # the import machinery's own frames: the importer is the first frame outside them
+        importer = os.path.abspath(f.f_code.co_filename) if f is not None else ""
+        if not importer.startswith(self.allowed):
+            return None
+        import importlib.util
+        return importlib.util.spec_from_file_location("oracles", self.path)
+
+    def pytest_collection_finish(self, session):
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        sys.modules.pop("oracles", None)
+
+
 def _pytest_child(tree: str, args: list[str], out: str, log: str, env: dict | None = None) -> int:
-    """Run pytest in THIS process on `tree`: cwd and sys.path point at the tree, never at the reference."""
+    """Run pytest in THIS process on `tree`: cwd and sys.path point at the tree, never at the reference. The
+    oracles come from this teach.py's own repository (when it has them: the instructor's side)."""
     tree = os.path.abspath(tree)
     os.environ.update(env or {})
     os.chdir(tree)
@@ -321,12 +483,16 @@ def _pytest_child(tree: str, args: list[str], out: str, log: str, env: dict | No
             del sys.modules[m]
     sys.dont_write_bytecode = True
     import pytest
-    col = _Collect()
+    col, plugins = _Collect(), []
+    sys.modules.pop("oracles", None)
+    if os.path.isfile(os.path.join(ROOT, ORACLES)):
+        plugins.append(_OracleFinder(os.path.join(ROOT, ORACLES), tree))
+        sys.meta_path.insert(0, plugins[0])
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
     code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", tree, "-c", os.path.join(tree, "pytest.ini"),
-                        *args], plugins=[col])
+                        *args], plugins=[col] + plugins)
     with open(out, "w") as fh:
         json.dump(col.res, fh)
     return int(code)
@@ -397,6 +563,9 @@ def cmd_list(args):
             per_file[f] = per_file.get(f, 0) + 1
         breaks = ", ".join(f"{f} ({k})" for f, k in per_file.items()) or "-"
         print(f"{name:16s} {e['tier']:7s} {', '.join(e['files']):15s} {grading_file(name):40s} {breaks}")
+        difficulty, _, objective, prereq = TEACHES[name]
+        print(f"{'':40s} difficulty {difficulty}/3, ~{minutes(name)} min: {objective}")
+        print(f"{'':40s} prerequisites: {prereq}")
         if e["uses"]:
             print(f"{'':40s} uses (reference code when cut alone): {', '.join(e['uses'])}")
         if e["large"]:
@@ -407,15 +576,59 @@ def cmd_list(args):
                 print(f"{'':40s} breaks {d}")
 
 
+STUDENT_MD = """# Your exercises: {names}
+
+This is a copy of GEM-mini with {names} cut: between the lines `# >>> exercise: NAME` and `# <<< exercise`
+the code is `raise NotImplementedError(...)`. {given}Everything else is the reference code.
+
+- **What to edit:** only the lines between the markers, in {files}. Imports written inside a region are fine.
+- **What is graded:** only those regions. The grader takes them out of your files, puts them into its own clean
+  copy of the code and runs its own grading tests there (some with inputs you do not see). Anything you change
+  outside the markers (other code, the tests, teach.py) is not graded, and the marker lines must stay as they are.
+- **How to check your work:** `python teach.py grade {first}` (or `python teach.py grade` for all of them) runs
+  the grading tests that ship with this copy. Tests that compare with the instructor's reference
+  implementation are skipped here ("graded on submission"); the property tests run.
+- **Task sheets:** {sheets}.
+- **Scoring:** each exercise is worth 1; it passes at {pass_mark}. The shape/finiteness test is worth
+  {shape_weight} of it, the other tests share the rest, and any failing test caps the exercise at {cap}.
+
+The repository README's commands for instructors (`teach.py verify`, `snapshot`, `calibrate`) need files that
+are not in this copy; you do not need them.
+"""
+
+
+INSTRUCTOR_ONLY = re.compile(r"teach\.py (verify|snapshot|calibrate|deps|package)\b")
+
+
 def cmd_start(args):
+    """A student's copy: the exercises of the assignment (a comma-separated list, or `all`) cut, every other
+    exercise cut too except those they call (given as reference code), no oracles, a STUDENT.md."""
     if not args or args[0].startswith("-"):
-        die("start: give an exercise name (or `all`), e.g. `python teach.py start rope`")
-    names = check_name(args[0])
-    dst = os.path.abspath(args[1] if len(args) > 1 else f"gem-mini-{args[0]}")
+        die("start: give exercise names (a comma-separated list, or `all`), e.g. `python teach.py start rope,attention DIR`")
+    if len(args) > 2:
+        die(f"start: takes NAMES [DIR], got {len(args)} arguments (several exercises: `start {','.join(args[:-1])} DIR`)")
+    names = [n for part in args[0].split(",") if part for n in check_name(part)]
+    names = list(dict.fromkeys(names))
+    dst = os.path.abspath(args[1] if len(args) > 1 else f"gem-mini-{args[0].replace(',', '-')}")
     if os.path.exists(dst) and os.listdir(dst):
         die(f"start: {dst} exists and is not empty; give another DIR")
-    make_tree(dst, cut=names)
-    print(f"{dst}: the repo with {', '.join(names)} cut (raise NotImplementedError between the markers)")
+    keep = given(names)
+    make_tree(dst, cut=[n for n in EXERCISES if n not in keep])
+    readme = os.path.join(dst, "README.md")
+    if os.path.isfile(readme):  # the instructor's commands fail in a copy: not shown there
+        lines = [line for line in open(readme).read().splitlines(True) if not INSTRUCTOR_ONLY.search(line)]
+        with open(readme, "w") as fh:
+            fh.write("> A student's copy: read STUDENT.md first (what to edit, how it is graded).\n\n" + "".join(lines))
+    files = sorted({f for n in names for f in EXERCISES[n]["files"]})
+    with open(os.path.join(dst, "STUDENT.md"), "w") as fh:
+        fh.write(STUDENT_MD.format(
+            names=", ".join(names), first=names[0], files=", ".join(files),
+            sheets=", ".join(f"docs/exercises/{n}.md" for n in names),
+            given=(f"The exercises yours call ({', '.join(keep)}) are given as reference code; every other exercise "
+                   "is cut too. " if keep else "Every other exercise is cut too. "),
+            pass_mark=PASS_MARK, shape_weight=SHAPE_WEIGHT, cap=FAIL_CAP))
+    print(f"{dst}: the repo with {', '.join(names)} cut (raise NotImplementedError between the markers); "
+          f"read STUDENT.md")
     for n in names:
         print(f"  {n}: read docs/exercises/{n}.md, fill in {', '.join(EXERCISES[n]['files'])}, "
               f"then `python teach.py grade {n}`")
@@ -428,39 +641,144 @@ def _flag(args, key, default=None):
     return default
 
 
+def score(mine: dict, skipped_ok: bool = False) -> float:
+    """One exercise's score from its tests' outcomes: the shape/finiteness test(s) SHAPE_WEIGHT, the others share
+    1 - SHAPE_WEIGHT; a test that did not pass (failed or skipped) caps the score at FAIL_CAP (< PASS_MARK).
+    skipped_ok (a student's copy, without the oracles): skipped tests count neither way (advisory score only)."""
+    if skipped_ok:
+        mine = {k: v for k, v in mine.items() if v["outcome"] != "skipped"}
+    if not mine:
+        return 0.0
+    shape = [k for k in mine if k.split("::")[-1].split("[")[0] == SHAPE_TEST]
+    other = [k for k in mine if k not in shape]
+    weight = {k: (SHAPE_WEIGHT if other else 1.0) / len(shape) for k in shape}
+    weight.update({k: (1.0 - SHAPE_WEIGHT if shape else 1.0) / len(other) for k in other})
+    got = sum(weight[k] for k, v in mine.items() if v["outcome"] == "passed")
+    if any(v["outcome"] != "passed" for v in mine.values()):
+        got = min(got, FAIL_CAP)
+    return round(got, 4)
+
+
+def _hint(message: str) -> str:
+    """A failure's message whole (the property and its hint), without pytest's `assert ... where ...` dump."""
+    lines = (message or "").splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        if line.startswith("assert ") or line.lstrip().startswith("+  where"):
+            return "\n".join(lines[:i])
+    return "\n".join(lines)
+
+
 def cmd_grade(args):
+    """Grade the submission in --tree (default: the current directory): its exercise regions alone are spliced
+    into a clean copy of THIS teach.py's repository (grading_tree) and this repository's grading tests run there."""
     for a in args:
         if a.startswith("--") and not a.startswith(("--tree=", "--json=")):
             die(f"grade: unknown flag {a.split('=')[0]} (known: --tree=DIR, --json=FILE)")
     pos = [a for a in args if not a.startswith("--")]
-    names = check_name(pos[0]) if pos else list(EXERCISES)
+    if len(pos) > 1:
+        die(f"grade: takes one NAME (a comma-separated list, or none for all), got {' '.join(pos)}")
+    names = list(dict.fromkeys(n for part in pos[0].split(",") if part for n in check_name(part))) if pos else list(EXERCISES)
     tree = os.path.abspath(_flag(args, "tree", os.getcwd()))
-    missing = [grading_file(n) for n in names if not os.path.isfile(os.path.join(tree, grading_file(n)))]
-    if missing:
-        die(f"grade: --tree={tree} has no {missing[0]} (is it a copy made by `teach.py start`?)")
-    t0 = time.time()
-    res = run_tests([(tree, [grading_file(n) for n in names], SLOW)])[0]
-    report, total = [], 0.0
+    if not os.path.isdir(tree):
+        die(f"grade: --tree={tree} is not a directory")
+    t0, bodies, refused = time.time(), {}, {}
     for n in names:
-        mine = tests_of(res, grading_file(n))
+        try:
+            bodies[n] = student_regions(tree, n)
+        except (ValueError, OSError, UnicodeDecodeError) as err:
+            refused[n] = f"not graded: {err}"
+            continue
+        hit = GRADER_INTERNALS.search("".join(bodies[n]))
+        if hit:
+            refused[n] = (f"not graded: the region names {hit.group(0)!r}, which reaches into the grader "
+                          "(its modules, frames or oracles); score 0, ask the instructor")
+            del bodies[n]
+    work = tempfile.mkdtemp(prefix="teach-grade-")
+    try:
+        res = {"<log>": ""}
+        if bodies:
+            gtree = grading_tree(os.path.join(work, "tree"), bodies)
+            hidden = [f"tests/exercises/{f}" for f in hidden_files(ROOT)]
+            res = run_tests([(gtree, [grading_file(n) for n in bodies] + hidden,
+                              dict(SLOW, GEM_HIDDEN_SEED=hidden_seed()))])[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report, total = [], 0.0
+    student_side = not os.path.isfile(os.path.join(ROOT, ORACLES))
+    if student_side:
+        print("(a student's copy: tests that compare with the instructor's oracles are skipped and left out of this "
+              "score; the instructor's grade runs them)")
+    for n in names:
+        mine = tests_of(res, grading_file(n)) if n in bodies else {}
+        secret = hidden_of(res, n) if n in bodies else {}
+        s = score({**mine, **secret}, skipped_ok=student_side) if n in bodies else 0.0
         passed = sum(v["outcome"] == "passed" for v in mine.values())
-        score = passed / max(len(mine), 1)
-        total += score
-        fails = [f"{k.split('::')[-1]}: {v['message'].splitlines()[0] if v['message'] else v['outcome']}"
-                 for k, v in mine.items() if v["outcome"] != "passed"]
-        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {score:.2f}" + ("" if fails else "  ok"))
-        for f in fails:
-            print(f"    {f[:200]}")
-        report.append(dict(name=n, score=round(score, 4), max_score=1.0, tier=EXERCISES[n]["tier"],
+        total += s
+        fails = [refused[n]] if n in refused else [
+            f"{k.split('::')[-1]}: {_hint(v['message']) or v['outcome']}" for k, v in mine.items() if v["outcome"] != "passed"]
+        verdict = "pass" if s >= PASS_MARK else "FAIL"
+        lost = [f"{k.split('::')[-1]}: {_hint(v['message']) or v['outcome']}" for k, v in secret.items()
+                if v["outcome"] != "passed"]
+        if lost:
+            fails.append(f"{len(lost)} of {len(secret)} hidden case(s) failed (details after grades are published)")
+        print(f"{n:16s} {passed:2d}/{len(mine):<2d} tests  score {s:.2f}  {verdict}"
+              + (f"  (+{len(secret)} hidden cases)" if secret else ""))
+        for f in fails:  # whole: the first failing property and its hint lead
+            print(textwrap.indent(f, "    "))
+        report.append(dict(name=n, score=s, max_score=1.0, tier=EXERCISES[n]["tier"],
                            output="\n".join(fails) or "all grading tests pass", visibility="visible"))
+        if secret:  # Gradescope shows this entry to the student only once the grades are published
+            report.append(dict(name=f"{n} (hidden cases)", score=0.0, max_score=0.0, visibility="after_published",
+                               output="\n".join(lost) or f"all {len(secret)} hidden cases pass"))
     if "<crash>" in res or "<collection>" in res:
         print(res["<log>"][-3000:])
     out = _flag(args, "json", os.path.join(tree, "grade.json"))
     with open(out, "w") as fh:  # the Gradescope autograder layout: score, max_score, one entry per exercise
         json.dump(dict(score=round(total, 4), max_score=float(len(names)), execution_time=round(time.time() - t0, 1),
-                       tests=report), fh, indent=1)
+                       pass_mark=PASS_MARK, tests=report), fh, indent=1)
     print(f"total {total:.2f} / {len(names)}   ({out})")
     return 0 if total == len(names) else 1
+
+
+SETUP_SH = """#!/usr/bin/env bash
+# Gradescope runs this once when it builds the grader image: the CPU requirements of the course.
+set -euo pipefail
+apt-get update -qq && apt-get install -y -qq python3 python3-pip > /dev/null
+pip3 install --quiet --index-url https://download.pytorch.org/whl/cpu "torch>=2.5"
+pip3 install --quiet -r /autograder/source/requirements.txt -r /autograder/source/requirements-dev.txt
+"""
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Gradescope runs this for each submission: the submitted files (depth_head.py, model.py, ...) lie in
+# $AG/submission; their exercise regions are graded in a clean copy of the course (teach.py grade).
+# AUTOGRADER_ROOT (default /autograder) lets a test run it elsewhere.
+AG="${{AUTOGRADER_ROOT:-/autograder}}"
+mkdir -p "$AG/results"
+cd "$AG/source" && "${{PYTHON:-python3}}" teach.py grade {names} --tree="$AG/submission" --json="$AG/results/results.json"
+exit 0  # the score is in results.json; a non-zero exit would read as a grader failure
+"""
+
+
+def cmd_package(args):
+    """teach.py package NAME,... [OUT]: an autograder.zip in Gradescope's layout (setup.sh, run_autograder,
+    beside this repository with its oracles, no history, no stored wrong implementations; Gradescope unpacks it
+    into /autograder/source and runs run_autograder from /autograder) grading NAME,..."""
+    if not args or args[0].startswith("-") or len(args) > 2:
+        die("package: give NAME,... [OUT], e.g. `python teach.py package rope,attention autograder.zip`")
+    names = list(dict.fromkeys(n for part in args[0].split(",") if part for n in check_name(part)))
+    out = os.path.abspath(args[1] if len(args) > 1 else "autograder.zip")
+    import zipfile
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER.format(names=",".join(names)))):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o755 << 16  # executable, as Gradescope runs them
+            z.writestr(info, text)
+        for f in tree_files(ROOT) + [ORACLES] + [os.path.join(HIDDEN, f) for f in hidden_files(ROOT)]:
+            z.write(os.path.join(ROOT, f), f)  # Gradescope unpacks the zip into /autograder/source
+        import secrets
+        z.writestr(os.path.join(HIDDEN, "seed"), f"{secrets.randbelow(10 ** 9)}\n")  # the hidden cases' inputs
+    print(f"{out}: Gradescope autograder for {', '.join(names)}; students submit "
+          f"{', '.join(sorted({f for n in names for f in EXERCISES[n]['files']}))}")
+    return 0
 
 
 def sha256(path: str) -> str:
@@ -504,7 +822,7 @@ def cmd_calibrate(args):
         die(f"calibrate: takes no arguments, got {args[0]}")
     import torch
     torch.set_num_threads(1)
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "exercises")]
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "exercises"), os.path.join(ROOT, "teach")]
     import large as L
     path = os.path.join(ROOT, THRESHOLDS)
     meta = json.load(open(path)) if os.path.isfile(path) else {}
@@ -554,8 +872,18 @@ def check_static(problems: list):
             problems.append(f"exercise {n}: grading file {grading_file(n)} missing")
         elif f"def {SHAPE_TEST}(" not in open(g).read():
             problems.append(f"{grading_file(n)}: no {SHAPE_TEST} (the shape/finiteness test wrong implementations pass)")
-        if not os.path.isfile(os.path.join(ROOT, "docs", "exercises", f"{n}.md")):
+        sheet = os.path.join(ROOT, "docs", "exercises", f"{n}.md")
+        if not os.path.isfile(sheet):
             problems.append(f"exercise {n}: docs/exercises/{n}.md missing")
+        elif n not in TEACHES:
+            problems.append(f"exercise {n}: no entry in teach.py TEACHES (objective, prerequisites, difficulty)")
+        elif minutes(n) != estimate(n):
+            problems.append(f"exercise {n}: teach.py TEACHES says {minutes(n)} min, the rule (estimate) {estimate(n)}")
+        elif sheet_meta(n) not in open(sheet).read():
+            problems.append(f"docs/exercises/{n}.md: its objective/prerequisites/time line differs from teach.py "
+                            f"TEACHES; put this under the title: {sheet_meta(n)}")
+    if sorted(n for _, week in ORDER for n in week) != sorted(EXERCISES):
+        problems.append("teach.py ORDER (the suggested module order) must list every exercise once")
     meta_path = os.path.join(ROOT, SNAPSHOTS, "hashes.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"snapshots": {}}
     for n, e in EXERCISES.items():
@@ -640,21 +968,31 @@ def cmd_verify(args):
         env = SLOW if full else {}
         jobs = [(ROOT, grading, env), (cut_all, grading + (["tests"] if full else dep_files), env)]
         wrongs, skipped = sorted(f for f in os.listdir(os.path.join(ROOT, WRONG)) if f.endswith(".py")), []
+        hidden = [f"tests/exercises/{f}" for f in hidden_files(ROOT)]
         for f in wrongs:
-            name, _, bodies = load_wrong(os.path.join(ROOT, WRONG, f))
+            name, mistake, bodies = load_wrong(os.path.join(ROOT, WRONG, f))
             if name not in EXERCISES:
                 problems.append(f"{WRONG}/{f}: no exercise {name!r}")
                 continue
-            if EXERCISES[name]["large"] and not full:
-                skipped.append(f)  # caught by training only: verify --full
+            if EXERCISES[name]["large"] and not full and "caught by training" in mistake:
+                skipped.append(f)  # its '# mistake:' line says only the slow training test catches it: verify --full
                 continue
-            jobs.append((make_tree(os.path.join(work, f[:-3]), wrong={name: bodies}), [grading_file(name)], env))
+            jobs.append((grading_tree(os.path.join(work, f[:-3]), {name: bodies}), [grading_file(name)] + hidden, env))
+        # the reference's own regions graded as a submission is (grading_tree: every other exercise cut)
+        for n in EXERCISES:
+            jobs.append((grading_tree(os.path.join(work, f"ref_{n}"), {n: region_text(ROOT, n)}), [grading_file(n)] + hidden, env))
         import torch  # noqa: F401  (preloaded once, so each forked run only imports the project)
         results = run_tests(jobs, parallel=2)
         check_reference(results[0], problems, full)
         check_cut_all(results[1], problems, full)
-        for f, res in zip([f for f in wrongs if f not in skipped], results[2:]):
+        graded = [f for f in wrongs if f not in skipped]
+        for f, res in zip(graded, results[2:2 + len(graded)]):
             check_wrong(f, res, problems)
+        for n, res in zip(EXERCISES, results[2 + len(graded):]):
+            s = score({**tests_of(res, grading_file(n)), **hidden_of(res, n)})
+            if s != 1.0 and not (EXERCISES[n]["large"] and not full):
+                problems.append(f"reference {n} graded in its grading tree scores {s}, not 1.0: "
+                                f"{[(k.split('::')[-1], v['message'][:300]) for k, v in res.items() if not k.startswith('<') and v['outcome'] != 'passed']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _verdict(problems, t0, f"{len(EXERCISES)} exercises, {len(wrongs) - len(skipped)} wrong implementations"
@@ -717,6 +1055,8 @@ def check_wrong(f: str, res: dict, problems: list):
     if not shape or any(v["outcome"] != "passed" for v in shape):
         problems.append(f"{WRONG}/{f}: should pass {SHAPE_TEST} (a plausible mistake, not a zero), got "
                         f"{[v['message'][:150] for v in shape] or 'no such test'}")
+    if score(mine) >= PASS_MARK:
+        problems.append(f"{WRONG}/{f}: scores {score(mine)}, at or above the pass mark {PASS_MARK}")
     if not caught:
         problems.append(f"{WRONG}/{f}: no grading test of {name} catches it (a tolerance too loose?): "
                         f"{ {k.split('::')[-1]: v['outcome'] for k, v in mine.items()} }\n{res.get('<log>', '')[-800:]}")
@@ -753,12 +1093,14 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["_pytest"]:  # internal: python teach.py _pytest TREE OUT LOG -- pytest args
         return _pytest_child(argv[1], argv[5:], argv[2], argv[3])
     cmds = dict(list=cmd_list, start=cmd_start, grade=cmd_grade, verify=cmd_verify, snapshot=cmd_snapshot,
-                calibrate=cmd_calibrate, deps=cmd_deps)
+                calibrate=cmd_calibrate, deps=cmd_deps, package=cmd_package)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     if argv[0] not in cmds:
         die(f"unknown command {argv[0]!r} (known: {', '.join(cmds)})")
+    if argv[0] in ("verify", "snapshot", "calibrate", "deps", "package") and not os.path.isfile(os.path.join(ROOT, ORACLES)):
+        die(f"{argv[0]}: the instructor's repository only ({ORACLES} is not in this copy); students use `list` and `grade`")
     return cmds[argv[0]](argv[1:]) or 0
 
 

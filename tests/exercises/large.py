@@ -1,6 +1,6 @@
 """The large tier: train something and hit a number. One procedure per exercise, used by the grading test
-(on the student's tree) and by `python teach.py calibrate` (on the reference, over several seeds, to set the
-threshold = mean + k * std of the error: teach/thresholds.json)."""
+(on the grading tree) and by `python teach.py calibrate` (on the reference, over several seeds, to set the
+threshold = mean - k * std of the score, higher is better: teach/thresholds.json)."""
 import time
 
 import numpy as np

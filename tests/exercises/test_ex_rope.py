@@ -2,7 +2,8 @@
 import torch
 
 import model as M
-from oracles import rope_complex, rope_interleaved, rope_tables
+from inputs import rope_tables
+from oracles import rope_complex, rope_interleaved
 
 
 def _x(B=2, H=3, T=7, hd=16, seed=0):
