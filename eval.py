@@ -619,9 +619,9 @@ def image_use(gem, tok, items: list[dict], preds: list[str], image_first: bool, 
     ids = torch.tensor([encode_prompt(tok, IMAGE + "\n" + frames[0]["question"], gem.cfg.n_image_tokens, image_first)],
                        device=dev).repeat(len(frames), 1)  # one question for every image: only the image differs
     tokens = gem(ids, pix)["image_hidden"].float()  # (N, n_image_tokens, D)
-    spread = lambda x: float(x.std(0).mean() / x.std().clamp(min=1e-12))  # noqa: E731
+    spread = lambda x: float(x.std(0).mean() / x.std().clamp(min=1e-12)) if len(x) > 1 else None  # one image: none  # noqa: E731
     return dict(n=len(items), changed=float(np.mean([a != b for a, b in zip(preds, blind)])) if items else 0.0,
-                frames=len(frames), vit=spread(vit), tokens=spread(tokens))
+                frames=len(frames), vit=spread(vit), tokens=spread(tokens))  # spreads: None with one image
 
 
 def eval_vlm(cfg) -> dict:
@@ -707,8 +707,9 @@ def vlm_markdown(res: dict) -> str:
     if res.get("image_use"):
         u = res["image_use"]
         md.append(f"\nImage use ({u['n']} in-distribution questions, {u['frames']} images): {_pct(u['changed'])}% of the "
-                  f"answers change when the image is grey; spread across images / overall: ViT features {u['vit']:.3f}, "
-                  f"image-token states {u['tokens']:.3f} (~0: the model dropped its image)")
+                  "answers change when the image is grey; spread across images / overall: ViT features "
+                  + ", image-token states ".join("n/a" if u[k] is None else f"{u[k]:.3f}" for k in ("vit", "tokens"))
+                  + " (~0: the model dropped its image)")
     for name, m in res["depth"].items():
         if isinstance(m, dict):
             md.append(f"\nDepth ({name}, {m['frames']} frames): AbsRel {m['absrel']:.3f}, delta<1.25 {_pct(m['delta1'])}%, "

@@ -350,7 +350,7 @@ def vlm_cells(res: dict) -> dict:
     cells["reasoning (VSI-like)"] = cells["reasoning"]
     u = res.get("image_use") or {}  # eval.image_use: does the model use its image at all?
     cells["answers changed by a grey image"] = (u["changed"], 0.0, None) if u else None
-    cells["image-token spread"] = (u["tokens"], 0.0, None) if u else None
+    cells["image-token spread"] = (u["tokens"], 0.0, None) if u.get("tokens") is not None else None
     for t in TYPES:
         cells[t] = _part(s, [t])
     ch = res.get("depth", {}).get("chance", {})  # the average train depth map predicted for every frame
