@@ -10,6 +10,9 @@ use it without an import circle (nanochat keeps one such file).
   save_checkpoint / load_checkpoint  atomic checkpoint directories (DESIGN.md section 3)
   setup_dist / all_sum               torchrun DDP (gloo on CPU, nccl on GPU)
   lr_at                              linear warmup, then cosine decay (the paper's released recipe)
+  run_log / record_run / WATCHING    a run's log.jsonl; its run.json (every invocation), and --resume refusing a
+                                     setting that changes what the run computes
+  require / resolve_device           one-line errors for a count below its minimum, a device that is not there
   die / git_commit                   one-line fatal errors; the commit recorded in every run
   vlm_flops / layer_flops / peak_tflops  MFU: the FLOPs a step runs (non-padding tokens, backward only where it
                                      runs; the head by hooks) over the GPU's dense bf16 peak (PEAK_BF16_TFLOPS)

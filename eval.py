@@ -4,6 +4,7 @@
     python eval.py vla --ckpt runs/tiny/vla_gem/ckpt --suite all --episodes 10 [--gif]
     python eval.py vla --ckpt expert --suite all --episodes 50               # reference rows only
     python eval.py rules --data data/tiny --out runs/tiny/rules              # the 2D-rule baseline
+    python eval.py text --data data/tiny --out runs/tiny/text                # the text-only baseline
 
 Every run writes results.json, results.md and figures (PNG grid RGB | true depth | generated depth: depth_grid;
 GIFs of rollouts) into --out (default: <ckpt>/eval_<split|vla>). Any stage checkpoint can be evaluated, so
@@ -20,6 +21,8 @@ Paper -> code map
   LIBERO success per suite, average                         eval_vla (+ scripted-expert and random rows)
   95% intervals on every rate                               wilson
   (ours) what a 2D rule answers without depth                rule_candidates, eval_rules
+  (ours) what the question's words alone answer              text_only, eval_text
+  (ours) does the model use its image at all                 image_use (answers with a grey image, feature spread)
 """
 from __future__ import annotations
 

@@ -128,3 +128,13 @@ def test_preflight_says_in_one_line_what_is_missing(monkeypatch, capsys):
     assert "GB free, need 1e+12" in capsys.readouterr().out
     if not torch.cuda.is_available():
         assert pf.main([]) == 1 and "sees no GPU" in capsys.readouterr().out
+
+
+def test_reread_applies_todays_rule_to_the_committed_three_seed_numbers(capsys):
+    """bench/reread.py on results/tiny/results.json: table 2's 17 differences, the smallest p 0.0032 (gem vs
+    direct, probe ordinal: 0.0032 x 17 > 0.05), so none starred after Holm; sft above blind on no type."""
+    import reread
+    reread.main(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "tiny", "results.json"))
+    out = capsys.readouterr().out
+    assert "table 2: 17 differences, 0 starred after Holm" in out and "probe ordinal: +0.0195 ±0.0019, p = 0.0032" in out
+    assert "sft above blind (one-sided paired t-test, p < 0.05) on: no type" in out

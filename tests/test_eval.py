@@ -305,6 +305,16 @@ def test_image_use_tells_a_model_that_sees_from_one_that_dropped_its_image(micro
                               for t in sorted({i["type"] for i in its})), [])
     seeing = ev.image_use(gem, tok, items, answer(items), True, 8, cap)
     assert seeing["vit"] > 0.05 and seeing["tokens"] > 0.05 and seeing["frames"] >= 2
+    # `changed` against a hand count: an answerer that says "bright" when an image's mean pixel is over the items'
+    # median changes exactly the answers that differ from the one it gives a grey image (128)
+    mid = float(np.median([it["image"].float().mean() for it in items]))
+    bright = lambda its: ["bright" if it["image"].float().mean() > mid else "dark" for it in its]  # noqa: E731
+    monkeypatch.setattr(ev, "answer_questions", lambda gem, tok, its, *a: bright(its))
+    grey = "bright" if 128 > mid else "dark"
+    want = np.mean([a != grey for a in bright(items)])
+    assert 0 < want < 1  # some answers change, some do not
+    assert ev.image_use(gem, tok, items, bright(items), True, 8, cap)["changed"] == pytest.approx(want)
+    monkeypatch.undo()
     real = gem.vit.features
     monkeypatch.setattr(gem.vit, "features", lambda px: torch.zeros_like(real(px)))
     blind = ev.image_use(gem, tok, items, answer(items), True, 8, cap)
