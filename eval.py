@@ -672,7 +672,7 @@ def eval_vlm(cfg) -> dict:
     for tag in ("seen", "heldout_template", "heldout_combo"):
         sub = [r for r in rows if tag in r["tags"]]
         res[tag] = score_table(sub) if sub else None
-    seen = [k for k, r in enumerate(rows) if "seen" in r["tags"]][::max(1, len(rows) // cfg.image_use)][:cfg.image_use]
+    seen = [k for k, r in enumerate(rows) if "seen" in r["tags"]][::max(1, len(rows) // max(cfg.image_use, 1))][:cfg.image_use]
     res["image_use"] = image_use(gem, tok, [items[k] for k in seen], [preds[k] for k in seen], tc.image_first,
                                  cfg.batch_size, cap) if cfg.image_use and seen else {}
     res["depth"] = depth_probe(gem, head, tc, tok, cfg) if cfg.depth_frames else {}

@@ -24,17 +24,26 @@ Families (data.FAMILY_TYPES; type names go into meta["type"]; TEMPLATES):
   reasoning  rel_yn, rel_mc, closer, marked (two drawn marks), distance, height, count, fit
   planning   decompose, next_step, done        trajectory: 5-8 future gripper points
   caption    the visible objects by colour and shape (stage 0's data)       depth: image only, no question
-Answers are chosen first where that keeps them balanced (yes/no, letter positions); relations use the
-simulator's predicates and are rejected within REL_MARGIN of their threshold. The test split adds
-held-out templates and the HELDOUT_COMBOS (colour x shape never in train/val).
+Answers that are not in the text (issue 22): a reasoning maker returns every unambiguous question of its
+type in the frame (both orders of a pair; counts of colours and shapes present or not), and balance() picks
+one per record over the whole split, so that per object name, shape, colour, pair, relation and option the
+answers are spread as over the whole type, yes/no and letters uniform; keys whose words give the answer
+(a plate is never closer than what stands on the table) are not asked. `python eval.py text` measures it:
+the best text-only answerer is within 5 points of the best constant on every reasoning type (README).
+Relations use the simulator's predicates and are rejected within REL_MARGIN of their threshold. The test
+split adds held-out templates and the HELDOUT_COMBOS (colour x shape never in train/val). Val and test add
+reasoning-only rollouts (GenConfig.*_reasoning_rollouts: one question of each reasoning type per frame,
+in distribution), so that each type has >= 300 in-distribution test and >= 150 val questions (tiny).
 
 Paper -> code map
   GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MAKERS (q_*), gen_shard (MIXTURE)
     training samples records uniformly; shares of records (`python sim_data.py --out /tmp/tinydata --preset tiny`,
-    train): grounding 24%, caption 23%, reasoning 23%, planning 22%, trajectory 5%, depth 3%
+    train): grounding 26%, caption 24%, planning 22%, reasoning 20% (23% before balance() dropped the records
+    whose every question gave its answer away), trajectory 4%, depth 4%
   varied embodied viewpoints (GEM-4M mixes many cameras)                 VIEW, draw_view, SCALE, scale_objects
   depth for every image (exact here; the paper uses GT or DA3 pseudo-depth)  gen_shard -> data.save_depth_png
   GEM-VLA demonstrations (LIBERO-style scripted expert episodes)         demo_task, generate_demos
+  (ours) questions whose words do not give the answer                      q_* candidates, balance
 """
 from __future__ import annotations
 
@@ -102,8 +111,9 @@ MIN_VISIBLE = 0.002  # an object must cover this share of the image to be asked 
 VIEW = dict(look_x=(-0.08, 0.08), look_y=(-0.06, 0.12), dist=(0.40, 1.00), pitch=(20.0, 75.0), yaw=(-12.0, 12.0),
             fov=(30.0, 65.0))
 # Every movable object gets its own size (scale_objects): cubes and balls a uniform scale, blocks and cans a
-# footprint scale and a separate height scale, so "how tall is the red can" has no answer in its name.
-SCALE = dict(uniform=(0.7, 1.45), xy=(0.8, 1.25), z=(0.55, 1.6))
+# footprint scale and a separate height scale, so "how tall is the red can" has no answer in its name; plates
+# and trays a footprint scale (receptacle), so "does the red cube fit on the plate" has none either.
+SCALE = dict(uniform=(0.7, 1.45), xy=(0.8, 1.25), z=(0.55, 1.6), receptacle=(0.45, 1.2))
 
 
 def to_1000(v, size: int) -> int:
@@ -133,6 +143,7 @@ class Scene:
         self.K, self.pose = np.asarray(info["K"], float), np.asarray(info["cam_pose"], float)
         self.split, self.rng, self.task, self.future = split, rng, task, future
         self.success, self.subgoal, self.instr = success, subgoal, instr
+        self.indist = False  # the extra reasoning-only frames (GenConfig.reason_rollouts): training templates only
         names = [o["name"] for o in self.objs]
         min_px = MIN_VISIBLE * self.S * self.S
         self.visible = [o for o in self.objs if o["visible_px"] >= min_px and o["box2d"] is not None]
@@ -141,11 +152,17 @@ class Scene:
 
     def template(self, typ, **kw) -> str:
         train, held = TEMPLATES[typ]
-        self.held = self.split == "test" and self.rng.random() < 0.5
+        self.held = self.split == "test" and not self.indist and self.rng.random() < 0.5
         return self.one(held if self.held else train).format(**kw)
 
     def one(self, seq):
         return seq[self.rng.integers(len(seq))]
+
+    def cand(self, typ, ans, meta, bal, **kw) -> dict:
+        """One candidate question of a balanced type (BALANCED): its text, answer, meta and the (key, value)
+        pairs balance() evens out; balance() picks one candidate per record."""
+        q = self.template(typ, **kw)
+        return dict(q=q, a=ans, meta=dict(meta, heldout_template=self.held), bal=bal)
 
     def pick(self, seq, k=1):
         idx = self.rng.choice(len(seq), size=k, replace=False)
@@ -256,15 +273,42 @@ def q_list(sc):
     return sc.template("list"), "; ".join(f"{it['name']} {fmt_box(it['box'])}" for it in items), dict(answer=items)
 
 
+# Balanced types: a maker returns every unambiguous question of its type in the frame (at most MAX_CANDS),
+# each with (key, value) pairs; balance() later picks one per record so that, per key (an object's name,
+# shape or colour in its role, the relation, the template, an option's name), the answers are spread as
+# they are over the whole type, and yes/no and letters are uniform ("*" keys): the words give nothing away.
+MAX_CANDS = 24
+BAL_MIN, BAL_SLACK = 20, 0.4  # balance(): a key seen this often whose answer share is this far off gives it away
+BAL_TOL = 0.05  # balance(): a record whose best candidate leaves a key's answer share this far above target is dropped
+
+
+def _named(role, o) -> list[str]:
+    """Balancing keys of an object named in a role: its name, shape and colour."""
+    return [f"{role}={o['name']}", f"{role}s={o['shape']}", f"{role}c={o['colour']}"]
+
+
+def _pair_keys(a, b) -> list[str]:
+    return _named("a", a) + _named("b", b) + [f"ab={a['name']}|{b['name']}", f"abs={a['shape']}|{b['shape']}"]
+
+
+def _some(sc, cands: list) -> list:
+    """At most MAX_CANDS candidates in random order (balance() takes the first of equals; small shard files)."""
+    return [cands[i] for i in sc.rng.permutation(len(cands))[:MAX_CANDS]]
+
+
 def q_rel_yn(sc):
-    want = bool(sc.rng.random() < 0.5)  # choose the answer first: yes/no stay balanced
-    for rel in map(str, sc.rng.permutation(list(RELATIONS))):
-        pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and _rel_ok(b, rel) and _clear(a, b, rel) is want]
-        if pairs:
-            a, b = sc.one(pairs)
-            q, ans = sc.template("rel_yn", a=a["name"], b=b["name"], rel=RELATIONS[rel]), "yes" if want else "no"
-            return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"], rel=rel)
-    return None
+    out = []
+    for rel in RELATIONS:
+        for a in sc.refs:
+            for b in sc.refs:
+                holds = _clear(a, b, rel) if a is not b and _rel_ok(b, rel) else None
+                if holds is None:
+                    continue
+                ans = "yes" if holds else "no"
+                keys = _pair_keys(a, b) + [f"r={rel}", f"ra={rel}|{a['name']}", f"rb={rel}|{b['name']}", "!"]
+                out.append(sc.cand("rel_yn", ans, dict(answer=ans, obj=a["id"], ref=b["id"], rel=rel), [(k, ans) for k in keys],
+                                   a=a["name"], b=b["name"], rel=RELATIONS[rel]))
+    return _some(sc, out)
 
 
 def _choices(sc, correct, others):
@@ -281,30 +325,40 @@ def _lettered(opts) -> str:
 
 
 def q_rel_mc(sc):
-    for rel in map(str, sc.rng.permutation(list(RELATIONS))):
-        for b in (sc.refs[i] for i in sc.rng.permutation(len(sc.refs))):
+    """One true option, the others clearly false; balanced per option name (is it the true one?) and letter."""
+    out = []
+    for rel in RELATIONS:
+        for b in sc.refs:
             others = [o for o in sc.refs if o is not b] if _rel_ok(b, rel) else []
             pos = [o for o in others if _clear(o, b, rel) is True]
             neg = [o for o in others if _clear(o, b, rel) is False]
-            if pos and neg:  # one true option, the others clearly false
-                a = sc.pick(pos)
+            for a in pos if neg else []:
                 opts, letter = _choices(sc, a["name"], [o["name"] for o in neg])
-                q = sc.template("rel_mc", b=b["name"], rel=RELATIONS[rel], choices=_lettered(opts))
-                return q, letter, dict(answer=letter, choices=opts, obj=a["id"], ref=b["id"], rel=rel)
-    return None
+                by_name = {o["name"]: o for o in others}
+                bal = [(f"!n={len(opts)}", letter)]  # letters uniform per option count
+                for n in opts:
+                    o, hit = by_name[n], "1" if n == a["name"] else "0"
+                    bal += [(f"o={n}", hit), (f"os={o['shape']}", hit), (f"oc={o['colour']}", hit),
+                            (f"ro={rel}|{n}", hit), (f"bo={b['name']}|{n}", hit)]
+                meta = dict(answer=letter, choices=opts, obj=a["id"], ref=b["id"], rel=rel)
+                out.append(sc.cand("rel_mc", letter, meta, bal, b=b["name"], rel=RELATIONS[rel], choices=_lettered(opts)))
+    return _some(sc, out)
 
 
 def q_closer(sc):
-    want = bool(sc.rng.random() < 0.5)
-    # the centres' depths must differ clearly AND agree with what the visible pixels show
+    # the centres' depths must differ clearly AND agree with what the visible pixels show; both orders asked
     z = {o["id"]: (sc.cam_z(o["pos"]), np.median(sc.depth[sc.mask(o)])) for o in sc.refs}
-    pairs = [(a, b) if want else (b, a) for a in sc.refs for b in sc.refs if a is not b
-             and z[b["id"]][0] - z[a["id"]][0] >= 0.03 and z[b["id"]][1] - z[a["id"]][1] >= 0.01]
-    if not pairs:
-        return None
-    a, b = sc.one(pairs)
-    q, ans = sc.template("closer", a=a["name"], b=b["name"]), "yes" if want else "no"
-    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"])
+    clear = lambda a, b: z[b["id"]][0] - z[a["id"]][0] >= 0.03 and z[b["id"]][1] - z[a["id"]][1] >= 0.01  # noqa: E731
+    out = []
+    for a in sc.refs:
+        for b in sc.refs:
+            holds = True if a is not b and clear(a, b) else False if a is not b and clear(b, a) else None
+            if holds is None:
+                continue
+            ans = "yes" if holds else "no"
+            out.append(sc.cand("closer", ans, dict(answer=ans, obj=a["id"], ref=b["id"]),
+                               [(k, ans) for k in _pair_keys(a, b) + ["!"]], a=a["name"], b=b["name"]))
+    return _some(sc, out)
 
 
 def marker_size(S: int) -> int:
@@ -340,34 +394,38 @@ def q_marked(sc):
 
 
 def q_distance(sc):
-    if len(sc.refs) < 2:
-        return None
-    a, b = sc.pick(sc.refs, 2)
-    cm = int(round(100 * math.hypot(a["pos"][0] - b["pos"][0], a["pos"][1] - b["pos"][1])))
-    return sc.template("distance", a=a["name"], b=b["name"]), str(cm), dict(answer=cm, obj=a["id"], ref=b["id"])
+    out = []
+    for a in sc.refs:  # both orders: the first-named object says nothing
+        for b in sc.refs:
+            if a is not b:
+                cm = int(round(100 * math.hypot(a["pos"][0] - b["pos"][0], a["pos"][1] - b["pos"][1])))
+                out.append(sc.cand("distance", str(cm), dict(answer=cm, obj=a["id"], ref=b["id"]),
+                                   [(k, cm) for k in _pair_keys(a, b) + ["*"]], a=a["name"], b=b["name"]))
+    return _some(sc, out)
 
 
 def q_height(sc):
     # movable objects only: a plate or tray has one size, which its name gives away
-    cands = [o for o in sc.refs if o["shape"] in sim_env.SHAPES]
-    if not cands:
-        return None
-    o = sc.pick(cands)
-    cm = int(round(200 * o["half_extents"][2]))
-    if cm < 1:
-        return None
-    return sc.template("height", a=o["name"]), str(cm), dict(answer=cm, obj=o["id"])
+    out = []
+    for o in sc.refs:
+        cm = int(round(200 * o["half_extents"][2]))
+        if o["shape"] in sim_env.SHAPES and cm >= 1:
+            out.append(sc.cand("height", str(cm), dict(answer=cm, obj=o["id"]), [(k, cm) for k in _named("a", o) + ["*"]], a=o["name"]))
+    return _some(sc, out)
 
 
 def q_count(sc):
+    """How many objects of a colour or a shape, present or not (0): the words alone say nothing of the count."""
     if not sc.all_visible:  # a hidden object would make the count unanswerable from the image
         return None
-    kinds = [("objects", lambda o: True)]
-    kinds += [(f"{c} objects", lambda o, c=c: o["colour"] == c) for c in sorted({o["colour"] for o in sc.objs})]
-    kinds += [(plural(s), lambda o, s=s: o["shape"] == s) for s in sorted({o["shape"] for o in sc.objs})]
-    what, f = sc.one(kinds)
-    n = sum(map(f, sc.objs))
-    return sc.template("count", what=what), str(n), dict(answer=n, what=what)
+    kinds = [(f"{c} objects", "colour", lambda o, c=c: o["colour"] == c) for c in sim_env.COLOURS]
+    kinds += [(plural(s), "shape", lambda o, s=s: o["shape"] == s) for s in sim_env.SHAPES + ("plate", "tray")]
+    out = []
+    for what, kind, f in kinds:
+        n = sum(map(f, sc.objs))
+        out.append(sc.cand("count", str(n), dict(answer=n, what=what), [(f"w={what}", str(n)), (f"k={kind}", str(n)), ("*", str(n))],
+                           what=what))
+    return _some(sc, out)
 
 
 def fits(a, b):
@@ -381,13 +439,16 @@ def fits(a, b):
 
 
 def q_fit(sc):
-    want = bool(sc.rng.random() < 0.5)
-    pairs = [(a, b) for a in sc.refs for b in sc.refs if a is not b and fits(a, b) is want]
-    if not pairs:
-        return None
-    a, b = sc.one(pairs)
-    q, ans = sc.template("fit", a=a["name"], b=b["name"], prep="in" if b["shape"] == "tray" else "on"), "yes" if want else "no"
-    return q, ans, dict(answer=ans, obj=a["id"], ref=b["id"])
+    out = []
+    for a in sc.refs:
+        for b in sc.refs:
+            holds = fits(a, b) if a is not b else None
+            if holds is None:
+                continue
+            ans = "yes" if holds else "no"
+            out.append(sc.cand("fit", ans, dict(answer=ans, obj=a["id"], ref=b["id"]), [(k, ans) for k in _pair_keys(a, b) + ["!"]],
+                               a=a["name"], b=b["name"], prep="in" if b["shape"] == "tray" else "on"))
+    return _some(sc, out)
 
 
 def q_decompose(sc):
@@ -456,6 +517,11 @@ class GenConfig:
     train_rollouts: int = 240  # expert episodes per split; each gives `frames` images
     val_rollouts: int = 16
     test_rollouts: int = 40
+    # extra val / test rollouts whose frames carry one question of each reasoning type and nothing else, in
+    # distribution (training templates, no held-out colour x shape): enough questions per type to see 5 points
+    val_reasoning_rollouts: int = 0
+    test_reasoning_rollouts: int = 0
+    reasoning_frames: int = 10  # images per extra reasoning rollout (the start, the success frame and mid-rollout frames)
     frames: int = 5  # images per rollout: the start, frames - 2 mid-rollout frames, the success frame
     reduce: float = 0.7  # share of rollouts whose scene loses some distractors (2-5 objects)
     questions: int = 3  # questions per image, families drawn by MIXTURE (+ one caption per image)
@@ -466,16 +532,22 @@ class GenConfig:
 
 
 GEN_PRESETS = {
-    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, frames=3, questions=5,
-                  round_robin=True, shard=2, workers=1, vocab_size=384),
+    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, test_reasoning_rollouts=1, frames=3,
+                  reasoning_frames=3, questions=5, round_robin=True, shard=2, workers=1, vocab_size=384),
     # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share), ~45 test questions per reasoning type
-    "tiny": dict(image_size=64, train_rollouts=360, test_rollouts=80),
-    "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, frames=5, vocab_size=1024),
+    "tiny": dict(image_size=64, train_rollouts=360, test_rollouts=80, val_reasoning_rollouts=70, test_reasoning_rollouts=90),
+    "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, val_reasoning_rollouts=40,
+                  test_reasoning_rollouts=80, frames=5, vocab_size=1024),
 }
 SPLITS = ("train", "val", "test")
 # simulator seeds, disjoint by construction (generate refuses more rollouts than fit): split s uses
 # [SEED_BASE[s], + ATTEMPTS * rollouts), below the next split's, then the demos (demo_seed), then the eval states
 SEED_BASE, ATTEMPTS = {"train": 0, "val": 300_000, "test": 600_000}, 20
+
+
+def n_rollouts(cfg: dict, split: str) -> int:
+    """A split's rollouts: its own, then (val, test) the extra reasoning-only ones."""
+    return cfg[f"{split}_rollouts"] + cfg.get(f"{split}_reasoning_rollouts", 0)
 
 
 def expert_rollout(env, start: dict):
@@ -523,6 +595,9 @@ def scale_objects(state: dict, rng):
             h = [o["half_extents"][0] * s, o["half_extents"][1] * s, o["half_extents"][2] * sz]
             lift = h[2] - o["half_extents"][2]  # same support, new half height
             o, st = dict(o, half_extents=h, pos=[o["pos"][0], o["pos"][1], o["pos"][2] + lift]), [st[0], st[1], st[2] + lift]
+        else:  # a plate or tray: its footprint only
+            s = float(rng.uniform(*SCALE["receptacle"]))
+            o = dict(o, half_extents=[o["half_extents"][0] * s, o["half_extents"][1] * s, o["half_extents"][2]])
         objs.append(o), start.append(st)
     ext = [sim_env._ext(o["shape"], o["half_extents"], o["yaw"]) for o in objs]
     for i in range(len(objs)):
@@ -551,8 +626,9 @@ def _draw_types(cfg, rng, rr, skip):
     return out
 
 
-def frame_records(sc, fid, types, out):
-    """Records for one frame. A type with no unambiguous question here falls back to its family's others."""
+def frame_records(sc, fid, types, out, fallback=True):
+    """Records for one frame. A type with no unambiguous question here falls back to its family's others
+    (unless not `fallback`). A balanced type's record holds its candidates ("cands") until balance() picks."""
     recs = []
     for j, typ in enumerate(types):
         sid = f"{fid}-{j}"
@@ -560,7 +636,7 @@ def frame_records(sc, fid, types, out):
         if typ == "depth":  # the image alone, for the depth head
             recs.append(dict(rec, conversations=[{"from": "human", "value": IMAGE}], meta=dict(type="depth", frame=fid)))
             continue
-        fam = FAMILY_TYPES[TYPE_FAMILY[typ]]
+        fam = FAMILY_TYPES[TYPE_FAMILY[typ]] if fallback else [typ]
         for alt in [typ] + [t for t in sc.rng.permutation(fam).tolist() if t != typ]:
             sc.marked = None
             made = MAKERS[alt](sc) if (alt != "done" or typ == "done") else None
@@ -568,18 +644,83 @@ def frame_records(sc, fid, types, out):
                 break
         if not made:
             continue
-        q, a, meta = made
-        for k in ("obj", "ref"):  # the objects' 2D boxes: what the 2D-rule baseline (eval.py rules) may see
-            o = next((o for o in sc.visible if o["id"] == meta.get(k)), None)
-            if o is not None:
-                meta[f"{k}_box"] = sc.box(o)
+        cands = made if isinstance(made, list) else [dict(q=made[0], a=made[1], meta=dict(made[2], heldout_template=sc.held))]
+        for c in cands:
+            for k in ("obj", "ref"):  # the objects' 2D boxes: what the 2D-rule baseline (eval.py rules) may see
+                o = next((o for o in sc.visible if o["id"] == c["meta"].get(k)), None)
+                if o is not None:
+                    c["meta"][f"{k}_box"] = sc.box(o)
         if sc.marked is not None:  # markers drawn on a copy of the frame: its own image file
             rec["image"] = f"images/{sid}.png"
             Image.fromarray(sc.marked).save(os.path.join(out, rec["image"]))
-        rec.update(conversations=[{"from": "human", "value": f"{IMAGE}\n{q}"}, {"from": "gpt", "value": a}],
-                   meta=dict(type=alt, frame=fid, **meta, heldout_template=sc.held))
-        recs.append(rec)
+        rec["meta"] = dict(type=alt, frame=fid)
+        recs.append(dict(rec, cands=cands) if isinstance(made, list) else _fill(rec, cands[0]))
     return recs
+
+
+def _fill(rec: dict, c: dict) -> dict:
+    """A record with the question and answer of candidate c."""
+    rec["conversations"] = [{"from": "human", "value": f"{IMAGE}\n{c['q']}"}, {"from": "gpt", "value": c["a"]}]
+    rec["meta"] = dict(rec["meta"], **c["meta"])
+    return rec
+
+
+def balance(recs: list[dict]) -> list[dict]:
+    """Pick one candidate per record of a balanced type ("cands"), greedily in record order, so that the answer
+    no longer follows from the words; returns the records kept. Numbers (distance, height) count by their
+    quintile within the type; keys named "g=..." form group g.
+    1. A key whose words all but give the answer is never asked about: seen in >= BAL_MIN candidates of the
+       split, one answer's share there exceeds the group's by > BAL_SLACK (a plate is never closer to the
+       camera than what stands beside it). Candidates with such a key go, whatever their answer (dropping
+       only the common answer would make the rare one certain); a record left with none is dropped.
+    2. Of the rest, the one whose answers are furthest below their targets: per key, the answers' spread over
+       its whole group (so far); for a "*..." key, uniform (yes/no, letters). Deterministic: no draws."""
+    by_type, dropped = {}, set()
+    for r in recs:
+        if "cands" in r:
+            by_type.setdefault(r["meta"]["type"], []).append(r)
+    for rs in by_type.values():
+        nums = [v for r in rs for c in r["cands"] for _, v in c["bal"] if isinstance(v, int)]
+        edges = np.quantile(nums, [0.2, 0.4, 0.6, 0.8]) if nums else []
+        cls = lambda v: int(np.searchsorted(edges, v, side="right")) if isinstance(v, int) else v  # noqa: E731
+        group = lambda k: k if k.startswith(("*", "!")) else k.split("=", 1)[0]  # noqa: E731
+        values, supply = {}, Counter()  # answers per group; candidates per (key, answer), key, and "g:" group
+        for r in rs:
+            for c in r["cands"]:
+                for k, v in c["bal"]:
+                    values.setdefault(group(k), set()).add(cls(v))
+                    supply.update([(k, cls(v)), k, ("g:" + group(k), cls(v)), "g:" + group(k)])
+        share = lambda k, v: supply[k, v] / supply[k]  # noqa: E731
+        telling = {k for k in supply if isinstance(k, str) and not k.startswith(("*", "!", "g:")) and supply[k] >= BAL_MIN
+                   and any(share(k, v) > share("g:" + group(k), v) + BAL_SLACK for v in values[group(k)])}
+        count, total = Counter(), Counter()  # (key, answer) and key counts; groups the same with "g:" keys
+        strict = values.get("!") == {"yes", "no"}  # both orders of a pair give both answers: dropping costs little
+
+        def target(k, v):  # the share answer v should have among key k's questions
+            g = group(k)
+            return 1 / len(values[g]) if k.startswith(("*", "!")) else (count["g:" + g, v] + 1) / (total["g:" + g] + len(values[g]))
+
+        def score(c):  # how far below their target shares the candidate's answers are, over its keys
+            return sum(target(k, cls(v)) - count[k, cls(v)] / max(total[k], 1) for k, v in c["bal"])
+        for r in rs:
+            cands = [c for c in r.pop("cands") if not any(k in telling for k, _ in c["bal"])]
+            if not cands:
+                dropped.add(r["id"])
+                continue
+            hard = [(k, cls(v)) for c in cands for k, v in c["bal"] if k.startswith("!")]
+            if hard:  # the answer first: the one its "!" key has given least so far (yes/no, letter per option count)
+                k, v = min(hard, key=lambda kv: count[kv])
+                cands = [c for c in cands if [k, v] in c["bal"] or (k, v) in c["bal"]]
+            c = max(cands, key=score)  # the first of equals
+            if strict and any(total[k] >= BAL_MIN and count[k, cls(v)] / total[k] > target(k, cls(v)) + BAL_TOL for k, v in c["bal"]):
+                dropped.add(r["id"])  # yes/no: every candidate would push a key further off, so no question here
+                continue
+            for k, v in c["bal"]:
+                for key in (k, "g:" + group(k)):
+                    count[key, cls(v)] += 1
+                    total[key] += 1
+            _fill(r, c)
+    return [r for r in recs if r["id"] not in dropped]
 
 
 def gen_shard(job):
@@ -589,28 +730,30 @@ def gen_shard(job):
     rng = np.random.default_rng([cfg["seed"], SPLITS.index(split), k])
     pairs = [(s, t) for s in sim_env.SUITES for t in range(len(sim_env.SUITES[s]))]
     records, cache, rr = [], {}, {}
-    for r in range(k * cfg["shard"], min(cfg[f"{split}_rollouts"], (k + 1) * cfg["shard"])):
+    for r in range(k * cfg["shard"], min(n_rollouts(cfg, split), (k + 1) * cfg["shard"])):
+        reasoning_only = r >= cfg[f"{split}_rollouts"]  # an extra rollout: reasoning questions only, in distribution
         for attempt in range(ATTEMPTS):  # train/val never show a held-out colour x shape combination
             suite, task_id = pairs[int(rng.integers(len(pairs)))]
             env = sim_env.cached_env(cache, suite, task_id, S, render=False)
             env.reset(seed=SEED_BASE[split] + ATTEMPTS * r + attempt)
             start = env.get_state()
             # spatial tasks' instructions name their landmarks and distractors: those scenes stay whole
-            if suite != "spatial" and rng.random() < cfg["reduce"]:
+            if suite != "spatial" and not reasoning_only and rng.random() < cfg["reduce"]:  # reasoning: more pairs
                 start = reduce_scene(start, env.task, rng)
             start = scale_objects(start, rng)
             if start is None:  # resized objects would touch
                 continue
             states, subgoals, ok = expert_rollout(env, start)
             combos = {(o["colour"], o["shape"]) for o in start["objects"]}
-            if ok and (split == "test" or not combos & HELDOUT_COMBOS):
+            if ok and ((split == "test" and not reasoning_only) or not combos & HELDOUT_COMBOS):
                 break
         else:  # never with the real expert; a failed rollout, touching resized objects or a held-out combination is never written
             raise RuntimeError(f"gen_shard: {split} rollout {r}: no successful expert rollout (with non-touching resized objects) "
                                f"without a held-out colour x shape in seeds {SEED_BASE[split] + ATTEMPTS * r}..{SEED_BASE[split] + ATTEMPTS * (r + 1) - 1}")
         renv, T = sim_env.cached_env(cache, suite, task_id, S), len(states) - 1
         grip = [st["grip"][:3] for st in states]
-        ts = sorted(rng.choice(np.arange(1, T), size=min(cfg["frames"] - 2, T - 1), replace=False).tolist())
+        n_frames = cfg["reasoning_frames"] if reasoning_only else cfg["frames"]
+        ts = sorted(rng.choice(np.arange(1, T), size=min(n_frames - 2, T - 1), replace=False).tolist())
         for t in [0] + ts + [T]:  # the start, a few mid-rollout frames, and the success frame
             st = dict(states[t], aug=draw_view(rng))  # this image's own camera
             obs, info = renv.reset(options={"state": st})
@@ -618,6 +761,7 @@ def gen_shard(job):
             instr = env.task.instruction(rng, heldout=split == "test" and bool(rng.random() < 0.5))
             sc = Scene(obs, info, split, rng, task=env.task, future=grip[t:], success=t == T,
                        subgoal=subgoals[t], instr=instr)
+            sc.indist = reasoning_only
             Image.fromarray(obs["rgb"]).save(os.path.join(out, "images", fid + ".png"))
             save_depth_png(os.path.join(out, "depth", fid + ".png"), obs["depth"])
             with open(os.path.join(out, "states", fid + ".json"), "w") as f:
@@ -628,7 +772,9 @@ def gen_shard(job):
             types = ["caption"] + _draw_types(cfg, rng, rr, skip)
             if t == T or (ts and t == ts[len(ts) // 2]):  # "is it done?": one yes and one no per rollout
                 types.append("done")
-            for rec in frame_records(sc, fid, types, out):
+            if reasoning_only:
+                types = list(FAMILY_TYPES["reasoning"])
+            for rec in frame_records(sc, fid, types, out, fallback=not reasoning_only):
                 rec["meta"].update(suite=suite, task_id=int(task_id), t=t)
                 records.append(rec)
     # a shard file exists only once the shard is complete
@@ -640,8 +786,10 @@ def generate(cfg: GenConfig) -> dict:
     """Generate (or finish generating) a dataset; returns the stats also written to stats.json."""
     c = dataclasses.asdict(cfg)
     for s, end in zip(SPLITS, [SEED_BASE["val"], SEED_BASE["test"], DEMO_SEED_BASE]):  # seed ranges stay disjoint
-        if not 0 <= c[f"{s}_rollouts"] <= (end - SEED_BASE[s]) // ATTEMPTS:
-            raise SystemExit(f"error: --{s}_rollouts={c[f'{s}_rollouts']} out of range 0..{(end - SEED_BASE[s]) // ATTEMPTS} "
+        extra = c.get(f"{s}_reasoning_rollouts", 0)
+        if min(c[f"{s}_rollouts"], extra) < 0 or n_rollouts(c, s) > (end - SEED_BASE[s]) // ATTEMPTS:
+            flags = f"--{s}_rollouts={c[f'{s}_rollouts']}" + (f" + --{s}_reasoning_rollouts={extra}" if extra else "")
+            raise SystemExit(f"error: {flags} out of range 0..{(end - SEED_BASE[s]) // ATTEMPTS} "
                              f"(its simulator seeds would reach the next range)")
     for d in ("images", "depth", "states", "shards"):
         os.makedirs(os.path.join(cfg.out, d), exist_ok=True)
@@ -658,7 +806,7 @@ def generate(cfg: GenConfig) -> dict:
             raise SystemExit(f"error: {cfg_path}: {cfg.out} holds data generated with other settings "
                              f"({', '.join(f'{k}: {old.get(k)!r} there, {recipe[k]!r} now' for k in diff)}); use another --out")
     write_atomic(cfg_path, json.dumps(recipe, indent=1))
-    jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(c[f"{s}_rollouts"] / cfg.shard))]
+    jobs = [(c, s, k) for s in SPLITS for k in range(math.ceil(n_rollouts(c, s) / cfg.shard))]
     shard_file = lambda s, k: os.path.join(cfg.out, "shards", f"{s}-{k:04d}.jsonl")
     todo = [j for j in jobs if not os.path.isfile(shard_file(j[1], j[2]))]  # finished shards are kept
     run_jobs(gen_shard, todo, cfg.workers, total=len(jobs), desc="shards", disable=cfg.preset == "micro")
@@ -668,6 +816,7 @@ def generate(cfg: GenConfig) -> dict:
         for _, _, k in [j for j in jobs if j[1] == s]:
             with open(shard_file(s, k)) as f:
                 recs += [json.loads(line) for line in f]
+        recs = balance(recs)  # one question per balanced record, over the whole split
         write_atomic(os.path.join(cfg.out, f"{s}.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
         stats["splits"][s] = dict(samples=len(recs), images=len({r["image"] for r in recs}),
                                   families=dict(Counter(r["task"] for r in recs)),

@@ -255,7 +255,8 @@ def test_point_answers_are_scored_on_the_grid_their_mask_was_encoded_on(micro_da
     gem = TP.build_gem(tc, D.load_tokenizer(tok_path))
     TP.save_stage(out, gem, None, tc, tok_path, 0, 0, torch.optim.AdamW(gem.parameters()), True, 0)
     monkeypatch.setattr(ev, "answer_questions", lambda gem, tok, items, *a: [it["answer"] for it in items])  # an oracle
-    res = ev.main(["vlm", f"--ckpt={out}", f"--out={tmp_path / 'ev'}", "--depth_frames=0"])
+    res = ev.main(["vlm", f"--ckpt={out}", f"--out={tmp_path / 'ev'}", "--depth_frames=0", "--image_use=0"])
+    assert res["image_use"] == {}  # --image_use=0 turns the check off (it divided by zero)
     per = res["all"]["per_type"]
     points = [t for t in ("point", "place", "grasp") if t in per]
     assert points and all(per[t]["score"] == 1.0 for t in points), {t: per[t]["score"] for t in points}

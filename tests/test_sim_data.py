@@ -187,7 +187,7 @@ def test_every_generated_answer_rechecked_against_the_simulator(micro_data):
 def test_every_vlm_image_has_its_own_camera_and_objects_their_own_sizes(micro_data):
     """The camera of each frame, re-derived from its stored state (position, look-at, fov), lies in the
     documented VIEW ranges; the cameras differ; movable objects are scaled within SCALE (cubes and balls
-    uniformly), and the same shape comes in several heights."""
+    uniformly), and the same shape comes in several heights; plates and trays in their footprint only."""
     import sim_env
     views, heights = set(), {}
     for f in sorted(os.listdir(os.path.join(micro_data, "states"))):
@@ -212,6 +212,10 @@ def test_every_vlm_image_has_its_own_camera_and_objects_their_own_sizes(micro_da
                     assert np.isclose(r[0], r[1]) and sim_data.SCALE["xy"][0] <= r[0] <= sim_data.SCALE["xy"][1]
                     assert sim_data.SCALE["z"][0] <= r[2] <= sim_data.SCALE["z"][1]
                 heights.setdefault(o["shape"], set()).add(round(o["half_extents"][2], 5))
+            else:  # plates and trays: a footprint scale, their height as built
+                r = np.array(o["half_extents"]) / np.array(sim_env.HALF[o["shape"]])
+                assert np.isclose(r[0], r[1]) and np.isclose(r[2], 1.0)
+                assert sim_data.SCALE["receptacle"][0] <= r[0] <= sim_data.SCALE["receptacle"][1]
     assert len(views) > 5
     assert any(len(h) > 2 for h in heights.values())
 
@@ -226,6 +230,18 @@ def test_split_rules_heldout_templates_and_combos(micro_data):
             assert all(q.split("\n", 1)[-1] != h for h in held)
     test = data.read_jsonl(os.path.join(micro_data, "test.jsonl"))
     assert any(r["meta"].get("heldout_template") for r in test)
+    # the extra reasoning-only rollouts: reasoning questions only, each type at most once per frame, in
+    # distribution (training templates, no held-out colour x shape in the scene), reasoning_frames frames each
+    cfg = sim_data.GEN_PRESETS["micro"]
+    extra = [r for r in test if int(r["meta"]["frame"].split("-")[1]) >= cfg["test_rollouts"]]
+    frames = {}
+    for r in extra:
+        assert r["task"] == "reasoning" and not r["meta"]["heldout_template"], r["id"]
+        frames.setdefault(r["meta"]["frame"], []).append(r["meta"]["type"])
+        objs = json.load(open(os.path.join(micro_data, "states", r["meta"]["frame"] + ".json")))["state"]["objects"]
+        assert not {(o["colour"], o["shape"]) for o in objs} & sim_data.HELDOUT_COMBOS
+    assert len(frames) == cfg["test_reasoning_rollouts"] * cfg["reasoning_frames"]
+    assert all(len(ts) == len(set(ts)) >= 4 for ts in frames.values()), frames
 
 
 def test_every_reference_answer_scores_one_in_eval(micro_data):
@@ -247,16 +263,51 @@ def test_every_reference_answer_scores_one_in_eval(micro_data):
     assert types == set(sim_data.TYPE_FAMILY) - {"caption", "depth"}
 
 
-def test_answers_are_balanced():
-    """yes/no and letter positions are chosen before the question: over many draws they are uniform."""
+def _leaky_records(n_frames, seed):
+    """Records of a made-up "closer" question whose words give the answer away: the depth of an object
+    follows its name (red cube nearest, then the blue can, the green ball; the plate always farthest) plus
+    noise. Each record holds every ordered pair of its frame's 3 objects as candidates (sim_data.balance's input)."""
+    rng, names = np.random.default_rng(seed), ["red cube", "blue can", "green ball", "plate"]
+    recs = []
+    for i in range(n_frames):
+        objs = [int(k) for k in rng.choice(4, 3, replace=False)]
+        z = {k: (10.0 if k == 3 else k + rng.normal(0, 1.5)) for k in objs}
+        cands = []
+        for a in objs:
+            for b in objs:
+                if a != b:
+                    ans = "yes" if z[a] < z[b] else "no"
+                    cands.append(dict(q=f"Is the {names[a]} closer to the camera than the {names[b]}?", a=ans, meta=dict(answer=ans),
+                                      bal=[(f"a={names[a]}", ans), (f"b={names[b]}", ans), (f"ab={names[a]}|{names[b]}", ans), ("!", ans)]))
+        cands = [cands[j] for j in rng.permutation(len(cands))]
+        recs.append(dict(id=f"{seed}-{i}", image="x.png", task="reasoning", meta=dict(type="closer", frame=f"{seed}-{i}"), cands=cands))
+    return recs
+
+
+def test_balance_hides_a_planted_leak_from_the_text_only_baseline():
+    """eval.py's text-only baseline reads a planted name -> answer leak when one question is drawn per frame at
+    random, and reads nothing once sim_data.balance picks: yes and no are even, and the plate (always
+    farthest: its name alone gives the answer) is never asked about."""
+    import copy
+    import eval as E
+    draw = lambda recs: [sim_data._fill(r, r.pop("cands")[0]) for r in copy.deepcopy(recs)]  # noqa: E731
+    text = {}
+    for how, pick in (("random", draw), ("balanced", sim_data.balance)):
+        train, test = pick(_leaky_records(600, 0)), pick(_leaky_records(400, 1))
+        _, pred = E.text_only(train, test, "yesno")
+        answers = [data.answer_of(r) for r in test]
+        const = E.constant_answer("yesno", [data.answer_of(r) for r in train])
+        text[how] = np.mean([pred[r["id"]] == a for r, a in zip(test, answers)]) - np.mean([const == a for a in answers])
+        if how == "balanced":
+            assert not any("plate" in data.question_of(r) for r in train + test)
+            assert 0.45 <= np.mean([a == "yes" for a in answers]) <= 0.55
+            assert len(test) > 300  # the plate's questions go, the frames stay
+    assert text["random"] > 0.15 and text["balanced"] < 0.05, text
+
+
+def test_letters_are_uniform_over_positions():
+    """The correct option's letter is uniform over the positions of its option count."""
     import types
-    import sim_env
-    env = sim_env.TabletopEnv("goal", 0, image_size=64)
-    obs, info = env.reset(seed=3)
-    yes, n = 0, 400
-    for i in range(n):
-        yes += sim_data.q_rel_yn(sim_data.Scene(obs, info, "train", np.random.default_rng([7, i])))[1] == "yes"
-    assert 0.4 < yes / n < 0.6
     sc = types.SimpleNamespace(rng=np.random.default_rng(0))
     for n_others in (1, 2, 3, 5):
         counts = {}
@@ -270,12 +321,13 @@ def test_answers_are_balanced():
 
 def test_restart_does_not_rewrite_finished_shards(tmp_path, monkeypatch):
     cfg = sim_data.GenConfig(**dict(sim_data.GEN_PRESETS["micro"], out=str(tmp_path), preset="micro"))
-    real, calls = sim_data.gen_shard, []
+    real, calls, killed = sim_data.gen_shard, [], []
 
     def flaky(job):
         calls.append(job[1:])
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # killed in the middle of the third shard
+        if len(calls) == 3 and not killed:
+            killed.append(job)
+            raise KeyboardInterrupt  # killed in the middle of the third shard (the first run only)
         return real(job)
     monkeypatch.setattr(sim_data, "gen_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
