@@ -532,7 +532,7 @@ class GenConfig:
 
 
 GEN_PRESETS = {
-    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=2, test_reasoning_rollouts=1, frames=3,
+    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=3, test_reasoning_rollouts=1, frames=3,
                   reasoning_frames=3, questions=5, round_robin=True, shard=2, workers=1, vocab_size=384),
     # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share), ~45 test questions per reasoning type
     "tiny": dict(image_size=64, train_rollouts=360, test_rollouts=80, val_reasoning_rollouts=70, test_reasoning_rollouts=90),
