@@ -143,7 +143,7 @@ class Scene:
         self.K, self.pose = np.asarray(info["K"], float), np.asarray(info["cam_pose"], float)
         self.split, self.rng, self.task, self.future = split, rng, task, future
         self.success, self.subgoal, self.instr = success, subgoal, instr
-        self.indist = False  # the extra reasoning-only frames (GenConfig.reason_rollouts): training templates only
+        self.indist = False  # an extra reasoning-only frame (GenConfig.*_reasoning_rollouts): training templates only
         names = [o["name"] for o in self.objs]
         min_px = MIN_VISIBLE * self.S * self.S
         self.visible = [o for o in self.objs if o["visible_px"] >= min_px and o["box2d"] is not None]
@@ -159,8 +159,8 @@ class Scene:
         return seq[self.rng.integers(len(seq))]
 
     def cand(self, typ, ans, meta, bal, **kw) -> dict:
-        """One candidate question of a balanced type (BALANCED): its text, answer, meta and the (key, value)
-        pairs balance() evens out; balance() picks one candidate per record."""
+        """One candidate question of a balanced type: its text, answer, meta and the (key, answer) pairs
+        balance() evens out when it picks one candidate per record."""
         q = self.template(typ, **kw)
         return dict(q=q, a=ans, meta=dict(meta, heldout_template=self.held), bal=bal)
 
@@ -274,9 +274,10 @@ def q_list(sc):
 
 
 # Balanced types: a maker returns every unambiguous question of its type in the frame (at most MAX_CANDS),
-# each with (key, value) pairs; balance() later picks one per record so that, per key (an object's name,
-# shape or colour in its role, the relation, the template, an option's name), the answers are spread as
-# they are over the whole type, and yes/no and letters are uniform ("*" keys): the words give nothing away.
+# each with (key, answer) pairs; balance() later picks one per record so that, per key (an object's name,
+# shape or colour in its role, the ordered pair, the shape pair, the relation, an option's name), the answers
+# are spread as over the whole type: the words give nothing away. A "!" key's answers are chosen first to
+# stay uniform (yes/no, letters per option count); a "*" key's are pulled towards uniform (counts, numbers).
 MAX_CANDS = 24
 BAL_MIN, BAL_SLACK = 20, 0.4  # balance(): a key seen this often whose answer share is this far off gives it away
 BAL_TOL = 0.05  # balance(): a record whose best candidate leaves a key's answer share this far above target is dropped
@@ -534,7 +535,8 @@ class GenConfig:
 GEN_PRESETS = {
     "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=3, test_reasoning_rollouts=1, frames=3,
                   reasoning_frames=3, questions=5, round_robin=True, shard=2, workers=1, vocab_size=384),
-    # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share), ~45 test questions per reasoning type
+    # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share); >= 300 in-distribution
+    # test and >= 150 val questions per reasoning type (README "The questions")
     "tiny": dict(image_size=64, train_rollouts=360, test_rollouts=80, val_reasoning_rollouts=70, test_reasoning_rollouts=90),
     "small": dict(image_size=128, train_rollouts=2000, val_rollouts=60, test_rollouts=200, val_reasoning_rollouts=40,
                   test_reasoning_rollouts=80, frames=5, vocab_size=1024),
@@ -673,8 +675,13 @@ def balance(recs: list[dict]) -> list[dict]:
        split, one answer's share there exceeds the group's by > BAL_SLACK (a plate is never closer to the
        camera than what stands beside it). Candidates with such a key go, whatever their answer (dropping
        only the common answer would make the rare one certain); a record left with none is dropped.
-    2. Of the rest, the one whose answers are furthest below their targets: per key, the answers' spread over
-       its whole group (so far); for a "*..." key, uniform (yes/no, letters). Deterministic: no draws."""
+    2. Where the candidates have a "!" key (yes/no, letter per option count), the answer first: the one that
+       key has given least so far.
+    3. Of those, the one whose answers are furthest below their target shares: per key, the answers' spread
+       over its whole group so far; for a "*" or "!" key, uniform.
+    4. Yes/no only: when even that candidate leaves a key seen >= BAL_MIN times more than BAL_TOL above
+       its target, the record is dropped (tests/test_sim_data.py: without it, a strong name -> answer
+       leak survives the greedy pick). Deterministic: no draws."""
     by_type, dropped = {}, set()
     for r in recs:
         if "cands" in r:
@@ -710,10 +717,10 @@ def balance(recs: list[dict]) -> list[dict]:
             hard = [(k, cls(v)) for c in cands for k, v in c["bal"] if k.startswith("!")]
             if hard:  # the answer first: the one its "!" key has given least so far (yes/no, letter per option count)
                 k, v = min(hard, key=lambda kv: count[kv])
-                cands = [c for c in cands if [k, v] in c["bal"] or (k, v) in c["bal"]]
+                cands = [c for c in cands if any(kk == k and cls(vv) == v for kk, vv in c["bal"])]
             c = max(cands, key=score)  # the first of equals
             if strict and any(total[k] >= BAL_MIN and count[k, cls(v)] / total[k] > target(k, cls(v)) + BAL_TOL for k, v in c["bal"]):
-                dropped.add(r["id"])  # yes/no: every candidate would push a key further off, so no question here
+                dropped.add(r["id"])  # yes/no: even the best candidate would push a key further off
                 continue
             for k, v in c["bal"]:
                 for key in (k, "g:" + group(k)):
