@@ -372,26 +372,29 @@ def host_chunks(items: list, pad_id: int, modality: str, noise: tuple | None = N
 @torch.no_grad()
 def validate(gem, head, ds, tc, stage, pad_id, device, amp):
     """Validation losses on a fixed spread sample of the split, with fixed flow noise and no CFG drop (the
-    models are in eval mode), so curves are comparable (eval.py answers the questions and draws the depth)."""
+    models are in eval mode), so curves are comparable (eval.py answers the questions and draws the depth).
+    val_text_grey: the text loss with every image one grey image; at val_text, the model dropped its image."""
     modes = [(m, m.training) for m in (gem, head) if m is not None]
     for m, _ in modes:
         m.eval()
     losses = STAGES[stage]["losses"]
     modality = head.cfg.modality if head is not None else "depth"
-    text_sum = n_tok = flow_sum = n_flow = 0.0
+    text_sum = n_tok = flow_sum = n_flow = grey_sum = 0.0
     idx = D.spread(len(ds), tc.val_batches * tc.batch_size)
     for s in range(0, len(idx), tc.batch_size):
         b = make_batch(ds, idx[s:s + tc.batch_size], pad_id, modality, device)
         with amp:
             out = gem(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"])
             text_sum += text_ce_sum(out["logits"], b["labels"]).item()
+            grey = gem(b["input_ids"], torch.full_like(b["pixel_values"], 128 / 127.5 - 1), attention_mask=b["attention_mask"])
+            grey_sum += text_ce_sum(grey["logits"], b["labels"]).item()  # pixel value of grey 128 (data.to_pixel_values)
             n_tok += (b["labels"][:, 1:] != -100).sum().item()
             if head is not None and "flow" in losses:
                 nv = b["target_valid"].sum().item()
                 flow_sum += head.loss(out["image_hidden"].float(), b["target"], b["target_mask"],
                                       sample_seeds(1234, stage, b["pos"])).item() * nv
                 n_flow += nv
-    res = {"val_text": text_sum / max(n_tok, 1)}  # per answer token whatever --loss_norm: comparable across runs
+    res = {"val_text": text_sum / max(n_tok, 1), "val_text_grey": grey_sum / max(n_tok, 1)}  # per answer token, any --loss_norm
     if n_flow:
         res["val_flow"] = flow_sum / n_flow
     for m, was in modes:

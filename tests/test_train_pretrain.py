@@ -352,3 +352,19 @@ def test_loader_draws_the_flow_noise_the_loss_would(base, micro_data):
     assert flow_here == flow_loader and flow_here > 0
     other = TP.host_batch(items, pad, "depth", noise=(tc.seed, 2))  # another stage: other draws
     assert not torch.equal(other["flow_noise"], drawn["flow_noise"])
+
+
+def test_validation_measures_what_the_image_adds(base, micro_data):
+    """validate's val_text_grey is the text loss with every image replaced by grey: on the real images of an
+    (untrained) model it differs from val_text, and on a blind dataset (images already grey) it equals it."""
+    import contextlib
+    import data as D
+    gem, head, tok, tc = TP.load_pretrained(os.path.join(base, "stage0"))
+    pad = D.special_ids(tok)["pad_id"]
+    res = {}
+    for blind in (False, True):
+        ds = D.GemDataset(micro_data, "val", **TP.dataset_kw(tc, gem, tok, blind=blind, cache=False))
+        res[blind] = TP.validate(gem, None, ds, tc, 3, pad, torch.device("cpu"), contextlib.nullcontext())
+    assert abs(res[False]["val_text_grey"] - res[False]["val_text"]) > 1e-4, res
+    assert res[True]["val_text_grey"] == pytest.approx(res[True]["val_text"], abs=1e-6), res
+    assert res[True]["val_text_grey"] == pytest.approx(res[False]["val_text_grey"], abs=1e-6)  # the same grey image
