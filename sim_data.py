@@ -33,7 +33,8 @@ the best text-only answerer is within 5 points of the best constant on every rea
 Relations use the simulator's predicates and are rejected within REL_MARGIN of their threshold. The test
 split adds held-out templates and the HELDOUT_COMBOS (colour x shape never in train/val). Val and test add
 reasoning-only rollouts (GenConfig.*_reasoning_rollouts: one question of each reasoning type per frame,
-in distribution), so that each type has >= 300 in-distribution test and >= 150 val questions (tiny).
+in distribution), so that each type has >= 300 in-distribution test and >= 150 val questions (tiny); train's
+(--train_reasoning_rollouts) add a caption and the grounding questions to each frame: more distinct images.
 
 Paper -> code map
   GEM-4M mixture: grounding / spatial reasoning / planning, with depth   MAKERS (q_*), gen_shard (MIXTURE)
@@ -518,8 +519,11 @@ class GenConfig:
     train_rollouts: int = 240  # expert episodes per split; each gives `frames` images
     val_rollouts: int = 16
     test_rollouts: int = 40
-    # extra val / test rollouts whose frames carry one question of each reasoning type and nothing else, in
-    # distribution (training templates, no held-out colour x shape): enough questions per type to see 5 points
+    # extra rollouts whose frames carry one question of each reasoning type, in distribution (training templates,
+    # no held-out colour x shape): val / test, enough questions per type to see 5 points (nothing else on those
+    # frames); train, more scenes to learn from, each frame also with a caption and the grounding questions, so
+    # stage 0 sees these images too (results/tiny/search.md: more distinct images is what teaches the ViT)
+    train_reasoning_rollouts: int = 0
     val_reasoning_rollouts: int = 0
     test_reasoning_rollouts: int = 0
     reasoning_frames: int = 10  # images per extra reasoning rollout (the start, the success frame and mid-rollout frames)
@@ -533,7 +537,8 @@ class GenConfig:
 
 
 GEN_PRESETS = {
-    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=3, test_reasoning_rollouts=1, frames=3,
+    "micro": dict(image_size=64, train_rollouts=4, val_rollouts=1, test_rollouts=3, train_reasoning_rollouts=1,
+                  test_reasoning_rollouts=1, frames=3,
                   reasoning_frames=3, questions=5, round_robin=True, shard=2, workers=1, vocab_size=384),
     # tiny: 360 train scenes, 1/3 of them for stage 0 only (reproduce.py --base_share); >= 300 in-distribution
     # test and >= 150 val questions per reasoning type (README "The questions")
@@ -548,7 +553,7 @@ SEED_BASE, ATTEMPTS = {"train": 0, "val": 300_000, "test": 600_000}, 20
 
 
 def n_rollouts(cfg: dict, split: str) -> int:
-    """A split's rollouts: its own, then (val, test) the extra reasoning-only ones."""
+    """A split's rollouts: its own, then the extra reasoning-only ones."""
     return cfg[f"{split}_rollouts"] + cfg.get(f"{split}_reasoning_rollouts", 0)
 
 
@@ -779,8 +784,8 @@ def gen_shard(job):
             types = ["caption"] + _draw_types(cfg, rng, rr, skip)
             if t == T or (ts and t == ts[len(ts) // 2]):  # "is it done?": one yes and one no per rollout
                 types.append("done")
-            if reasoning_only:
-                types = list(FAMILY_TYPES["reasoning"])
+            if reasoning_only:  # (train: and a caption and the grounding questions, for stage 0 to learn to see on)
+                types = (["caption"] + FAMILY_TYPES["grounding"]) * (split == "train") + list(FAMILY_TYPES["reasoning"])
             for rec in frame_records(sc, fid, types, out, fallback=not reasoning_only):
                 rec["meta"].update(suite=suite, task_id=int(task_id), t=t)
                 records.append(rec)

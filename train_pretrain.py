@@ -9,7 +9,7 @@ Run (the run directory --out gets run.json, log.jsonl and stage<k>/ checkpoints;
 Load a result elsewhere: `gem, head, tok, tc = load_pretrained("runs/tiny/gem")` (run dir or stage dir).
 
 Recipes (stage 3 has the same number of VLM updates and the same data order in every recipe):
-    base     stage 0: ViT + merger + LLM from scratch on the caption family, text loss only
+    base     stage 0: ViT + merger + LLM from scratch on the caption family (--families0), text loss only
     sft      stage 3 only, text loss only (the no-depth baseline)
     gem      stages 1, 2, 3 with the depth flow-matching head
     rgb      stages 1, 2, 3 with the RGB-reconstruction target (paper's ablation)
@@ -108,6 +108,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     families: str = ""               # stage 1-3 families, comma separated ("" = every record of the split)
+    families0: str = "caption"       # stage 0's families: the base VLM learns to see on these
     scenes: str = ""                 # "lo:hi": only these train scenes (data.select_scenes; "" = all)
     blind: bool = False              # every image one constant grey (the blind baseline; eval.py follows it)
     cache: bool = True               # decode the data once into <data>/cache (data.build_cache); false: PNGs every step
@@ -469,7 +470,7 @@ def run_stage(stage, gem, head, head_trained, tc, tok_path, ctx, resume_state):
     total, peak = getattr(tc, f"steps{stage}"), getattr(tc, f"lr{stage}")
     modality = head.cfg.modality if head is not None else "depth"
     pad_id = D.special_ids(ctx["tok"])["pad_id"]
-    fams = ["caption"] if stage == 0 else ([f for f in tc.families.split(",") if f] or None)
+    fams = [f for f in (tc.families0 if stage == 0 else tc.families).split(",") if f] or None
     make = lambda f: tuple(D.GemDataset(tc.data, split, scenes=D.parse_scenes(tc.scenes) if split == "train" else None,  # noqa: E731
                                         **dataset_kw(tc, gem, ctx["tok"], families=f)) for split in ("train", "val"))
     if ddp and rank:

@@ -242,6 +242,15 @@ def test_split_rules_heldout_templates_and_combos(micro_data):
         assert not {(o["colour"], o["shape"]) for o in objs} & sim_data.HELDOUT_COMBOS
     assert len(frames) == cfg["test_reasoning_rollouts"] * cfg["reasoning_frames"]
     assert all(len(ts) == len(set(ts)) >= 4 for ts in frames.values()), frames
+    # train's extra rollouts: the same reasoning questions, plus a caption and grounding questions per frame
+    # (stage 0 learns to see on them too)
+    train = [r for r in data.read_jsonl(os.path.join(micro_data, "train.jsonl"))
+             if int(r["meta"]["frame"].split("-")[1]) >= cfg["train_rollouts"]]
+    tasks = {}
+    for r in train:
+        tasks.setdefault(r["meta"]["frame"], []).append(r["task"])
+    assert len(tasks) == cfg["train_reasoning_rollouts"] * cfg["reasoning_frames"]
+    assert all(ts.count("caption") == 1 and set(ts) == {"caption", "grounding", "reasoning"} for ts in tasks.values()), tasks
 
 
 def test_every_reference_answer_scores_one_in_eval(micro_data):
