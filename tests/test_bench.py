@@ -1,5 +1,5 @@
 """bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs;
-bench/profile_step.py's CPU smoke run and its kernel count."""
+bench/profile_step.py's CPU smoke run and its kernel count; bench/tiny_search.py's curve table."""
 import json
 import os
 import sys
@@ -12,6 +12,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import data_efficiency as de  # noqa: E402
 import profile_step  # noqa: E402
+import tiny_search as ts  # noqa: E402
 import world_check as wc  # noqa: E402
 
 import data  # noqa: E402
@@ -138,3 +139,26 @@ def test_reread_applies_todays_rule_to_the_committed_three_seed_numbers(capsys):
     out = capsys.readouterr().out
     assert "table 2: 17 differences, 0 starred after Holm" in out and "probe ordinal: +0.0195 ±0.0019, p = 0.0032" in out
     assert "sft above blind (one-sided paired t-test, p < 0.05) on: no type" in out
+
+
+def test_tiny_search_table_reads_each_chunk_in_step_order(tmp_path, capsys, monkeypatch):
+    """Finished chunks are not rerun (nothing trains here: the base and every chunk's eval exist) and the table
+    holds one row per chunk in step order (as text, "eval_1200" sorts first), with the mean over the 8
+    reasoning types and the image use, worked by hand."""
+    out, dat = tmp_path / "runs", tmp_path / "data"
+    (out / "base_c" / "stage0").mkdir(parents=True)
+    dat.mkdir()
+    (dat / "val.jsonl").write_text("")
+    for steps, score in ((1200, 0.8), (300, 0.6)):
+        per = {t: dict(score=score if t == "count" else 0.5, chance=0.5, n=10) for t in ts.TYPES}
+        (out / "S" / f"eval_{steps}").mkdir(parents=True)
+        (out / "S" / f"eval_{steps}" / "results.json").write_text(json.dumps(
+            {"all": {"per_type": per}, "image_use": dict(changed=0.25, tokens=0.5)}))
+    monkeypatch.setitem(ts.RUNS, "S", ("c", [], 1200, 300))  # chunks 600 and 900 would train: give them results too
+    for steps in (600, 900):
+        (out / "S" / f"eval_{steps}").mkdir()
+        (out / "S" / f"eval_{steps}" / "results.json").write_text((out / "S" / "eval_300" / "results.json").read_text())
+    ts.main([f"--out={out}", f"--data={dat}", "--only=S", "--jobs=1"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| S |")]
+    assert [int(r.split("|")[2]) for r in rows] == [300, 600, 900, 1200]
+    assert rows[-1].split("|")[-4:-1] == [f" {100 * (0.5 * 7 + 0.8) / 8:.1f} ", " 25.0% ", " 0.50 "]
