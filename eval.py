@@ -412,7 +412,7 @@ def text_only(train: list[dict], test: list[dict], kind: str) -> tuple[str, dict
         by_q = {}
         for r, a in zip(rows, answers):
             by_q.setdefault(question_of(r), []).append(a)
-        lookup = {q: max(set(a), key=a.count) for q, a in by_q.items()}
+        lookup = {q: max(sorted(set(a)), key=a.count) for q, a in by_q.items()}  # ties: the first answer in order, not by hash
         classes = sorted(set(answers))
         cls = {a: k for k, a in enumerate(classes)}
         X, y = torch.from_numpy(x(rows)), torch.tensor([cls[a] for a in answers])

@@ -320,3 +320,20 @@ def test_image_use_tells_a_model_that_sees_from_one_that_dropped_its_image(micro
     monkeypatch.setattr(gem.vit, "features", lambda px: torch.zeros_like(real(px)))
     blind = ev.image_use(gem, tok, items, answer(items), True, 8, cap)
     assert blind["changed"] == 0.0 and blind["vit"] == 0.0 and blind["tokens"] < 1e-4, blind
+
+
+def test_text_only_breaks_ties_the_same_in_every_process():
+    """The exact-question lookup answers a question with its most frequent train answer; a tie must not be
+    broken by string hashing, which differs per process (PYTHONHASHSEED): a killed and rerun reproduction
+    then wrote a different text-only row. Six answers tied on one question, in four processes."""
+    import subprocess
+    import sys
+    code = ("import eval as ev\n"
+            "ans = ['red', 'green', 'blue', 'cyan', 'pink', 'grey']\n"
+            "rows = [{'id': f'q{k}', 'meta': {'type': 'closer'}, 'conversations': [{'from': 'human', 'value': '<image>\\nWhich?'},"
+            " {'from': 'gpt', 'value': ans[k % 6]}]} for k in range(30)]\n"
+            "print(ev.text_only(rows, rows[:1], 'exact'))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=str(h))).stdout for h in range(4)}
+    assert len(outs) == 1, outs
