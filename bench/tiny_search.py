@@ -9,6 +9,12 @@ it). The log of what was tried and what it showed: results/tiny/search.md.
     python bench/tiny_search.py --only=S,B         # data, the stage-0 base, sft and blind (~45 min on 2 cores)
     python bench/tiny_search.py --only=S --jobs=1  # one run
     python bench/tiny_search.py --only=S,B --seed=1 --out=runs/search_s1 --data=data/search   # another training seed
+    python bench/tiny_search.py --summary=results/tiny/search_s0.md,results/tiny/search_s1.md,results/tiny/search_s2.md
+
+--summary reads the tables of several training seeds (each one run of this script: its `search.md`) and compares
+a pair of runs over them (--pair, default S3k vs its blind twin B3k, at the last step both have in every table):
+per type the mean and sd of each, and of their paired per-seed difference, with the one-sided paired t-test's p
+(reproduce.py's rule for "sft uses the image": p < 0.05 over >= 3 seeds).
 """
 import concurrent.futures as cf
 import glob
@@ -18,9 +24,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 from common import parse_config  # noqa: E402
+from reproduce import MIN_SEEDS, compare, t_sf  # noqa: E402
 
 # the data: tiny plus 300 train rollouts of extra scenes (each frame: a caption, the grounding questions and one
 # question of each reasoning type), 4,798 captioned train images instead of 1,798
@@ -52,6 +61,8 @@ class SearchConfig:
     only: str = ""       # comma-separated run names (default: all)
     seed: int = 0        # training seed (stage 0 and stage 3)
     data_seed: int = 0   # generation seed of --data
+    summary: str = ""    # comma-separated search.md tables, one per training seed: compare --pair over them
+    pair: str = "S3k,B3k"  # the run with the image, its blind twin
 
 
 def sh(argv: list, log: str) -> None:
@@ -67,8 +78,44 @@ def row(name: str, steps: int, res: dict) -> str:
             + f" | {100 * mean:.1f} | {100 * u.get('changed', 0):.1f}% | {u.get('tokens') or 0:.2f} |")
 
 
+def read_table(path: str) -> dict:
+    """A search.md table -> {(run, steps): {type or "mean": score in points}}."""
+    rows = {}
+    for line in open(path):
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        if len(cells) == len(TYPES) + 5 and cells[1].isdigit():
+            rows[cells[0], int(cells[1])] = dict(zip(TYPES + ["mean"], map(float, cells[2:len(TYPES) + 3])))
+    return rows
+
+
+def summary(paths: list[str], pair: str) -> str:
+    """The pair of runs compared over the seeds' tables, at the last step both have in every table."""
+    a, b = pair.split(",")
+    tables = [read_table(p) for p in paths]
+    steps = [{s for (n, s) in t if n == a} & {s for (n, s) in t if n == b} for t in tables]
+    if not (common := set.intersection(*steps)):
+        raise SystemExit(f"error: --summary: no step at which every table has both {a} and {b}: {paths}")
+    step = max(common)
+    lines = [f"{a} vs {b} at {step} steps over {len(paths)} seeds ({', '.join(paths)}): mean ±sd; one-sided paired t-test",
+             f"| type | {a} | {b} | {a} − {b} | per seed | p (one-sided) | above |", "|---|---|---|---|---|---|---|"]
+    ms = lambda v: f"{np.mean(v):.1f} ±{np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
+    for t in TYPES + ["mean"]:
+        x, y = ([tab[n, step][t] for tab in tables] for n in (a, b))
+        d = compare(dict(vals=x), dict(vals=y))  # paired a - b: mean, sd, n
+        se = d["sd"] / np.sqrt(d["n"])
+        p = None if d["n"] < 2 else t_sf(d["mean"] / se, d["n"] - 1) if se > 0 else float(d["mean"] <= 0)
+        yes = p is not None and p < 0.05 and d["n"] >= MIN_SEEDS
+        lines.append(f"| {t} | {ms(x)} | {ms(y)} | {d['mean']:+.1f} ±{d['sd']:.1f} | "
+                     + ", ".join(f"{u - v:+.1f}" for u, v in zip(x, y)) + " | "
+                     f"{'n/a' if p is None else f'{p:.3f}'} | {'yes' if yes else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     c = parse_config(SearchConfig, argv)
+    if c.summary:
+        print(summary(c.summary.split(","), c.pair))
+        return
     names = c.only.split(",") if c.only else list(RUNS)
     if bad := [n for n in names if n not in RUNS]:
         raise SystemExit(f"error: --only: unknown runs {bad}; valid: {', '.join(RUNS)}")

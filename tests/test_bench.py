@@ -1,5 +1,5 @@
 """bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs;
-bench/profile_step.py's CPU smoke run and its kernel count; bench/tiny_search.py's curve table."""
+bench/profile_step.py's CPU smoke run and its kernel count; bench/tiny_search.py's curve table and its seed summary."""
 import json
 import os
 import sys
@@ -162,3 +162,30 @@ def test_tiny_search_table_reads_each_chunk_in_step_order(tmp_path, capsys, monk
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| S |")]
     assert [int(r.split("|")[2]) for r in rows] == [300, 600, 900, 1200]
     assert rows[-1].split("|")[-4:-1] == [f" {100 * (0.5 * 7 + 0.8) / 8:.1f} ", " 25.0% ", " 0.50 "]
+
+
+def test_tiny_search_summary_pairs_seeds_at_their_last_common_step(tmp_path, capsys):
+    """--summary compares S3k with B3k over seeds' tables at the last step every table has for both (seed 2
+    stopped at 600), with the one-sided paired t-test of reproduce.py's rule. Reference: for df = 2,
+    P(T > t) = 1/2 - t / (2 sqrt(t^2 + 2)); the differences 1, 2, 3 give t = 2 sqrt(3)."""
+    head = "| run | steps | " + " | ".join(ts.TYPES) + " | mean | grey changes | token spread |\n"
+
+    def line(run, steps, count, rest=50.0):
+        vals = [count if t == "count" else rest for t in ts.TYPES]
+        return f"| {run} | {steps} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {sum(vals) / 8:.1f} | 1% | 0.10 |\n"
+    paths = []
+    for seed, (d, lasts) in enumerate([(1.0, (600, 1200)), (2.0, (600, 1200)), (3.0, (600,))]):
+        rows = "".join(line("S3k", s, 60.0 + d + (s == 1200) * 9) + line("B3k", s, 60.0) for s in lasts)
+        paths.append(tmp_path / f"s{seed}.md")
+        paths[-1].write_text(f"seed {seed}, said in prose | 600 |\n" + head + "|---|\n| n | | 1 | 2 |\n" + rows)
+    print(ts.summary([str(p) for p in paths], "S3k,B3k"))
+    out = capsys.readouterr().out
+    assert "at 600 steps over 3 seeds" in out
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in out.splitlines() if r.startswith("| ")}
+    t = 2 * 3 ** 0.5
+    assert cells["count"][:4] == ["62.0 ±1.0", "60.0 ±0.0", "+2.0 ±1.0", "+1.0, +2.0, +3.0"]
+    assert float(cells["count"][4]) == pytest.approx(0.5 - t / (2 * (t * t + 2) ** 0.5), abs=1e-3)  # 0.037
+    assert cells["count"][5] == "yes" and cells["closer"][5] == "no"  # closer: no difference at all
+    assert cells["mean"][2] == "+0.3 ±0.1"  # the tables' own mean column, rounded there: 51.4-51.2, 51.5-51.2, 51.6-51.2
+    with pytest.raises(SystemExit, match="no step at which every table has both S3k and B9"):
+        ts.summary([str(p) for p in paths], "S3k,B9")
