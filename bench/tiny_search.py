@@ -47,6 +47,7 @@ RUNS = {  # name -> (base, stage-3 flags, steps, chunk)
     "SL": ("c", SEE, 1500, 300),
     "S3k": ("c", SEE, 3000, 600),
     "B3k": ("c", SEE + ["--blind=true"], 3000, 600),
+    "S6k": ("c", SEE, 6000, 1000),  # how many steps the types still at their constant answer at 3,000 would take
     "S1e3": ("c", ["--families=reasoning,caption", "--lr3=1e-3"], 600, 300),
     "SG": ("cg", SEE, 600, 300),
 }
