@@ -58,7 +58,8 @@ TYPES = ["closer", "marked", "distance", "height", "count", "fit", "rel_yn", "re
 class SearchConfig:
     out: str = "runs/search"
     data: str = "data/search"
-    jobs: int = 2        # runs at once (one CPU thread each)
+    jobs: int = 2        # runs at once
+    threads: int = 1     # CPU threads per run (2 cores: 1 with --jobs=2; 2 for a run alone)
     only: str = ""       # comma-separated run names (default: all)
     seed: int = 0        # training seed (stage 0 and stage 3)
     data_seed: int = 0   # generation seed of --data
@@ -121,7 +122,7 @@ def main(argv):
     if bad := [n for n in names if n not in RUNS]:
         raise SystemExit(f"error: --only: unknown runs {bad}; valid: {', '.join(RUNS)}")
     os.makedirs(c.out, exist_ok=True)
-    common = [f"--data={c.data}", "--threads=1", f"--seed={c.seed}", "--preset=tiny"]
+    common = [f"--data={c.data}", f"--threads={c.threads}", f"--seed={c.seed}", "--preset=tiny"]
     if not os.path.isfile(f"{c.data}/val.jsonl"):
         sh(["sim_data.py", f"--out={c.data}", f"--seed={c.data_seed}", f"--workers={c.jobs}"] + DATA, f"{c.out}/data.log")
     pool = cf.ThreadPoolExecutor(max(1, c.jobs))
@@ -140,7 +141,8 @@ def main(argv):
             sh(["train_pretrain.py", "--recipe=sft", f"--init={c.out}/base_{b}", f"--out={out}", f"--steps3={steps}",
                 f"--stop_after={chunk}", f"--eval_every={chunk}", "--ckpt_every=0"] + common + flags
                + (["--resume"] if os.path.isdir(f"{out}/stage3") else []), f"{out}.train.log")
-            sh(["eval.py", "vlm", f"--ckpt={out}", "--split=val", "--depth_frames=0", f"--out={out}/eval_{done}"], f"{out}.eval.log")
+            sh(["eval.py", "vlm", f"--ckpt={out}", "--split=val", "--depth_frames=0", f"--threads={c.threads}",
+                f"--out={out}/eval_{done}"], f"{out}.eval.log")
         print(f"{n}: done", flush=True)
     list(pool.map(base, sorted({RUNS[n][0] for n in names})))
     list(pool.map(run, names))
