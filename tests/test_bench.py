@@ -1,6 +1,7 @@
 """bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs;
 bench/profile_step.py's CPU smoke run and its kernel count; bench/tiny_search.py's curve table and its seed summary."""
 import json
+import math
 import os
 import sys
 
@@ -131,14 +132,33 @@ def test_preflight_says_in_one_line_what_is_missing(monkeypatch, capsys):
         assert pf.main([]) == 1 and "sees no GPU" in capsys.readouterr().out
 
 
-def test_reread_applies_todays_rule_to_the_committed_three_seed_numbers(capsys):
-    """bench/reread.py on results/tiny/results.json: table 2's 17 differences, the smallest p 0.0032 (gem vs
-    direct, probe ordinal: 0.0032 x 17 > 0.05), so none starred after Holm; sft above blind on no type."""
+def test_reread_holds_back_what_holm_denies_and_checks_sft_against_blind_one_sided(tmp_path, capsys):
+    """bench/reread.py on a results.json made here (3 seeds). Table 2: gem - direct differs by (2, 3, 4), (3, 4, 5)
+    and (2, 3, 4) hundredths on three columns; each paired t-test alone is below 0.05 (df = 2, two-sided:
+    p = 1 - t / sqrt(t^2 + 2)), yet the smallest, 0.0202, times 3 is not, so Holm stars none. sft - blind: count
+    (1, 2, 3) hundredths (one-sided p = 1/2 - t / (2 sqrt(t^2 + 2)) = 0.037, listed), distance (-1, 2, 5) (0.18,
+    not listed), closer equal (not listed)."""
     import reread
-    reread.main(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "tiny", "results.json"))
+
+    def rows(base: dict, minus: dict) -> dict:  # seed -> {col: [value, half-width, chance]}
+        return {str(s): {c: [0.5 - minus.get(c, (0, 0, 0))[s], 0.03, 0.4] for c in base} for s in range(3)}
+
+    diffs2 = {"probe ordinal": (0.02, 0.03, 0.04), "probe δ1": (0.03, 0.04, 0.05), "own head ordinal": (0.02, 0.03, 0.04)}
+    cols = {c: 0 for c in ["macro", "count", "distance", "closer", *diffs2]}
+    vlm = {"gem": rows(cols, {}), "direct": rows({c: 0 for c in diffs2}, diffs2),
+           "sft": rows({"macro": 0, "count": 0, "distance": 0, "closer": 0}, {}),
+           "blind": rows({"count": 0, "distance": 0, "closer": 0}, {"count": (0.01, 0.02, 0.03), "distance": (-0.01, 0.02, 0.05)})}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"vlm": vlm}))
+    reread.main(str(path))
     out = capsys.readouterr().out
-    assert "table 2: 17 differences, 0 starred after Holm" in out and "probe ordinal: +0.0195 ±0.0019, p = 0.0032" in out
-    assert "sft above blind (one-sided paired t-test, p < 0.05) on: no type" in out
+    assert "table 2: 3 differences, 0 starred after Holm" in out
+    for c, d in diffs2.items():
+        m, sd = sum(d) / 3, 0.01
+        t = m / (sd / math.sqrt(3))
+        p = 1 - t / math.sqrt(t * t + 2)
+        assert p < 0.05 and f"gem - direct, {c}: +{m:.4f} ±{sd:.4f}, p = {p:.4f}, smallest" in out
+    assert "sft above blind (one-sided paired t-test, p < 0.05) on: count\n" in out
 
 
 def test_tiny_search_table_reads_each_chunk_in_step_order(tmp_path, capsys, monkeypatch):
