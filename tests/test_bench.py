@@ -56,7 +56,7 @@ def _dataset(root, depths, heights):
                                     conversations=[{"from": "human", "value": "<image>"}], meta=dict(type="depth", frame=fid)))
     for k, (name, h) in enumerate(heights):
         fid = f"train-{k:05d}-000"
-        recs["train"].append(dict(id=f"{fid}-h", image=f"images/train-00000-000.png", task="reasoning", meta=dict(type="height", frame=fid),
+        recs["train"].append(dict(id=f"{fid}-h", image="images/train-00000-000.png", task="reasoning", meta=dict(type="height", frame=fid),
                                   conversations=[{"from": "human", "value": f"<image>\nHow tall is the {name}?"}, {"from": "gpt", "value": str(h)}]))
     for s, rs in recs.items():
         with open(root / f"{s}.jsonl", "w") as f:
@@ -84,7 +84,6 @@ def test_world_check_measures(tmp_path):
 def test_profile_step_runs_on_cpu(capsys):
     """The GPU session's profiler (bench/gpu_session.sh) on the micro preset: it runs, lists the ops that
     take the time and ends with its one-line verdict."""
-    import profile_step
     clip = torch.nn.utils.clip_grad_norm_
     r = profile_step.main(["--preset=micro", "--batch_size=2", "--steps=1", "--warmup=0", "--device=cpu", "--top=3"])
     assert torch.nn.utils.clip_grad_norm_ is clip  # the profiler's label on it is gone
@@ -98,7 +97,6 @@ def test_profile_step_runs_on_cpu(capsys):
 def test_kernel_ops_counts_compute_not_views_nor_the_optimizer():
     """profile_step's CPU estimate of a GPU step's launches: three ops here compute; the views, the no-op, the
     allocation and everything the optimizer runs (a few fused kernels on a GPU) are not counted."""
-    import profile_step
     from torch.profiler import profile, record_function
     a, p = torch.randn(8, 8), torch.nn.Parameter(torch.randn(8))
     p.grad = torch.randn(8)
