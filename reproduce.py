@@ -435,18 +435,20 @@ def t_quantile(q: float, df: int) -> float:
 
 def compare(a: dict, b: dict) -> dict:
     """a - b over training seeds, paired seed by seed: mean and sd of the differences, the two-sided paired
-    t-test's p (n - 1 degrees of freedom; None under 2 seeds), `mdd`: the smallest |mean| this n and spread
+    t-test's p (n - 1 degrees of freedom; None under 2 seeds), `p_above`: the one-sided p that a > b (the same
+    t; what `above` tests), `mdd`: the smallest |mean| this n and spread
     would have made significant at 0.05, and `star`: p < 0.05 with >= MIN_SEEDS seeds, for this comparison
     alone (a table corrects its comparisons together: holm)."""
     d = np.array([x - y for x, y in zip(a["vals"], b["vals"]) if x is not None and y is not None], float)
     n = len(d)
     m, sd = (float(d.mean()) if n else 0.0), (float(d.std(ddof=1)) if n > 1 else 0.0)
-    p = mdd = None
+    p = p_above = mdd = None
     if n > 1:
         se = sd / math.sqrt(n)
         p = 2 * t_sf(abs(m) / se, n - 1) if se > 0 else float(m == 0)
+        p_above = t_sf(m / se, n - 1) if se > 0 else float(m <= 0)
         mdd = t_quantile(0.975, n - 1) * se
-    return dict(mean=m, sd=sd, n=n, p=p, mdd=mdd, star=n >= MIN_SEEDS and p is not None and p < 0.05)
+    return dict(mean=m, sd=sd, n=n, p=p, p_above=p_above, mdd=mdd, star=n >= MIN_SEEDS and p is not None and p < 0.05)
 
 
 def holm(comps: list[dict], alpha: float = 0.05) -> list[dict]:
@@ -468,7 +470,7 @@ def above(a: dict, b: dict) -> bool:
     of the difference (the weaker check one seed allows)."""
     c = compare(a, b)
     if c["n"] >= MIN_SEEDS:
-        return c["mean"] > 0 and (c["sd"] == 0 or t_sf(c["mean"] / (c["sd"] / math.sqrt(c["n"])), c["n"] - 1) < 0.05)
+        return c["p_above"] < 0.05
     return c["mean"] > math.hypot(a["half"], b["half"])
 
 

@@ -4,8 +4,8 @@
 
 Prints every difference the results page shows in tables 1 and 2 (gem vs sft, rgb, direct, regress), with
 its paired t-test's p, whether it is starred after Holm over its table (reproduce.compare / holm), and the
-smallest difference the seeds could have shown; then whether sft is above blind per question type (the
-one-sided check, reproduce.above)."""
+smallest difference the seeds could have shown; then sft - blind per question type and on the macro with its one-sided p,
+and the types where sft is above blind (the one-sided check, reproduce.above)."""
 import json
 import os
 import sys
@@ -30,8 +30,12 @@ def main(path: str) -> None:
                 print(f"  gem - {b}, {c}: {d['mean']:+.4f} ±{d['sd']:.4f}, p = {d['p']:.4f}{' *' if d['star'] else ''}, "
                       f"smallest detectable {d['mdd']:.4f}")
     if "blind" in vlm:
-        above = [t for t in rp.TYPES if isinstance(vlm["sft"].get(t), dict) and isinstance(vlm["blind"].get(t), dict)
-                 and rp.above(vlm["sft"][t], vlm["blind"][t])]
+        types = [t for t in rp.TYPES if isinstance(vlm["sft"].get(t), dict) and isinstance(vlm["blind"].get(t), dict)]
+        for t in types + [c for c in ["macro"] if isinstance(vlm["sft"].get(c), dict) and isinstance(vlm["blind"].get(c), dict)]:
+            d = rp.compare(vlm["sft"][t], vlm["blind"][t])
+            if d["p_above"] is not None:
+                print(f"  sft - blind, {t}: {d['mean']:+.4f} ±{d['sd']:.4f}, one-sided p = {d['p_above']:.4f}")
+        above = [t for t in types if rp.above(vlm["sft"][t], vlm["blind"][t])]
         print(f"sft above blind (one-sided paired t-test, p < 0.05) on: {', '.join(above) or 'no type'}")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 from common import parse_config  # noqa: E402
-from reproduce import MIN_SEEDS, compare, t_sf  # noqa: E402
+from reproduce import MIN_SEEDS, compare  # noqa: E402
 
 # the data: tiny plus 300 train rollouts of extra scenes (each frame: a caption, the grounding questions and one
 # question of each reasoning type), 4,798 captioned train images instead of 1,798
@@ -103,9 +103,8 @@ def summary(paths: list[str], pair: str) -> str:
     ms = lambda v: f"{np.mean(v):.1f} ±{np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
     for t in TYPES + ["mean"]:
         x, y = ([tab[n, step][t] for tab in tables] for n in (a, b))
-        d = compare(dict(vals=x), dict(vals=y))  # paired a - b: mean, sd, n
-        se = d["sd"] / np.sqrt(d["n"])
-        p = None if d["n"] < 2 else t_sf(d["mean"] / se, d["n"] - 1) if se > 0 else float(d["mean"] <= 0)
+        d = compare(dict(vals=x), dict(vals=y))  # paired a - b: mean, sd, n, the one-sided p_above
+        p = d["p_above"]
         yes = p is not None and p < 0.05 and d["n"] >= MIN_SEEDS
         lines.append(f"| {t} | {ms(x)} | {ms(y)} | {d['mean']:+.1f} ±{d['sd']:.1f} | "
                      + ", ".join(f"{u - v:+.1f}" for u, v in zip(x, y)) + " | "

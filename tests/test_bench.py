@@ -1,5 +1,6 @@
-"""bench/data_efficiency.py's table and plot, and bench/world_check.py's two world measures, on hand-made inputs;
-bench/profile_step.py's CPU smoke run and its kernel count; bench/tiny_search.py's curve table and its seed summary."""
+"""On hand-made inputs: bench/data_efficiency.py's table and plot, bench/reread.py's re-reading of a results.json,
+bench/world_check.py's two world measures; bench/profile_step.py's CPU smoke run and its kernel count;
+bench/tiny_search.py's curve table and its seed summary."""
 import json
 import math
 import os
@@ -138,14 +139,13 @@ def test_reread_holds_back_what_holm_denies_and_checks_sft_against_blind_one_sid
     not listed), closer equal (not listed)."""
     import reread
 
-    def rows(base: dict, minus: dict) -> dict:  # seed -> {col: [value, half-width, chance]}
-        return {str(s): {c: [0.5 - minus.get(c, (0, 0, 0))[s], 0.03, 0.4] for c in base} for s in range(3)}
+    def rows(cols, minus=None) -> dict:  # seed -> {col: [value, half-width, chance]}, value 0.5 - minus[col][seed]
+        return {str(s): {c: [0.5 - (minus or {}).get(c, (0, 0, 0))[s], 0.03, 0.4] for c in cols} for s in range(3)}
 
     diffs2 = {"probe ordinal": (0.02, 0.03, 0.04), "probe δ1": (0.03, 0.04, 0.05), "own head ordinal": (0.02, 0.03, 0.04)}
-    cols = {c: 0 for c in ["macro", "count", "distance", "closer", *diffs2]}
-    vlm = {"gem": rows(cols, {}), "direct": rows({c: 0 for c in diffs2}, diffs2),
-           "sft": rows({"macro": 0, "count": 0, "distance": 0, "closer": 0}, {}),
-           "blind": rows({"count": 0, "distance": 0, "closer": 0}, {"count": (0.01, 0.02, 0.03), "distance": (-0.01, 0.02, 0.05)})}
+    types = ["count", "distance", "closer"]
+    vlm = {"gem": rows(["macro", *diffs2]), "direct": rows(diffs2, diffs2), "sft": rows(["macro", *types]),
+           "blind": rows(types, {"count": (0.01, 0.02, 0.03), "distance": (-0.01, 0.02, 0.05)})}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"vlm": vlm}))
     reread.main(str(path))
@@ -156,6 +156,8 @@ def test_reread_holds_back_what_holm_denies_and_checks_sft_against_blind_one_sid
         t = m / (sd / math.sqrt(3))
         p = 1 - t / math.sqrt(t * t + 2)
         assert p < 0.05 and f"gem - direct, {c}: +{m:.4f} ±{sd:.4f}, p = {p:.4f}, smallest" in out
+    t = 0.02 / (0.01 / math.sqrt(3))
+    assert f"sft - blind, count: +0.0200 ±0.0100, one-sided p = {0.5 - t / (2 * math.sqrt(t * t + 2)):.4f}" in out
     assert "sft above blind (one-sided paired t-test, p < 0.05) on: count\n" in out
 
 
